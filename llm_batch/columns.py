@@ -1,0 +1,52 @@
+"""Column names the pipeline reserves, in one place.
+
+Output columns are part of the product's contract (users' scripts read them);
+internal columns start with ``__llm_batch_`` and never reach the output.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ERROR",
+    "FINISH_REASON",
+    "GENERATED_TEXT",
+    "INTERNAL_PREFIX",
+    "MESSAGES",
+    "NUM_INPUT_TOKENS",
+    "NUM_OUTPUT_TOKENS",
+    "OUTPUT_COLUMNS",
+    "PROMPT",
+    "RENDER_ERROR",
+    "ROW_ID",
+    "SAMPLE_INDEX",
+    "model_column",
+]
+
+# Output columns appended after the carryover columns, in this order.
+GENERATED_TEXT = "generated_text"
+NUM_INPUT_TOKENS = "num_input_tokens"
+NUM_OUTPUT_TOKENS = "num_output_tokens"
+FINISH_REASON = "finish_reason"
+ERROR = "error"
+OUTPUT_COLUMNS = (GENERATED_TEXT, NUM_INPUT_TOKENS, NUM_OUTPUT_TOKENS, FINISH_REASON, ERROR)
+
+# Present only when a job asks for n > 1 samples per prompt.
+SAMPLE_INDEX = "sample_index"
+
+INTERNAL_PREFIX = "__llm_batch_"
+# The rendered prompt (completion jobs) or rendered messages (chat jobs).
+PROMPT = INTERNAL_PREFIX + "prompt"
+MESSAGES = INTERNAL_PREFIX + "messages"
+# Why a row's prompt could not be rendered; the engine skips such rows.
+RENDER_ERROR = INTERNAL_PREFIX + "render_error"
+# A stable row id assigned at read time when the input has none.
+ROW_ID = INTERNAL_PREFIX + "row_id"
+
+
+def model_column(model_name: str | None, column: str) -> str:
+    """The output column name for one model's output in a multi-model job.
+
+    A single-model job (``model_name is None``) keeps the plain names; a
+    multi-model job writes ``<model>__generated_text`` and so on.
+    """
+    return column if model_name is None else f"{model_name}__{column}"

@@ -1,0 +1,101 @@
+"""Live progress of one job: engine actors report per batch, the driver reads snapshots.
+
+A small Ray actor (no CPU reserved) is the meeting point; reports are
+fire-and-forget so they never slow the engines.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+__all__ = ["ProgressTracker", "Snapshot"]
+
+Snapshot = dict[str, Any]
+
+_SERIES_POINTS = 120
+
+
+class ProgressTracker:
+    """Counts per model, and a short throughput series (downsampled to ~120 points)."""
+
+    def __init__(self, rows_total: int | None = None, models: list[str | None] | None = None):
+        self._started = time.time()
+        self._rows_total = rows_total
+        self._models: dict[str | None, dict[str, float]] = {
+            m: self._zero() for m in (models or [None])
+        }
+        self._series: list[tuple[float, int, int]] = []  # (seconds, rows_done, output_tokens)
+        self._interval = 1.0
+
+    @staticmethod
+    def _zero() -> dict[str, float]:
+        return {"rows_done": 0, "rows_failed": 0, "input_tokens": 0, "output_tokens": 0}
+
+    def report(
+        self,
+        *,
+        model: str | None,
+        rows: int,
+        failed: int,
+        input_tokens: int,
+        output_tokens: int,
+        seconds: float,
+    ) -> None:
+        counts = self._models.setdefault(model, self._zero())
+        counts["rows_done"] += rows
+        counts["rows_failed"] += failed
+        counts["input_tokens"] += input_tokens
+        counts["output_tokens"] += output_tokens
+        self._record()
+
+    def _record(self) -> None:
+        now = time.time() - self._started
+        last = self._models[min(self._models, key=lambda m: self._models[m]["rows_done"])]
+        point = (now, int(last["rows_done"]), int(self._total("output_tokens")))
+        if self._series and now - self._series[-1][0] < self._interval:
+            self._series[-1] = point
+            return
+        self._series.append(point)
+        if len(self._series) > _SERIES_POINTS:  # halve the resolution, keep the span
+            self._series = self._series[::2] + ([point] if self._series[-1] != point else [])
+            self._interval *= 2
+
+    def _total(self, key: str) -> float:
+        return sum(m[key] for m in self._models.values())
+
+    def snapshot(self) -> Snapshot:
+        elapsed = time.time() - self._started
+        # A row is done when every model has answered it.
+        done = int(min(m["rows_done"] for m in self._models.values()))
+        failed = int(max(m["rows_failed"] for m in self._models.values()))
+        out_tokens = int(self._total("output_tokens"))
+        recent = self._series[-10:]
+        rate = tok_rate = 0.0
+        if len(recent) >= 2 and recent[-1][0] > recent[0][0]:
+            span = recent[-1][0] - recent[0][0]
+            rate = (recent[-1][1] - recent[0][1]) / span
+            tok_rate = (recent[-1][2] - recent[0][2]) / span
+        elif elapsed > 0:
+            rate, tok_rate = done / elapsed, out_tokens / elapsed
+        eta = None
+        if self._rows_total is not None and rate > 0:
+            eta = max(self._rows_total - done, 0) / rate
+        return {
+            "rows_total": self._rows_total,
+            "rows_done": done,
+            "rows_failed": failed,
+            "input_tokens": int(self._total("input_tokens")),
+            "output_tokens": out_tokens,
+            "rows_per_second": round(rate, 3),
+            "output_tokens_per_second": round(tok_rate, 3),
+            "eta_seconds": None if eta is None else round(eta, 1),
+            "elapsed_seconds": round(elapsed, 3),
+            "models": {
+                ("default" if m is None else m): {k: int(v) for k, v in c.items()}
+                for m, c in self._models.items()
+            },
+            "series": [
+                {"t": round(t, 2), "rows_done": r, "output_tokens": o} for t, r, o in self._series
+            ],
+        }

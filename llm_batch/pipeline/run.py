@@ -1,0 +1,174 @@
+"""Build and run one job's Ray Data pipeline.
+
+    read (only needed columns) ─► render prompts ─► engine pool ─► write Parquet
+
+``plan_job`` does every check that needs no engine (input exists, columns the
+template and carryover name are there, templates parse), so a bad job fails in
+a second; ``run_job`` then streams the data through Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
+
+from llm_batch import columns
+from llm_batch.job.spec import JobSpec
+from llm_batch.pipeline.engine import EngineStage
+from llm_batch.pipeline.progress import ProgressTracker, Snapshot
+from llm_batch.pipeline.prompts import PromptRenderer
+from llm_batch.pipeline.read import InputInfo, check_columns, inspect_input, read_dataset
+from llm_batch.pipeline.write import AtomicParquetDatasink, clear_output
+
+__all__ = ["JobPlan", "JobResult", "ensure_ray", "plan_job", "run_job"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class JobPlan:
+    spec: JobSpec
+    input_format: str
+    input_info: InputInfo
+    read_columns: list[str]  # template columns ∪ carryover, in input order
+
+
+@dataclasses.dataclass(frozen=True)
+class JobResult:
+    output_path: str
+    progress: Snapshot
+    wall_seconds: float
+
+
+def plan_job(spec: JobSpec) -> JobPlan:
+    """All checks that need no engine; raises ``JobSpecError`` or ``InputError``."""
+    fmt = spec.input.resolved_format
+    renderer = PromptRenderer(spec.prompt.model_dump())
+    info = inspect_input(spec.input.model_dump(), fmt)
+    check_columns(
+        info.schema,
+        {
+            "prompt.template" if spec.prompt.template is not None else "prompt.messages": (
+                renderer.variables
+            ),
+            "carryover": set(spec.carryover),
+            "input.columns": set(spec.input.columns or []),
+        },
+    )
+    wanted = renderer.variables | set(spec.carryover) | set(spec.input.columns or [])
+    read_columns = [n for n in info.schema.names if n in wanted]
+    return JobPlan(spec, fmt, info, read_columns)
+
+
+@functools.lru_cache(maxsize=8)
+def _renderer(prompt_json: str) -> PromptRenderer:
+    return PromptRenderer(json.loads(prompt_json))
+
+
+def _render_batch(batch: pa.Table, *, prompt_json: str, keep: list[str]) -> pa.Table:
+    """Render prompts, then keep only the carryover columns (plus the prompt)."""
+    rendered = _renderer(prompt_json)(batch)
+    return rendered.select(keep + [c for c in rendered.column_names if c.startswith(columns.INTERNAL_PREFIX)])
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to ``address`` / ``RAY_ADDRESS``, or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, log_to_driver=True, include_dashboard=False,
+             logging_level=logging.WARNING)
+
+
+def _engine_resources(spec_model: Any) -> dict[str, Any]:
+    """Ray resources of one engine replica: its GPUs on a GPU cluster, a CPU otherwise."""
+    import ray
+
+    gpus = spec_model.engine.gpus_per_replica
+    if ray.cluster_resources().get("GPU", 0) >= 1:
+        return {"num_gpus": gpus, "num_cpus": 1}
+    return {"num_gpus": 0, "num_cpus": 1}
+
+
+def run_job(
+    spec: JobSpec,
+    *,
+    plan: JobPlan | None = None,
+    on_progress: Callable[[Snapshot], None] | None = None,
+    progress_interval: float = 1.0,
+) -> JobResult:
+    """Run a job to completion on the connected (or a new local) Ray; blocks."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    plan = plan or plan_job(spec)
+    ensure_ray()
+    started = time.monotonic()
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # the CLI draws its own, from the tracker
+    ctx.print_on_execution_start = False
+
+    tracker = ray.remote(num_cpus=0)(ProgressTracker).remote(plan.input_info.rows_total)
+    clear_output(spec.output.path)
+
+    ds = read_dataset(spec.input.model_dump(), plan.input_format, plan.read_columns, plan.input_info)
+    prompt_json = json.dumps(spec.prompt.model_dump())
+    ds = ds.map_batches(
+        _render_batch,
+        batch_format="pyarrow",
+        batch_size=None,
+        zero_copy_batch=True,
+        fn_kwargs={"prompt_json": prompt_json, "keep": list(spec.carryover)},
+    )
+    model = spec.model
+    ds = ds.map_batches(
+        EngineStage,
+        fn_constructor_kwargs={
+            "model": model.model_dump(),
+            "sampling": spec.sampling.model_dump(),
+            "model_name": None,
+            "progress": tracker,
+        },
+        batch_format="pyarrow",
+        batch_size=model.batch_size,
+        zero_copy_batch=True,
+        compute=ActorPoolStrategy(
+            size=model.replicas, max_concurrent_calls_per_actor=model.max_batches_in_flight
+        ),
+        **_engine_resources(model),
+    )
+
+    stop = threading.Event()
+
+    def follow() -> None:
+        while not stop.wait(progress_interval):
+            try:
+                snap = ray.get(tracker.snapshot.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - progress is best effort
+                continue
+            if on_progress is not None:
+                on_progress(snap)
+
+    follower = threading.Thread(target=follow, daemon=True, name="llm-batch-progress")
+    follower.start()
+    try:
+        ds.write_datasink(AtomicParquetDatasink(spec.output.path))
+    finally:
+        stop.set()
+        follower.join()
+    final = ray.get(tracker.snapshot.remote())
+    ray.kill(tracker)
+    if on_progress is not None:
+        on_progress(final)
+    return JobResult(spec.output.path, final, time.monotonic() - started)
