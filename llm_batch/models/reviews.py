@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 __all__ = [
     "CLASSIFY_PROMPT",
@@ -56,6 +56,7 @@ _LABEL_OF = {POS: "positive", NEG: "negative", NEU: "neutral"}
 _POLARITY_OF = {v: k for k, v in _LABEL_OF.items()}
 
 # --- word lists -------------------------------------------------------------
+# fmt: off
 
 _GENERIC_ASPECTS = [
     "price", "quality", "design", "delivery", "packaging", "customer service",
@@ -105,18 +106,18 @@ _ADJ = {
     ],
     NEG: [
         "terrible", "awful", "horrible", "poor", "disappointing", "flimsy", "useless",
-        "bad", "dreadful", "shoddy", "frustrating", "subpar", "cheap", "faulty",
+        "bad", "dreadful", "shoddy", "frustrating", "subpar", "faulty",
     ],
     NEU: [
         "okay", "average", "fine", "acceptable", "standard", "ordinary", "adequate",
-        "so-so", "unremarkable", "typical", "fair",
+        "so-so", "unremarkable", "typical",
     ],
 }
 
 # Adjectives that read naturally after "not"; "not X" has the opposite polarity.
 _NEGATABLE = {
     POS: ["great", "good", "reliable", "sturdy", "impressive", "comfortable", "worth it"],
-    NEG: ["bad", "disappointing", "flimsy", "cheap", "faulty", "a problem", "an issue"],
+    NEG: ["bad", "disappointing", "flimsy", "faulty", "a problem", "an issue"],
 }
 
 _INTENSIFIERS = {
@@ -209,7 +210,14 @@ _FILL = {
 
 _SOURCES = ["web", "app", "email", "store"]
 _TAG_POOL = ["verified", "gift", "repeat-buyer", "discounted", "long-term", "first-order"]
-_EPOCH = datetime(2024, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(2024, 1, 1)  # created_at values are naive UTC
+
+# Plural nouns: "these headphones are".
+_PLURAL = {
+    "headphones", "wireless earbuds", "running shoes", "hiking boots", "sunglasses",
+    "winter gloves", "instructions", "controls",
+}
+# fmt: on
 
 
 # --- building blocks --------------------------------------------------------
@@ -230,13 +238,11 @@ def _subject(rng: random.Random, product: str) -> str:
         return f"the {product}"
     if r < 0.9:
         return "it"
-    return f"this {product}"
+    return f"{_this(product)} {product}"
 
 
-_PLURAL = {
-    "headphones", "wireless earbuds", "running shoes", "hiking boots", "sunglasses",
-    "winter gloves", "instructions", "controls",
-}
+def _this(product: str) -> str:
+    return "these" if product in _PLURAL else "this"
 
 
 def _be(subject: str) -> str:
@@ -251,8 +257,14 @@ def _clause(rng: random.Random, polarity: int, product: str, joined: bool = Fals
     ("a great blender") and no idioms with commas in them.
     """
     kinds = ["adjective", "negation", "negated-idiom", "verb", "noun-phrase", "idiom"]
-    weights = [0.42, 0.15 if polarity != NEU else 0.0, 0.07 if polarity != NEU else 0.04,
-               0.12, 0.0 if joined else 0.10, 0.14]
+    weights = [
+        0.42,
+        0.15 if polarity != NEU else 0.0,
+        0.07 if polarity != NEU else 0.04,
+        0.12,
+        0.0 if joined else 0.10,
+        0.14,
+    ]
     if joined and polarity == NEU:
         weights[2] = 0.0
     kind = rng.choices(kinds, weights=weights)[0]
@@ -276,7 +288,7 @@ def _clause(rng: random.Random, polarity: int, product: str, joined: bool = Fals
     if kind == "negated-idiom":
         return _Clause(rng.choice(_NEGATED_IDIOMS[polarity]), polarity)
     if kind == "verb":  # "I love this blender"
-        obj = rng.choice([f"this {product}", "it", f"the {product}"])
+        obj = rng.choice([f"{_this(product)} {product}", "it", f"the {product}"])
         return _Clause(f"I {rng.choice(_VERBS[polarity])} {obj}", polarity)
     if kind == "noun-phrase":  # "a really great blender"
         inten = rng.choice([i for i in _INTENSIFIERS[polarity] if i not in _NOT_BEFORE_NOUN])
@@ -310,33 +322,38 @@ def _other(rng: random.Random, polarity: int) -> int:
     return rng.choice([p for p in (POS, NEG) if p != polarity])
 
 
+def _pair(rng: random.Random, pa: int, pb: int, product: str, joiners: list[str]) -> list[str]:
+    """Two clauses, as one sentence ("a and b") or as two ("A. B.")."""
+    joiner = rng.choice(joiners)
+    if joiner == ". ":
+        a = _clause(rng, pa, product)
+        b = _clause(rng, pb, product)
+        while b.text == a.text:
+            b = _clause(rng, pb, product)
+        return [_sentence(a.text, rng, pa), _sentence(b.text, rng, pb)]
+    a, b = _two(rng, pa, pb, product)
+    polarity = pa if pa == pb else NEU
+    return [_sentence(a.text + joiner + b.text, rng, polarity)]
+
+
 def _review(rng: random.Random, label: int, product: str) -> tuple[str, str]:
     """Builds one review with the given label; returns (text, structure)."""
     structure = rng.choices(
         ["single", "agree", "contrast", "mixed", "verdict"],
-        weights=[0.3, 0.22, 0.2, 0.1 if label == NEU else 0.0, 0.18],
+        weights=[0.3, 0.22, 0.2 if label != NEU else 0.0, 0.2 if label == NEU else 0.0, 0.18],
     )[0]
-    if label == NEU and structure == "contrast":
-        structure = "mixed"
-    c = lambda p: _clause(rng, p, product)  # noqa: E731
     sentences: list[str]
     if structure == "single":
-        sentences = [_sentence(c(label).text, rng, label)]
+        sentences = [_sentence(_clause(rng, label, product).text, rng, label)]
     elif structure == "agree":
         # Same polarity twice, or one opinion and one neutral remark.
-        second = label if (label == NEU or rng.random() < 0.6) else NEU
-        a, b = c(label), c(second)
-        if rng.random() < 0.5:
-            a, b = b, a
-        joiner = rng.choice([" and ", ", and ", "; ", ". ", ", also "])
-        if joiner == ". ":
-            sentences = [_sentence(a.text, rng, label), _sentence(b.text, rng, label)]
-        else:
-            sentences = [_sentence(a.text + joiner + b.text, rng, label)]
+        other = label if (label == NEU or rng.random() < 0.6) else NEU
+        pa, pb = (label, other) if rng.random() < 0.5 else (other, label)
+        sentences = _pair(rng, pa, pb, product, [" and ", ", and ", "; ", ". ", ", also "])
     elif structure == "contrast":
         # The clause after the contrast word decides.
         first = _other(rng, label) if rng.random() < 0.8 else NEU
-        a, b = c(first), c(label)
+        a, b = _two(rng, first, label, product)
         form = rng.random()
         if form < 0.5:
             sentences = [_sentence(f"{a.text}, but {b.text}", rng, label)]
@@ -346,23 +363,15 @@ def _review(rng: random.Random, label: int, product: str) -> tuple[str, str]:
             sentences = [_sentence(f"although {a.text}, {b.text}", rng, label)]
     elif structure == "mixed":
         # A positive and a negative clause with no contrast word: neutral.
-        a, b = c(POS), c(NEG)
-        if rng.random() < 0.5:
-            a, b = b, a
-        joiner = rng.choice([" and ", ", and ", "; ", ". "])
-        if joiner == ". ":
-            sentences = [_sentence(a.text, rng, POS), _sentence(b.text, rng, NEG)]
-        else:
-            sentences = [_sentence(a.text + joiner + b.text, rng, NEU)]
+        pa, pb = (POS, NEG) if rng.random() < 0.5 else (NEG, POS)
+        sentences = _pair(rng, pa, pb, product, [" and ", ", and ", "; ", ". "])
     else:  # verdict: any body, then a verdict sentence that decides
-        body = rng.choice([POS, NEG, NEU])
-        if rng.random() < 0.5:
-            a, b = c(POS), c(NEG)
-            if rng.random() < 0.5:
-                a, b = b, a
-            sentences = [_sentence(f"{a.text} and {b.text}", rng, NEU)]
+        if rng.random() < 0.4:
+            pa, pb = (POS, NEG) if rng.random() < 0.5 else (NEG, POS)
+            sentences = _pair(rng, pa, pb, product, [" and ", "; ", ". "])
         else:
-            sentences = [_sentence(c(body).text, rng, body)]
+            body = rng.choice([POS, NEG, NEU])
+            sentences = [_sentence(_clause(rng, body, product).text, rng, body)]
         verdict = rng.choice(_VERDICTS[label]).format(product=product)
         sentences.append(rng.choice(_VERDICT_OPENERS) + verdict + ".")
     # Opinion-free filler before or after.
@@ -378,14 +387,13 @@ def _review(rng: random.Random, label: int, product: str) -> tuple[str, str]:
 
 
 def _meta(rng: random.Random, label: str, product: str) -> dict:
-    rating = {"positive": rng.choice([4, 5, 5]), "negative": rng.choice([1, 1, 2]),
-              "neutral": 3}[label]
+    ratings = {"positive": [4, 5, 5], "negative": [1, 1, 2], "neutral": [3]}
+    rating = rng.choice(ratings[label])
     tags = sorted(rng.sample(_TAG_POOL, rng.choice([0, 1, 1, 2, 3])))
     if rng.random() < 0.5:
         tags.append(_CATEGORY_OF[product])
-    created = _EPOCH + timedelta(
-        days=rng.randrange(540), seconds=rng.randrange(86400), milliseconds=rng.randrange(1000)
-    )
+    # Whole seconds: JSON readers (pyarrow) infer "YYYY-MM-DDTHH:MM:SS" as a timestamp.
+    created = _EPOCH + timedelta(days=rng.randrange(540), seconds=rng.randrange(86400))
     return {
         "tags": tags,
         "meta": {"source": rng.choice(_SOURCES), "rating": rating},
@@ -402,7 +410,7 @@ def make_reviews(n: int, seed: int = 0) -> list[dict]:
     Each row: ``text``, ``label`` (positive | negative | neutral), ``product``,
     ``category``, ``structure`` (single | agree | contrast | mixed | verdict),
     ``tags`` (list of str), ``meta`` (``{"source": str, "rating": int}``) and
-    ``created_at`` (a UTC ``datetime``, millisecond precision).
+    ``created_at`` (a naive ``datetime`` in UTC, whole seconds, 2024-01-01 to mid-2025).
     """
     rng = random.Random(seed)
     rows = []
@@ -451,10 +459,10 @@ def make_generation_examples(n: int, seed: int = 0) -> list[dict]:
         if kind < 0.6:
             text = _sentence(_clause(rng, polarity, product).text, rng, polarity)
         elif kind < 0.85 or polarity == NEU:
-            a, b = _clause(rng, polarity, product), _clause(rng, polarity, product)
+            a, b = _two(rng, polarity, polarity, product)
             text = _sentence(f"{a.text} and {b.text}", rng, polarity)
         else:
-            a, b = _clause(rng, _other(rng, polarity), product), _clause(rng, polarity, product)
+            a, b = _two(rng, _other(rng, polarity), polarity, product)
             text = _sentence(f"{a.text}, but {b.text}", rng, polarity)
         rows.append(
             {

@@ -98,7 +98,7 @@ def read_dataset(input_spec: dict[str, Any], fmt: str, columns: list[str], info:
     if fmt == "parquet":
         ds = ray.data.read_parquet(info.files, filesystem=fs, columns=columns)
     elif fmt == "jsonl":
-        ds = ray.data.read_json(info.files, filesystem=fs, lines=True)
+        ds = ray.data.read_json(info.files, filesystem=fs)  # pyarrow reads NDJSON
     else:
         ds = ray.data.read_csv(info.files, filesystem=fs)
     if fmt != "parquet":

@@ -87,8 +87,18 @@ def ensure_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, log_to_driver=True, include_dashboard=False,
-             logging_level=logging.WARNING)
+    kwargs: dict[str, Any] = {}
+    if not address:
+        # A local Ray counts logical CPUs. Each CPU-engine actor holds one for
+        # its life; at least two more keep reading and writing flowing beside
+        # them (the engines' own threads are not Ray's to count).
+        kwargs["num_cpus"] = max(os.cpu_count() or 1, 4)
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        **kwargs,
+    )
 
 
 def _engine_resources(spec_model: Any) -> dict[str, Any]:
