@@ -102,8 +102,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from llm_batch.pipeline.run import plan_job, run_job
 
     spec = JobSpec.from_file(args.job)
-    if args.output:
-        spec = spec.model_copy(update={"output": spec.output.model_copy(update={"path": args.output})})
+    if args.output or spec.output is None:
+        spec = spec.with_output(args.output or f"out/{spec.name}")
     plan = plan_job(spec)  # fails fast, before Ray or an engine starts
     _quiet_engines()
     if args.address:

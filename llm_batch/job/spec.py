@@ -171,7 +171,14 @@ class JobSpec(_Strict):
     carryover: list[str] = Field(
         default_factory=list, description="Input columns copied unchanged into the output."
     )
-    output: OutputSpec = Field(description="Where the results go.")
+    output: OutputSpec | None = Field(
+        default=None,
+        description="Where the results go; the CLI defaults to out/<name>, the service to "
+        "its data directory.",
+    )
+    priority: int = Field(
+        default=0, description="Queue order in the service: higher runs first, then oldest first."
+    )
 
     @field_validator("carryover")
     @classmethod
@@ -197,6 +204,16 @@ class JobSpec(_Strict):
                 f"model.engine.max_model_len={mml}, leaving room for the prompt"
             )
         return self
+
+    def with_output(self, path: str) -> JobSpec:
+        """A copy of this spec writing to ``path``."""
+        return self.model_copy(update={"output": OutputSpec(path=path)})
+
+    @property
+    def output_path(self) -> str:
+        if self.output is None:
+            raise JobSpecError("output.path: required field is missing")
+        return self.output.path
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "job") -> JobSpec:

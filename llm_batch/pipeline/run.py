@@ -123,6 +123,7 @@ def run_job(
     from ray.data import ActorPoolStrategy, DataContext
 
     plan = plan or plan_job(spec)
+    spec.output_path  # noqa: B018 - fails with a clear message when unset
     ensure_ray()
     started = time.monotonic()
     ctx = DataContext.get_current()
@@ -130,7 +131,7 @@ def run_job(
     ctx.print_on_execution_start = False
 
     tracker = ray.remote(num_cpus=0)(ProgressTracker).remote(plan.input_info.rows_total)
-    clear_output(spec.output.path)
+    clear_output(spec.output_path)
 
     ds = read_dataset(spec.input.model_dump(), plan.input_format, plan.read_columns, plan.input_info)
     prompt_json = json.dumps(spec.prompt.model_dump())
@@ -173,7 +174,7 @@ def run_job(
     follower = threading.Thread(target=follow, daemon=True, name="llm-batch-progress")
     follower.start()
     try:
-        ds.write_datasink(AtomicParquetDatasink(spec.output.path))
+        ds.write_datasink(AtomicParquetDatasink(spec.output_path))
     finally:
         stop.set()
         follower.join()
@@ -181,4 +182,4 @@ def run_job(
     ray.kill(tracker)
     if on_progress is not None:
         on_progress(final)
-    return JobResult(spec.output.path, final, time.monotonic() - started)
+    return JobResult(spec.output_path, final, time.monotonic() - started)

@@ -1,0 +1,116 @@
+"""The job driver: one process per job, what the service submits to Ray's Jobs API.
+
+    python -m llm_batch.pipeline.driver SPEC.json [--status URI]
+
+It runs the job on the Ray cluster it is started in and keeps a small status
+file (``_status.json`` in the output folder by default, on storage the service
+can read whether the driver runs beside it or on a cluster) up to date:
+
+    {"state": "running" | "succeeded" | "failed", "progress": {...}, "error": str | null,
+     "updated_at": float}
+
+Exit codes: 0 succeeded, 2 the job is invalid (bad spec, unreadable input),
+1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from llm_batch.errors import LLMBatchError
+from llm_batch.job.spec import JobSpec
+from llm_batch.pipeline.write import open_filesystem
+
+__all__ = ["StatusFile", "main", "read_status"]
+
+logger = logging.getLogger(__name__)
+
+STATUS_NAME = "_status.json"
+
+
+def default_status_uri(spec: JobSpec) -> str:
+    return spec.output_path.rstrip("/") + "/" + STATUS_NAME
+
+
+class StatusFile:
+    """Writes the status JSON atomically (temp name, then rename) at most every ``every`` s."""
+
+    def __init__(self, uri: str, *, every: float = 1.0):
+        self._uri = uri
+        self._every = every
+        self._last = 0.0
+
+    def write(self, state: str, progress: dict[str, Any] | None, error: str | None = None,
+              *, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._last < self._every:
+            return
+        self._last = now
+        body = json.dumps(
+            {"state": state, "progress": progress, "error": error, "updated_at": now}
+        ).encode()
+        fs, path = open_filesystem(self._uri)
+        parent = path.rsplit("/", 1)[0]
+        fs.create_dir(parent, recursive=True)
+        tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.tmp"
+        with fs.open_output_stream(tmp) as f:
+            f.write(body)
+        fs.move(tmp, path)
+
+
+def read_status(uri: str) -> dict[str, Any] | None:
+    """The last status a driver wrote, or None when it has written none yet."""
+    fs, path = open_filesystem(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llm_batch.pipeline.driver")
+    parser.add_argument("spec", help="the job spec as a JSON (or YAML) file")
+    parser.add_argument("--status", help="status file URI (default: <output>/_status.json)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from llm_batch.pipeline.run import plan_job, run_job
+
+    try:
+        spec = JobSpec.from_file(args.spec)
+    except LLMBatchError as e:
+        print(f"llm-batch: error: {e}", file=sys.stderr)
+        return 2
+    status = StatusFile(args.status or default_status_uri(spec))
+    last: dict[str, Any] | None = None
+
+    def on_progress(snap: dict[str, Any]) -> None:
+        nonlocal last
+        last = snap
+        status.write("running", snap)
+
+    try:
+        status.write("running", None, force=True)
+        plan = plan_job(spec)
+        result = run_job(spec, plan=plan, on_progress=on_progress)
+    except LLMBatchError as e:
+        status.write("failed", last, str(e), force=True)
+        print(f"llm-batch: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        logger.exception("job failed")
+        status.write("failed", last, f"{type(e).__name__}: {e}", force=True)
+        return 1
+    status.write("succeeded", result.progress, force=True)
+    print(json.dumps({"output": result.output_path, "progress": result.progress}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
