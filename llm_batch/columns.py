@@ -15,6 +15,8 @@ __all__ = [
     "NUM_INPUT_TOKENS",
     "NUM_OUTPUT_TOKENS",
     "OUTPUT_COLUMNS",
+    "LOGPROBS",
+    "PARSED",
     "PROMPT",
     "RENDER_ERROR",
     "ROW_ID",
@@ -32,6 +34,10 @@ OUTPUT_COLUMNS = (GENERATED_TEXT, NUM_INPUT_TOKENS, NUM_OUTPUT_TOKENS, FINISH_RE
 
 # Present only when a job asks for n > 1 samples per prompt.
 SAMPLE_INDEX = "sample_index"
+# Present only when a JSON-schema job asks for `structured.parse`.
+PARSED = "parsed"
+# Present only when a job asks for `sampling.logprobs`.
+LOGPROBS = "logprobs"
 
 INTERNAL_PREFIX = "__llm_batch_"
 # The rendered prompt (completion jobs) or rendered messages (chat jobs).

@@ -18,6 +18,9 @@ from llm_batch.errors import JobSpecError
 
 __all__ = [
     "EngineSpec",
+    "MetricsSpec",
+    "NamedModelSpec",
+    "StructuredSpec",
     "InputSpec",
     "JobSpec",
     "Message",
@@ -44,7 +47,9 @@ class _Strict(BaseModel):
 
 
 class InputSpec(_Strict):
-    path: str = Field(description="Local path or URI (s3://, gs://, file://...) of a file or folder.")
+    path: str = Field(
+        description="Local path or URI (s3://, gs://, file://...) of a file or folder."
+    )
     format: InputFormat | None = Field(
         default=None, description="parquet | jsonl | csv; inferred from the extension when absent."
     )
@@ -140,6 +145,52 @@ class ModelSpec(_Strict):
     )
 
 
+class NamedModelSpec(ModelSpec):
+    name: str = Field(
+        pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$",
+        description="Prefix of this model's output columns (<name>__generated_text ...).",
+    )
+
+
+class StructuredSpec(_Strict):
+    choice: list[str] | None = Field(default=None, description="The output is one of these.")
+    regex: str | None = Field(default=None, description="The output matches this expression.")
+    json_schema: dict[str, Any] | None = Field(
+        default=None, description="The output is JSON valid against this schema."
+    )
+    parse: bool = Field(
+        default=False,
+        description="json_schema only: also write the parsed value as a typed struct column "
+        "(`parsed`, or `<model>__parsed`).",
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> StructuredSpec:
+        kinds = [k for k in ("choice", "regex", "json_schema") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(
+                "set exactly one of structured.choice, structured.regex or structured.json_schema"
+            )
+        if self.choice is not None and (
+            not self.choice or len(set(self.choice)) != len(self.choice)
+        ):
+            raise ValueError("structured.choice must list distinct values")
+        if self.parse and self.json_schema is None:
+            raise ValueError("structured.parse needs structured.json_schema")
+        if self.regex is not None:
+            import re
+
+            try:
+                re.compile(self.regex)
+            except re.error as e:
+                raise ValueError(f"structured.regex does not compile: {e}") from None
+        if self.json_schema is not None and self.parse:
+            from llm_batch.job.jsonschema import arrow_type_for_schema
+
+            arrow_type_for_schema(self.json_schema)  # raises on what Parquet cannot hold
+        return self
+
+
 class SamplingSpec(_Strict):
     max_tokens: int = Field(default=16, gt=0, description="Most tokens generated per row.")
     temperature: float = Field(default=0.0, ge=0, description="0 is greedy.")
@@ -148,6 +199,25 @@ class SamplingSpec(_Strict):
     stop: list[str] | None = Field(default=None, description="Strings that end a generation.")
     ignore_eos: bool = Field(
         default=False, description="Keep generating past end-of-sequence (for benchmarks)."
+    )
+    n: int = Field(
+        default=1,
+        ge=1,
+        le=1024,
+        description="Samples per prompt, each an output row with its `sample_index`.",
+    )
+    structured: StructuredSpec | None = Field(
+        default=None, description="Constrain the output: a choice list, a regex or a JSON schema."
+    )
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=20,
+        description="Log-probabilities of the top-k tokens at each step, in `logprobs`.",
+    )
+    overrides_column: str | None = Field(
+        default=None,
+        description="A struct (or JSON string) column of per-row overrides of these fields.",
     )
 
     @field_validator("stop")
@@ -158,6 +228,18 @@ class SamplingSpec(_Strict):
         return v
 
 
+class MetricsSpec(_Strict):
+    label_column: str | None = Field(
+        default=None,
+        description="Ground-truth label column: accuracy, per-class precision/recall/F1 and "
+        "the confusion matrix of each model's output against it.",
+    )
+    accumulators: list[str] = Field(
+        default_factory=list,
+        description="Your own accumulators, as import paths `package.module:ClassName`.",
+    )
+
+
 class OutputSpec(_Strict):
     path: str = Field(description="Folder (local path or URI) the Parquet files are written to.")
 
@@ -166,11 +248,17 @@ class JobSpec(_Strict):
     name: str = Field(default="job", min_length=1, max_length=200, description="A label.")
     input: InputSpec = Field(description="The prompt dataset.")
     prompt: PromptSpec = Field(description="How a row becomes a prompt.")
-    model: ModelSpec = Field(description="The model and its engine.")
+    model: ModelSpec | None = Field(default=None, description="The model and its engine.")
+    models: list[NamedModelSpec] | None = Field(
+        default=None,
+        description="Several models in one pass over the data (instead of `model`); output "
+        "columns are prefixed with each model's name.",
+    )
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="Sampling params.")
     carryover: list[str] = Field(
         default_factory=list, description="Input columns copied unchanged into the output."
     )
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="Accumulators.")
     output: OutputSpec | None = Field(
         default=None,
         description="Where the results go; the CLI defaults to out/<name>, the service to "
@@ -187,23 +275,62 @@ class JobSpec(_Strict):
         for name in v:
             if name in seen:
                 raise ValueError(f"column {name!r} is listed twice")
-            if name in columns.OUTPUT_COLUMNS or name.startswith(columns.INTERNAL_PREFIX):
+            if name.startswith(columns.INTERNAL_PREFIX):
                 raise ValueError(
-                    f"column {name!r} clashes with an output column the job writes "
-                    f"({', '.join(columns.OUTPUT_COLUMNS)}); rename it in the input"
+                    f"column {name!r} uses the reserved prefix {columns.INTERNAL_PREFIX}"
                 )
             seen.add(name)
         return v
 
     @model_validator(mode="after")
-    def _fits_model(self) -> JobSpec:
-        mml = self.model.engine.max_model_len
-        if mml is not None and self.sampling.max_tokens >= mml:
-            raise ValueError(
-                f"sampling.max_tokens={self.sampling.max_tokens} must be below "
-                f"model.engine.max_model_len={mml}, leaving room for the prompt"
-            )
+    def _models(self) -> JobSpec:
+        if (self.model is None) == (self.models is None):
+            raise ValueError("set exactly one of `model` (one model) or `models` (a list)")
+        if self.models is not None:
+            if not self.models:
+                raise ValueError("models: list at least one model")
+            names = [m.name for m in self.models]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"models: names must be unique, {', '.join(dupes)} repeats")
+        written = self.output_columns()
+        for name in self.carryover:
+            if name in written:
+                raise ValueError(
+                    f"carryover: column {name!r} clashes with an output column the job writes "
+                    f"({', '.join(written)}); rename it in the input"
+                )
+        for field, model in self.named_models():
+            mml = model.engine.max_model_len
+            if mml is not None and self.sampling.max_tokens >= mml:
+                raise ValueError(
+                    f"sampling.max_tokens={self.sampling.max_tokens} must be below "
+                    f"{field}.engine.max_model_len={mml}, leaving room for the prompt"
+                )
         return self
+
+    def output_columns(self) -> list[str]:
+        """The columns the job appends after the carryover columns, in order."""
+        out = [columns.SAMPLE_INDEX] if self.sampling.n > 1 else []
+        extra = []
+        if self.sampling.structured is not None and self.sampling.structured.parse:
+            extra.append(columns.PARSED)
+        if self.sampling.logprobs is not None:
+            extra.append(columns.LOGPROBS)
+        for name in self.model_names:
+            out += [columns.model_column(name, c) for c in (*columns.OUTPUT_COLUMNS, *extra)]
+        return out
+
+    def named_models(self) -> list[tuple[str, ModelSpec]]:
+        """(field path, spec) of each model: ``model`` or ``models[i]``."""
+        if self.models is not None:
+            return [(f"models[{i}]", m) for i, m in enumerate(self.models)]
+        return [("model", self.model)] if self.model is not None else []
+
+    @property
+    def model_names(self) -> list[str | None]:
+        """Column prefixes: None for a single-model job, else each model's name."""
+        return [m.name for m in self.models] if self.models is not None else [None]
 
     def with_output(self, path: str) -> JobSpec:
         """A copy of this spec writing to ``path``."""
@@ -218,7 +345,9 @@ class JobSpec(_Strict):
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "job") -> JobSpec:
         if not isinstance(data, dict):
-            raise JobSpecError(f"{source}: expected a mapping of job fields, got {type(data).__name__}")
+            raise JobSpecError(
+                f"{source}: expected a mapping of job fields, got {type(data).__name__}"
+            )
         try:
             return cls.model_validate(data)
         except ValidationError as e:

@@ -77,7 +77,9 @@ def heldout_rows(n: int, seed: int, exclude: set[str]) -> list[dict[str, Any]]:
     raise RuntimeError(f"only {len(rows)} held-out reviews are not in the training set")
 
 
-def write_examples(rows: list[dict[str, Any]], directory: str | Path, name: str = "reviews") -> None:
+def write_examples(
+    rows: list[dict[str, Any]], directory: str | Path, name: str = "reviews"
+) -> None:
     """Writes ``rows`` to ``<directory>/<name>.jsonl`` and ``<name>.parquet``.
 
     Columns: id int64, text, label, product (string), tags list<string>,
@@ -99,9 +101,7 @@ def write_examples(rows: list[dict[str, Any]], directory: str | Path, name: str 
             ("created_at", pa.timestamp("ms")),
         ]
     )
-    table = pa.Table.from_pylist(
-        [{f.name: r[f.name] for f in schema} for r in rows], schema=schema
-    )
+    table = pa.Table.from_pylist([{f.name: r[f.name] for f in schema} for r in rows], schema=schema)
     pq.write_table(table, out / f"{name}.parquet", compression="zstd")
     with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
         for r in rows:
@@ -139,12 +139,17 @@ def _encode(tokenizer, rows: list[dict[str, Any]], label_ids: dict[str, int]):  
     prompts = tokenizer([classify_prompt(r["text"]) for r in rows])["input_ids"]
     for ids, r in zip(prompts, rows, strict=True):
         out.append(
-            (ids + [label_ids[r["label"]], tokenizer.eos_token_id], len(ids), LABELS.index(r["label"]))
+            (
+                ids + [label_ids[r["label"]], tokenizer.eos_token_id],
+                len(ids),
+                LABELS.index(r["label"]),
+            )
         )
     return out
 
 
 def _batches(examples, batch_size: int, generator, pad_id: int):  # noqa: ANN001, ANN202
+    """Shuffled, right-padded batches: (input_ids, attention_mask, target position, class)."""
     import torch
 
     order = torch.randperm(len(examples), generator=generator).tolist()
@@ -153,16 +158,12 @@ def _batches(examples, batch_size: int, generator, pad_id: int):  # noqa: ANN001
         width = max(len(ids) for ids, _, _ in chunk)
         input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-        pos = torch.zeros(len(chunk), dtype=torch.long)
-        cls = torch.zeros(len(chunk), dtype=torch.long)
-        for i, (ids, p, c) in enumerate(chunk):
+        for i, (ids, _, _) in enumerate(chunk):
             input_ids[i, : len(ids)] = torch.tensor(ids)
             attention[i, : len(ids)] = 1
-            labels[i, p : len(ids)] = torch.tensor(ids[p:])  # the label token and EOS
-            pos[i] = p
-            cls[i] = c
-        yield input_ids, attention, labels, pos, cls
+        pos = torch.tensor([p for _, p, _ in chunk])
+        cls = torch.tensor([c for _, _, c in chunk])
+        yield input_ids, attention, pos, cls
 
 
 def _evaluate(model, tokenizer, rows, label_ids, allowed, words, batch_size: int = 128):  # noqa: ANN001, ANN202
@@ -186,7 +187,10 @@ def _evaluate(model, tokenizer, rows, label_ids, allowed, words, batch_size: int
             for i, (_, p, c) in enumerate(examples):
                 first = logits[i, p - 1]
                 then = logits[i, p]  # after the (teacher-forced) correct label
-                if int(first.argmax()) == spaced[c] and int(then.argmax()) == tokenizer.eos_token_id:
+                if (
+                    int(first.argmax()) == spaced[c]
+                    and int(then.argmax()) == tokenizer.eos_token_id
+                ):
                     free_ok += 1
                 if allowed[int(first[allowed].argmax())] == words[c]:
                     choice_ok += 1
@@ -205,7 +209,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
 
     train_rows = make_reviews(args.train_size, seed=args.seed)
-    held = heldout_rows(args.heldout_size, args.heldout_seed, {_normal(r["text"]) for r in train_rows})
+    held = heldout_rows(
+        args.heldout_size, args.heldout_seed, {_normal(r["text"]) for r in train_rows}
+    )
 
     # Tokenizer: the training prompts with their answers, plus the bare label
     # words (the constrained-decoding answers) so that each is one token.
@@ -260,19 +266,32 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     step = 0
     epoch = 0
     while step < args.steps:
-        for input_ids, attention, labels, pos, cls in _batches(
+        for input_ids, attention, pos, cls in _batches(
             examples, args.batch_size, generator, tokenizer.pad_token_id
         ):
             if step >= args.steps:
                 break
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
-            logits = model(input_ids=input_ids, attention_mask=attention).logits
-            shift_logits = logits[:, :-1].reshape(-1, logits.size(-1))
-            lm_loss = F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1), ignore_index=-100)
-            first = logits[torch.arange(len(pos)), pos - 1]  # predicts the label token
+            # Logits only where the loss is: the label token (predicted at
+            # pos - 1) and EOS (predicted at pos), not at every prompt token.
+            hidden = model.model(input_ids=input_ids, attention_mask=attention).last_hidden_state
+            rows = torch.arange(len(pos))
+            first = model.lm_head(hidden[rows, pos - 1])
+            then = model.lm_head(hidden[rows, pos])
+            lm_loss = 0.5 * (
+                F.cross_entropy(first, input_ids[rows, pos])
+                + F.cross_entropy(then, input_ids[rows, pos + 1])
+            )
             choice_loss = F.cross_entropy(first[:, allowed_t], word_index[cls])
             loss = lm_loss + args.choice_weight * choice_loss
+            if args.text_weight > 0:
+                logits = model.lm_head(hidden[:, :-1])
+                targets = input_ids[:, 1:].masked_fill(attention[:, 1:] == 0, -100)
+                text_loss = F.cross_entropy(
+                    logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
+                )
+                loss = loss + args.text_weight * text_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -343,6 +362,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--choice-weight", type=float, default=0.5)
+    p.add_argument(
+        "--text-weight",
+        type=float,
+        default=0.0,
+        help="weight of a language-model loss on the prompt",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads (fixed for determinism)")
     p.add_argument("--log-every", type=int, default=50)
     return p.parse_args(argv)

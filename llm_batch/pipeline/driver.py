@@ -45,8 +45,14 @@ class StatusFile:
         self._every = every
         self._last = 0.0
 
-    def write(self, state: str, progress: dict[str, Any] | None, error: str | None = None,
-              *, force: bool = False) -> None:
+    def write(
+        self,
+        state: str,
+        progress: dict[str, Any] | None,
+        error: str | None = None,
+        *,
+        force: bool = False,
+    ) -> None:
         now = time.time()
         if not force and now - self._last < self._every:
             return
@@ -78,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("spec", help="the job spec as a JSON (or YAML) file")
     parser.add_argument("--status", help="status file URI (default: <output>/_status.json)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
     from llm_batch.pipeline.run import plan_job, run_job
 

@@ -14,6 +14,7 @@ carryover columns are never converted to Python objects.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -24,6 +25,8 @@ import pyarrow as pa
 
 from llm_batch import columns
 from llm_batch.errors import EngineUnavailable
+from llm_batch.job.jsonschema import arrow_type_for_schema, coerce
+from llm_batch.pipeline.accumulators import AccumulatorSet, BatchView, JobContext
 
 __all__ = ["EngineStage", "build_engine_args", "build_sampling_params", "output_schema"]
 
@@ -32,16 +35,30 @@ logger = logging.getLogger(__name__)
 _GIB = 1 << 30
 
 
-def output_schema(model_name: str | None) -> list[tuple[str, pa.DataType]]:
+def output_schema(
+    model_name: str | None, sampling: dict[str, Any]
+) -> list[tuple[str, pa.DataType]]:
     """The columns one model appends, in order."""
-    types = {
+    types: dict[str, pa.DataType] = {
         columns.GENERATED_TEXT: pa.string(),
         columns.NUM_INPUT_TOKENS: pa.int32(),
         columns.NUM_OUTPUT_TOKENS: pa.int32(),
         columns.FINISH_REASON: pa.string(),
         columns.ERROR: pa.string(),
     }
+    structured = sampling.get("structured") or {}
+    if structured.get("parse"):
+        types[columns.PARSED] = arrow_type_for_schema(structured["json_schema"])
+    if sampling.get("logprobs") is not None:
+        types[columns.LOGPROBS] = LOGPROBS_TYPE
     return [(columns.model_column(model_name, c), t) for c, t in types.items()]
+
+
+_TOP = pa.struct([("token", pa.string()), ("logprob", pa.float64())])
+# OpenAI's shape: one entry per generated token, with its top alternatives.
+LOGPROBS_TYPE = pa.list_(
+    pa.struct([("token", pa.string()), ("logprob", pa.float64()), ("top_logprobs", pa.list_(_TOP))])
+)
 
 
 def build_engine_args(model: dict[str, Any], *, on_cpu: bool) -> dict[str, Any]:
@@ -70,27 +87,58 @@ def build_engine_args(model: dict[str, Any], *, on_cpu: bool) -> dict[str, Any]:
     return args
 
 
-def build_sampling_params(sampling: dict[str, Any]) -> Any:
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
+_SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop", "ignore_eos", "logprobs")
 
+
+def build_sampling_params(sampling: dict[str, Any], *, sample_index: int = 0) -> Any:
+    """vLLM ``SamplingParams`` for one request (one sample: ``n`` is expanded into rows).
+
+    With a seed, sample ``k`` of a prompt uses ``seed + k`` so that the samples
+    differ yet the job stays reproducible.
+    """
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+    structured = None
+    spec = sampling.get("structured")
+    if spec:
+        structured = StructuredOutputsParams(
+            choice=spec.get("choice"), regex=spec.get("regex"), json=spec.get("json_schema")
+        )
+    seed = sampling.get("seed")
     return SamplingParams(
+        n=1,
         max_tokens=sampling["max_tokens"],
         temperature=sampling["temperature"],
         top_p=sampling["top_p"],
-        seed=sampling.get("seed"),
+        seed=None if seed is None else seed + sample_index,
         stop=sampling.get("stop"),
         ignore_eos=sampling.get("ignore_eos", False),
+        logprobs=sampling.get("logprobs"),
+        structured_outputs=structured,
         # Only the final output of each request crosses back from the engine.
         output_kind=RequestOutputKind.FINAL_ONLY,
     )
 
 
+def _overrides(value: Any) -> dict[str, Any]:
+    """A row's sampling overrides: a struct (dict) or a JSON object string; nulls ignored."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        value = json.loads(value)
+    if not isinstance(value, dict):
+        raise ValueError(f"expected an object of sampling fields, got {type(value).__name__}")
+    return {k: v for k, v in value.items() if v is not None}
+
+
 class EngineStage:
     """``map_batches`` callable class: one vLLM engine per actor.
 
-    Arguments are plain dicts (the job spec's ``model`` and ``sampling``
-    blocks), so they pickle cheaply into the actor.
+    Arguments are plain dicts (the job spec's ``model``, ``sampling`` and
+    ``metrics`` blocks), so they pickle cheaply into the actor. In a
+    multi-model job each model's stage appends its own prefixed columns; the
+    last one drops the internal columns (``drop``) before the rows are written.
     """
 
     def __init__(
@@ -100,6 +148,8 @@ class EngineStage:
         *,
         model_name: str | None = None,
         progress: Any = None,
+        metrics: dict[str, Any] | None = None,
+        drop: list[str] | tuple[str, ...] = (),
     ):
         try:
             from vllm.engine.arg_utils import AsyncEngineArgs
@@ -113,13 +163,30 @@ class EngineStage:
 
         self._model_name = model_name
         self._progress = progress
+        self._sampling_spec = sampling
         self._sampling = build_sampling_params(sampling)
+        self._params_cache: dict[tuple[str, int], Any] = {}
+        self._drop = list(drop)
+        metrics = metrics or {}
+        structured = sampling.get("structured") or {}
+        self._label_column = metrics.get("label_column")
+        self._accumulators = AccumulatorSet(
+            JobContext(
+                label_column=self._label_column,
+                choices=tuple(structured["choice"]) if structured.get("choice") else None,
+            ),
+            metrics.get("accumulators") or (),
+        )
+        self._schema = output_schema(model_name, sampling)
+        self._parsed_type = (
+            arrow_type_for_schema(structured["json_schema"]) if structured.get("parse") else None
+        )
+        self._want_logprobs = sampling.get("logprobs") is not None
         args = build_engine_args(model, on_cpu=current_platform.is_cpu())
         started = time.monotonic()
         self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         self._tokenizer = self._engine.get_tokenizer()
         logger.info("engine for %s ready in %.1fs", model["path"], time.monotonic() - started)
-        self._schema = output_schema(model_name)
 
     def __del__(self) -> None:
         # End the engine's core process with the actor instead of orphaning it.
@@ -127,17 +194,40 @@ class EngineStage:
         if engine is not None:
             engine.shutdown()
 
-    async def _generate_one(self, prompt: Any) -> tuple[Any, ...]:
-        """(text, input tokens, output tokens, finish reason, error) for one row."""
+    def _params(self, overrides: Any, sample_index: int) -> Any:
+        """Sampling params for a row; raises ValueError naming a bad override."""
+        if overrides is None and sample_index == 0:
+            return self._sampling
+        key = (json.dumps(overrides, sort_keys=True, default=str), sample_index)
+        params = self._params_cache.get(key)
+        if params is None:
+            from llm_batch.job.spec import SamplingSpec
+
+            changes = _overrides(overrides)
+            unknown = sorted(set(changes) - set(_SAMPLING_KEYS))
+            if unknown:
+                raise ValueError(
+                    f"unknown sampling override {', '.join(unknown)} "
+                    f"(allowed: {', '.join(_SAMPLING_KEYS)})"
+                )
+            merged = SamplingSpec.model_validate({**self._sampling_spec, **changes}).model_dump()
+            params = build_sampling_params(merged, sample_index=sample_index)
+            if len(self._params_cache) < 10_000:
+                self._params_cache[key] = params
+        return params
+
+    async def _generate_one(self, prompt: Any, params: Any) -> tuple[Any, ...]:
+        """(text, input tokens, output tokens, finish reason, error, output, latency) of a row."""
         final = None
+        started = time.monotonic()
         try:
-            async for out in self._engine.generate(prompt, self._sampling, uuid.uuid4().hex):
+            async for out in self._engine.generate(prompt, params, uuid.uuid4().hex):
                 final = out
         except Exception as e:  # noqa: BLE001 - a row's failure is data, not a crash
             if self._engine.errored:
                 raise  # the engine itself died: let Ray retry the batch elsewhere
             cause = e.__cause__ if e.__cause__ is not None else e
-            return None, None, None, None, f"{type(cause).__name__}: {cause}"
+            return None, None, None, None, f"{type(cause).__name__}: {cause}", None, None
         assert final is not None
         completion = final.outputs[0]
         return (
@@ -146,6 +236,8 @@ class EngineStage:
             len(completion.token_ids),
             completion.finish_reason,
             None,
+            completion,
+            time.monotonic() - started,
         )
 
     def _engine_prompt(self, prompt: str | None, messages: list[dict[str, str]] | None) -> Any:
@@ -157,42 +249,138 @@ class EngineStage:
             return {"prompt_token_ids": list(ids)}
         return {"prompt": prompt}
 
+    def _logprobs(self, completion: Any) -> list[dict[str, Any]] | None:
+        if completion is None or completion.logprobs is None:
+            return None
+        steps = []
+        for token_id, step in zip(completion.token_ids, completion.logprobs, strict=False):
+            chosen = step.get(token_id)
+            top = sorted(step.values(), key=lambda lp: lp.rank or 0)
+            steps.append(
+                {
+                    "token": chosen.decoded_token if chosen else None,
+                    "logprob": chosen.logprob if chosen else None,
+                    "top_logprobs": [
+                        {"token": lp.decoded_token, "logprob": lp.logprob}
+                        for lp in top
+                        if lp.rank is not None and lp.rank >= 1
+                    ],
+                }
+            )
+        return steps
+
+    def _parse(self, text: str | None, finish: str | None) -> tuple[Any, str | None]:
+        if text is None:
+            return None, None
+        try:
+            return coerce(json.loads(text), self._parsed_type), None
+        except (ValueError, TypeError) as e:
+            hint = (
+                " (the generation was cut at max_tokens; raise sampling.max_tokens)"
+                if (finish == "length")
+                else ""
+            )
+            return None, f"output does not parse as the schema: {e}{hint}"
+
     async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:
         started = time.monotonic()
         n = batch.num_rows
+        names = batch.column_names
         render_errors = batch.column(columns.RENDER_ERROR).to_pylist()
-        if columns.PROMPT in batch.column_names:
-            prompts = batch.column(columns.PROMPT).to_pylist()
-            messages: list[Any] = [None] * n
-        else:
-            prompts = [None] * n
-            messages = batch.column(columns.MESSAGES).to_pylist()
+        prompts = (
+            batch.column(columns.PROMPT).to_pylist() if columns.PROMPT in names else [None] * n
+        )
+        messages = (
+            batch.column(columns.MESSAGES).to_pylist() if columns.MESSAGES in names else [None] * n
+        )
+        samples = (
+            batch.column(columns.SAMPLE_INDEX).to_pylist()
+            if columns.SAMPLE_INDEX in names
+            else [0] * n
+        )
+        override_col = self._sampling_spec.get("overrides_column")
+        overrides = batch.column(override_col).to_pylist() if override_col else [None] * n
 
         async def row(i: int) -> tuple[Any, ...]:
             if render_errors[i] is not None:
-                return None, None, None, None, render_errors[i]
+                return None, None, None, None, render_errors[i], None, None
+            try:
+                params = self._params(overrides[i], samples[i])
+            except Exception as e:  # noqa: BLE001
+                msg = (
+                    str(e).splitlines()[0]
+                    if not hasattr(e, "errors")
+                    else "; ".join(
+                        f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()
+                    )
+                )
+                return (
+                    None,
+                    None,
+                    None,
+                    None,
+                    f"sampling override ({override_col}): {msg}",
+                    None,
+                    None,
+                )
             try:
                 prompt = self._engine_prompt(prompts[i], messages[i])
             except Exception as e:  # noqa: BLE001
-                return None, None, None, None, f"chat template failed: {type(e).__name__}: {e}"
-            return await self._generate_one(prompt)
+                return (
+                    None,
+                    None,
+                    None,
+                    None,
+                    f"chat template failed: {type(e).__name__}: {e}",
+                    None,
+                    None,
+                )
+            return await self._generate_one(prompt, params)
 
         results = await asyncio.gather(*(row(i) for i in range(n)))
-        fields = list(zip(*results, strict=True)) if results else [()] * len(self._schema)
-        internal = [c for c in batch.column_names if c.startswith(columns.INTERNAL_PREFIX)]
-        out = batch.drop_columns(
-            [c for c in internal if c in (columns.PROMPT, columns.MESSAGES, columns.RENDER_ERROR)]
-        )
-        for (name, type_), values in zip(self._schema, fields, strict=True):
-            out = out.append_column(name, pa.array(values, type=type_))
+        texts = [r[0] for r in results]
+        finishes = [r[3] for r in results]
+        errors = [r[4] for r in results]
+        values: list[list[Any]] = [
+            texts,
+            [r[1] for r in results],
+            [r[2] for r in results],
+            finishes,
+            errors,
+        ]
+        if self._parsed_type is not None:
+            parsed = []
+            for i in range(n):
+                value, problem = self._parse(texts[i], finishes[i])
+                parsed.append(value)
+                if problem is not None and errors[i] is None:
+                    errors[i] = problem
+            values.append(parsed)
+        if self._want_logprobs:
+            values.append([self._logprobs(r[5]) for r in results])
+
+        out = batch.drop_columns([c for c in self._drop if c in names])
+        arrays = [pa.array(v, type=t) for (_, t), v in zip(self._schema, values, strict=True)]
+        for (name, _), arr in zip(self._schema, arrays, strict=True):
+            out = out.append_column(name, arr)
+
         if self._progress is not None:
-            failed = sum(1 for r in results if r[4] is not None)
+            view = pa.Table.from_arrays(arrays, names=[c for c, _ in self._plain_schema()])
+            if self._label_column is not None:
+                view = view.append_column(self._label_column, batch.column(self._label_column))
+            partial = self._accumulators.update(
+                BatchView(view, pa.array([r[6] for r in results], pa.float64()), self._model_name)
+            )
             self._progress.report.remote(
                 model=self._model_name,
                 rows=n,
-                failed=failed,
+                failed=sum(1 for e in errors if e is not None),
                 input_tokens=sum(r[1] or 0 for r in results),
                 output_tokens=sum(r[2] or 0 for r in results),
                 seconds=time.monotonic() - started,
+                metrics=partial,
             )
         yield out
+
+    def _plain_schema(self) -> list[tuple[str, pa.DataType]]:
+        return output_schema(None, self._sampling_spec)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from llm_batch.pipeline.accumulators import AccumulatorSet, JobContext
+
 __all__ = ["ProgressTracker", "Snapshot"]
 
 Snapshot = dict[str, Any]
@@ -19,8 +21,17 @@ _SERIES_POINTS = 120
 class ProgressTracker:
     """Counts per model, and a short throughput series (downsampled to ~120 points)."""
 
-    def __init__(self, rows_total: int | None = None, models: list[str | None] | None = None):
+    def __init__(
+        self,
+        rows_total: int | None = None,
+        models: list[str | None] | None = None,
+        *,
+        job: JobContext | None = None,
+        accumulators: list[str] | tuple[str, ...] = (),
+    ):
         self._started = time.time()
+        self._accumulators = AccumulatorSet(job or JobContext(), accumulators)
+        self._metrics: dict[str | None, dict[str, Any]] = {}
         self._rows_total = rows_total
         self._models: dict[str | None, dict[str, float]] = {
             m: self._zero() for m in (models or [None])
@@ -41,7 +52,10 @@ class ProgressTracker:
         input_tokens: int,
         output_tokens: int,
         seconds: float,
+        metrics: dict[str, Any] | None = None,
     ) -> None:
+        if metrics is not None:
+            self._metrics[model] = self._accumulators.merge(self._metrics.get(model), metrics)
         counts = self._models.setdefault(model, self._zero())
         counts["rows_done"] += rows
         counts["rows_failed"] += failed
@@ -63,6 +77,13 @@ class ProgressTracker:
 
     def _total(self, key: str) -> float:
         return sum(m[key] for m in self._models.values())
+
+    def metrics(self) -> dict[str, Any]:
+        """Merged accumulator results per model (``default`` for a single-model job)."""
+        return {
+            ("default" if m is None else m): self._accumulators.result(state)
+            for m, state in self._metrics.items()
+        }
 
     def snapshot(self) -> Snapshot:
         elapsed = time.time() - self._started
@@ -95,6 +116,7 @@ class ProgressTracker:
                 ("default" if m is None else m): {k: int(v) for k, v in c.items()}
                 for m, c in self._models.items()
             },
+            "metrics": self.metrics(),
             "series": [
                 {"t": round(t, 2), "rows_done": r, "output_tokens": o} for t, r, o in self._series
             ],

@@ -36,7 +36,9 @@ def template_variables(source: str, *, field: str = "prompt.template") -> set[st
     try:
         ast = env.parse(source)
     except TemplateSyntaxError as e:
-        raise JobSpecError(f"{field}: template syntax error on line {e.lineno}: {e.message}") from None
+        raise JobSpecError(
+            f"{field}: template syntax error on line {e.lineno}: {e.message}"
+        ) from None
     return set(meta.find_undeclared_variables(ast)) - set(env.globals)
 
 

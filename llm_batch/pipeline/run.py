@@ -1,6 +1,7 @@
 """Build and run one job's Ray Data pipeline.
 
-    read (only needed columns) ─► render prompts ─► engine pool ─► write Parquet
+    read (only needed columns) ─► render prompts (× n samples) ─► model A engine pool
+        ─► model B engine pool … ─► write Parquet (+ _metrics.json from the accumulators)
 
 ``plan_job`` does every check that needs no engine (input exists, columns the
 template and carryover name are there, templates parse), so a bad job fails in
@@ -23,11 +24,12 @@ import pyarrow as pa
 
 from llm_batch import columns
 from llm_batch.job.spec import JobSpec
+from llm_batch.pipeline.accumulators import JobContext
 from llm_batch.pipeline.engine import EngineStage
 from llm_batch.pipeline.progress import ProgressTracker, Snapshot
 from llm_batch.pipeline.prompts import PromptRenderer
 from llm_batch.pipeline.read import InputInfo, check_columns, inspect_input, read_dataset
-from llm_batch.pipeline.write import AtomicParquetDatasink, clear_output
+from llm_batch.pipeline.write import AtomicParquetDatasink, clear_output, write_metrics
 
 __all__ = ["JobPlan", "JobResult", "ensure_ray", "plan_job", "run_job"]
 
@@ -39,7 +41,14 @@ class JobPlan:
     spec: JobSpec
     input_format: str
     input_info: InputInfo
-    read_columns: list[str]  # template columns ∪ carryover, in input order
+    read_columns: list[str]  # template columns ∪ carryover ∪ label/overrides, in input order
+    carried: list[str]  # columns that travel to the engines: carryover + label/overrides
+
+    @property
+    def drop_before_write(self) -> list[str]:
+        """Columns that ride to the engines but are not output."""
+        internal = [columns.PROMPT, columns.MESSAGES, columns.RENDER_ERROR]
+        return internal + [c for c in self.carried if c not in self.spec.carryover]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,11 +71,19 @@ def plan_job(spec: JobSpec) -> JobPlan:
             ),
             "carryover": set(spec.carryover),
             "input.columns": set(spec.input.columns or []),
+            "metrics.label_column": {spec.metrics.label_column} - {None},
+            "sampling.overrides_column": {spec.sampling.overrides_column} - {None},
         },
     )
-    wanted = renderer.variables | set(spec.carryover) | set(spec.input.columns or [])
+    if spec.metrics.accumulators:  # import errors surface now, not inside an actor
+        from llm_batch.pipeline.accumulators import AccumulatorSet, JobContext
+
+        AccumulatorSet(JobContext(), spec.metrics.accumulators)
+    extra = [c for c in (spec.metrics.label_column, spec.sampling.overrides_column) if c]
+    carried = list(spec.carryover) + [c for c in dict.fromkeys(extra) if c not in spec.carryover]
+    wanted = renderer.variables | set(carried) | set(spec.input.columns or [])
     read_columns = [n for n in info.schema.names if n in wanted]
-    return JobPlan(spec, fmt, info, read_columns)
+    return JobPlan(spec, fmt, info, read_columns, carried)
 
 
 @functools.lru_cache(maxsize=8)
@@ -74,10 +91,18 @@ def _renderer(prompt_json: str) -> PromptRenderer:
     return PromptRenderer(json.loads(prompt_json))
 
 
-def _render_batch(batch: pa.Table, *, prompt_json: str, keep: list[str]) -> pa.Table:
-    """Render prompts, then keep only the carryover columns (plus the prompt)."""
+def _render_batch(batch: pa.Table, *, prompt_json: str, keep: list[str], n: int) -> pa.Table:
+    """Render prompts, keep only the columns that travel on, and repeat each row n times."""
     rendered = _renderer(prompt_json)(batch)
-    return rendered.select(keep + [c for c in rendered.column_names if c.startswith(columns.INTERNAL_PREFIX)])
+    internal = [c for c in rendered.column_names if c.startswith(columns.INTERNAL_PREFIX)]
+    out = rendered.select(keep + internal)
+    if n > 1:
+        # Sample-major within a prompt: rows i*n .. i*n+n-1 are prompt i's samples.
+        rows = out.num_rows
+        out = out.take(pa.array([i for i in range(rows) for _ in range(n)], pa.int64()))
+        index = pa.array([k for _ in range(rows) for k in range(n)], pa.int32())
+        out = out.add_column(len(keep), columns.SAMPLE_INDEX, index)
+    return out
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -130,35 +155,55 @@ def run_job(
     ctx.enable_progress_bars = False  # the CLI draws its own, from the tracker
     ctx.print_on_execution_start = False
 
-    tracker = ray.remote(num_cpus=0)(ProgressTracker).remote(plan.input_info.rows_total)
+    rows_total = plan.input_info.rows_total
+    if rows_total is not None:
+        rows_total *= spec.sampling.n
+    structured = spec.sampling.structured
+    tracker = ray.remote(num_cpus=0)(ProgressTracker).remote(
+        rows_total,
+        spec.model_names,
+        job=JobContext(
+            label_column=spec.metrics.label_column,
+            choices=tuple(structured.choice) if structured and structured.choice else None,
+        ),
+        accumulators=spec.metrics.accumulators,
+    )
     clear_output(spec.output_path)
 
-    ds = read_dataset(spec.input.model_dump(), plan.input_format, plan.read_columns, plan.input_info)
+    ds = read_dataset(
+        spec.input.model_dump(), plan.input_format, plan.read_columns, plan.input_info
+    )
     prompt_json = json.dumps(spec.prompt.model_dump())
     ds = ds.map_batches(
         _render_batch,
         batch_format="pyarrow",
         batch_size=None,
         zero_copy_batch=True,
-        fn_kwargs={"prompt_json": prompt_json, "keep": list(spec.carryover)},
+        fn_kwargs={"prompt_json": prompt_json, "keep": plan.carried, "n": spec.sampling.n},
     )
-    model = spec.model
-    ds = ds.map_batches(
-        EngineStage,
-        fn_constructor_kwargs={
-            "model": model.model_dump(),
-            "sampling": spec.sampling.model_dump(),
-            "model_name": None,
-            "progress": tracker,
-        },
-        batch_format="pyarrow",
-        batch_size=model.batch_size,
-        zero_copy_batch=True,
-        compute=ActorPoolStrategy(
-            size=model.replicas, max_concurrent_calls_per_actor=model.max_batches_in_flight
-        ),
-        **_engine_resources(model),
-    )
+    # One engine pool per model, chained: the data is read once and every model
+    # sees every row; the pools run at the same time on different batches.
+    named = spec.named_models()
+    for i, ((_, model), name) in enumerate(zip(named, spec.model_names, strict=True)):
+        last = i == len(named) - 1
+        ds = ds.map_batches(
+            EngineStage,
+            fn_constructor_kwargs={
+                "model": model.model_dump(),
+                "sampling": spec.sampling.model_dump(),
+                "model_name": name,
+                "progress": tracker,
+                "metrics": spec.metrics.model_dump(),
+                "drop": plan.drop_before_write if last else [],
+            },
+            batch_format="pyarrow",
+            batch_size=model.batch_size,
+            zero_copy_batch=True,
+            compute=ActorPoolStrategy(
+                size=model.replicas, max_concurrent_calls_per_actor=model.max_batches_in_flight
+            ),
+            **_engine_resources(model),
+        )
 
     stop = threading.Event()
 
@@ -180,6 +225,7 @@ def run_job(
         follower.join()
     final = ray.get(tracker.snapshot.remote())
     ray.kill(tracker)
+    write_metrics(spec.output_path, final)
     if on_progress is not None:
         on_progress(final)
     return JobResult(spec.output_path, final, time.monotonic() - started)

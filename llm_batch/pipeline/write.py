@@ -18,7 +18,9 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
-__all__ = ["AtomicParquetDatasink", "clear_output", "open_filesystem"]
+__all__ = ["AtomicParquetDatasink", "clear_output", "open_filesystem", "write_metrics"]
+
+METRICS_NAME = "_metrics.json"
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +45,33 @@ def clear_output(uri: str) -> int:
     for f in fs.get_file_info(pafs.FileSelector(path, recursive=False)):
         name = f.base_name
         if f.type == pafs.FileType.File and (
-            name.startswith(PART_PREFIX) or name.startswith("." + PART_PREFIX)
-            or name == "_metrics.json"
+            name.startswith(PART_PREFIX)
+            or name.startswith("." + PART_PREFIX)
+            or name == METRICS_NAME
         ):
             fs.delete_file(f.path)
             removed += 1
     return removed
+
+
+def write_metrics(uri: str, snapshot: dict[str, Any]) -> str:
+    """Write the job's final counts and accumulator results as ``_metrics.json``.
+
+    The leading underscore keeps Parquet readers reading the folder as one dataset.
+    """
+    import json
+
+    fs, path = open_filesystem(uri)
+    final = f"{path.rstrip('/')}/{METRICS_NAME}"
+    body = {k: v for k, v in snapshot.items() if k != "series"}
+    local = isinstance(fs, pafs.LocalFileSystem)
+    target = f"{path.rstrip('/')}/.{METRICS_NAME}.inprogress" if local else final
+    fs.create_dir(path, recursive=True)
+    with fs.open_output_stream(target) as stream:
+        stream.write(json.dumps(body, indent=2, sort_keys=True).encode())
+    if local:
+        fs.move(target, final)
+    return final
 
 
 class AtomicParquetDatasink(Datasink[None]):

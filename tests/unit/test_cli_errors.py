@@ -37,14 +37,20 @@ def job(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "needle"),
     [
-        ({"input": {"path": "/no/such/file.parquet"}},
-         "input.path: '/no/such/file.parquet' does not exist"),
-        ({"prompt": {"template": "{{ txt }}"}},
-         "prompt.template uses column 'txt', which the input does not have (it has: id, text)"),
+        (
+            {"input": {"path": "/no/such/file.parquet"}},
+            "input.path: '/no/such/file.parquet' does not exist",
+        ),
+        (
+            {"prompt": {"template": "{{ txt }}"}},
+            "prompt.template uses column 'txt', which the input does not have (it has: id, text)",
+        ),
         ({"carryover": ["id", "label"]}, "carryover uses column 'label'"),
         ({"prompt": {"template": "{% if %}"}}, "prompt.template: template syntax error on line 1"),
-        ({"prompt": {"messages": [{"role": "user", "content": "{{ nope }}"}]}},
-         "prompt.messages uses column 'nope'"),
+        (
+            {"prompt": {"messages": [{"role": "user", "content": "{{ nope }}"}]}},
+            "prompt.messages uses column 'nope'",
+        ),
         ({"sampling": {"max_tokens": 0}}, "sampling.max_tokens"),
         ({"sampling": {"temperature": -1}}, "sampling.temperature"),
         ({"modle": {"path": "x"}}, "modle: unknown field"),

@@ -12,7 +12,9 @@ from llm_batch.pipeline.prompts import PromptRenderer, template_variables
 
 def test_variables_are_the_columns_a_template_reads():
     assert template_variables("{{ a }} {% for x in b %}{{ x.y }}{% endfor %} {{ c | upper }}") == {
-        "a", "b", "c",
+        "a",
+        "b",
+        "c",
     }
 
 
@@ -27,13 +29,21 @@ def test_renders_and_keeps_the_table():
     assert out.column(columns.PROMPT).to_pylist() == ["T: a", "T: b"]
     assert out.column(columns.RENDER_ERROR).to_pylist() == [None, None]
     # The carryover column is the same buffer, not a copy.
-    assert out.column("keep").chunk(0).buffers()[1].address == table.column("keep").chunk(0).buffers()[1].address
+    assert (
+        out.column("keep").chunk(0).buffers()[1].address
+        == table.column("keep").chunk(0).buffers()[1].address
+    )
 
 
 def test_chat_messages_render_each_content():
     table = pa.table({"q": ["hi"]})
     out = PromptRenderer(
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "{{ q }}?"}]}
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "{{ q }}?"},
+            ]
+        }
     )(table)
     assert out.column(columns.MESSAGES).to_pylist() == [
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi?"}]

@@ -72,15 +72,18 @@ output:
         (with_(sampling__max_tokenz=5), "sampling.max_tokenz: unknown field"),
         (with_(colour="red"), "colour: unknown field"),
         ({k: v for k, v in BASE.items() if k != "input"}, "input: required field is missing"),
-        (with_(prompt={"template": "a", "messages": [{"role": "user", "content": "b"}]}),
-         "set exactly one of prompt.template or prompt.messages"),
-        (with_(prompt={"messages": [{"role": "robot", "content": "b"}]}),
-         "prompt.messages.0.role"),
+        (
+            with_(prompt={"template": "a", "messages": [{"role": "user", "content": "b"}]}),
+            "set exactly one of prompt.template or prompt.messages",
+        ),
+        (with_(prompt={"messages": [{"role": "robot", "content": "b"}]}), "prompt.messages.0.role"),
         (with_(carryover=["id", "id"]), "carryover: column 'id' is listed twice"),
         (with_(carryover=["error"]), "carryover: column 'error' clashes"),
         (with_(model__replicas=0), "model.replicas"),
-        (with_(model__engine={"max_model_len": 64}, sampling={"max_tokens": 64}),
-         "sampling.max_tokens=64 must be below model.engine.max_model_len=64"),
+        (
+            with_(model__engine={"max_model_len": 64}, sampling={"max_tokens": 64}),
+            "sampling.max_tokens=64 must be below model.engine.max_model_len=64",
+        ),
         (with_(input__format="xml"), "input.format"),
     ],
 )
@@ -93,11 +96,13 @@ def test_invalid_jobs_name_the_field(data, needle):
 def test_format_cannot_be_inferred():
     spec = JobSpec.from_dict(with_(input={"path": "data.bin"}))
     with pytest.raises(JobSpecError, match="input.format: cannot infer"):
-        spec.input.resolved_format
+        _ = spec.input.resolved_format
 
 
 def test_format_inferred_from_extension():
-    assert JobSpec.from_dict(with_(input={"path": "s3://b/x.jsonl"})).input.resolved_format == "jsonl"
+    assert (
+        JobSpec.from_dict(with_(input={"path": "s3://b/x.jsonl"})).input.resolved_format == "jsonl"
+    )
     assert JobSpec.from_dict(with_(input={"path": "x.csv.gz"})).input.resolved_format == "csv"
 
 
