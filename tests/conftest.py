@@ -37,22 +37,47 @@ def ray_local() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def reference(tiny_model: Path):  # noqa: ANN201
-    """``generate(prompts, max_tokens) -> texts`` with plain ``vllm.LLM.generate``, greedy."""
-    from vllm import LLM, SamplingParams
+def tiny_model_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second tiny model (another seed): same tokenizer, different weights."""
+    from llm_batch.models.tiny import write_tiny_model
 
-    llm = LLM(
-        model=str(tiny_model),
-        max_model_len=512,
-        dtype="bfloat16",
-        enforce_eager=True,
-        kv_cache_memory_bytes=1 << 30,
-        seed=0,
-    )
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-seed1", seed=1)
+
+
+@pytest.fixture(scope="session")
+def reference_engines():  # noqa: ANN201
+    """``engine(model_path) -> vllm.LLM``: plain vLLM engines, one per model, made on first use."""
+    from vllm import LLM
+
+    engines: dict[str, LLM] = {}
+
+    def get(path: Path) -> LLM:
+        key = str(path)
+        if key not in engines:
+            engines[key] = LLM(
+                model=key,
+                max_model_len=512,
+                dtype="bfloat16",
+                enforce_eager=True,
+                kv_cache_memory_bytes=1 << 30,
+                seed=0,
+            )
+        return engines[key]
+
+    yield get
+    for llm in engines.values():
+        llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model: Path, reference_engines):  # noqa: ANN201
+    """``generate(prompts, max_tokens) -> texts`` with plain ``vllm.LLM.generate``, greedy."""
+    from vllm import SamplingParams
+
+    llm = reference_engines(tiny_model)
 
     def generate(prompts: list[str], max_tokens: int) -> list[str]:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
         return [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
 
-    yield generate
-    llm.llm_engine.engine_core.shutdown()
+    return generate

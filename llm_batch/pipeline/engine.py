@@ -87,7 +87,7 @@ def build_engine_args(model: dict[str, Any], *, on_cpu: bool) -> dict[str, Any]:
     return args
 
 
-_SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop", "ignore_eos", "logprobs")
+_SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop", "ignore_eos")
 
 
 def build_sampling_params(sampling: dict[str, Any], *, sample_index: int = 0) -> Any:
@@ -249,21 +249,27 @@ class EngineStage:
             return {"prompt_token_ids": list(ids)}
         return {"prompt": prompt}
 
-    def _logprobs(self, completion: Any) -> list[dict[str, Any]] | None:
+    def _logprobs(self, completion: Any, k: int) -> list[dict[str, Any]] | None:
+        """OpenAI-shaped logprobs: each generated token and the top ``k`` at its step.
+
+        vLLM adds the sampled token to a step's dict when it is outside the top k;
+        it is reported as the step's token but not listed among the top k.
+        """
         if completion is None or completion.logprobs is None:
             return None
         steps = []
         for token_id, step in zip(completion.token_ids, completion.logprobs, strict=False):
             chosen = step.get(token_id)
-            top = sorted(step.values(), key=lambda lp: lp.rank or 0)
+            top = sorted(
+                (lp for lp in step.values() if lp.rank is not None and 1 <= lp.rank <= k),
+                key=lambda lp: lp.rank,
+            )
             steps.append(
                 {
                     "token": chosen.decoded_token if chosen else None,
                     "logprob": chosen.logprob if chosen else None,
                     "top_logprobs": [
-                        {"token": lp.decoded_token, "logprob": lp.logprob}
-                        for lp in top
-                        if lp.rank is not None and lp.rank >= 1
+                        {"token": lp.decoded_token, "logprob": lp.logprob} for lp in top
                     ],
                 }
             )
@@ -357,7 +363,8 @@ class EngineStage:
                     errors[i] = problem
             values.append(parsed)
         if self._want_logprobs:
-            values.append([self._logprobs(r[5]) for r in results])
+            k = self._sampling_spec["logprobs"]
+            values.append([self._logprobs(r[5], k) for r in results])
 
         out = batch.drop_columns([c for c in self._drop if c in names])
         arrays = [pa.array(v, type=t) for (_, t), v in zip(self._schema, values, strict=True)]
