@@ -25,7 +25,7 @@ _SCALARS = {
 
 
 def arrow_type_for_schema(
-    schema: dict[str, Any], path: str = "structured.json_schema"
+    schema: dict[str, Any], path: str = "sampling.structured.json_schema"
 ) -> pa.DataType:
     if not isinstance(schema, dict):
         raise JobSpecError(f"{path}: expected a schema object")
