@@ -184,7 +184,14 @@ class EngineStage:
         self._want_logprobs = sampling.get("logprobs") is not None
         args = build_engine_args(model, on_cpu=current_platform.is_cpu())
         started = time.monotonic()
-        self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        try:
+            self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        except Exception as e:
+            # Ray wraps this in an ActorDiedError; run_job digs the message back out.
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise EngineUnavailable(
+                f"the engine for {model['path']!r} failed to start: {type(e).__name__}: {reason}"
+            ) from e
         self._tokenizer = self._engine.get_tokenizer()
         logger.info("engine for %s ready in %.1fs", model["path"], time.monotonic() - started)
 

@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from typing import Any
 import pyarrow as pa
 
 from llm_batch import columns
+from llm_batch.errors import EngineUnavailable, JobSpecError
 from llm_batch.job.spec import JobSpec
 from llm_batch.pipeline.accumulators import JobContext
 from llm_batch.pipeline.engine import EngineStage
@@ -75,6 +77,8 @@ def plan_job(spec: JobSpec) -> JobPlan:
             "sampling.overrides_column": {spec.sampling.overrides_column} - {None},
         },
     )
+    for field, model in spec.named_models():
+        _check_model_path(field, model.path)
     if spec.metrics.accumulators:  # import errors surface now, not inside an actor
         from llm_batch.pipeline.accumulators import AccumulatorSet, JobContext
 
@@ -84,6 +88,19 @@ def plan_job(spec: JobSpec) -> JobPlan:
     wanted = renderer.variables | set(carried) | set(spec.input.columns or [])
     read_columns = [n for n in info.schema.names if n in wanted]
     return JobPlan(spec, fmt, info, read_columns, carried)
+
+
+def _check_model_path(field: str, path: str) -> None:
+    """A local model folder must hold a config.json; anything else is taken as a hub id."""
+    if not (path.startswith(("/", ".", "~")) or os.path.exists(path)):
+        return
+    folder = os.path.expanduser(path)
+    if not os.path.isdir(folder):
+        raise JobSpecError(f"{field}.path: model folder {path!r} does not exist")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise JobSpecError(
+            f"{field}.path: {path!r} holds no config.json (a Hugging Face model folder is needed)"
+        )
 
 
 @functools.lru_cache(maxsize=8)
@@ -220,6 +237,13 @@ def run_job(
     follower.start()
     try:
         ds.write_datasink(AtomicParquetDatasink(spec.output_path))
+    except Exception as e:
+        # An engine that cannot start kills its actor; Ray reports the actor's
+        # death with the whole traceback. Give the user the one line that matters.
+        found = re.search(r"EngineUnavailable: (.+)", str(e))
+        if found:
+            raise EngineUnavailable(found.group(1).strip()) from e
+        raise
     finally:
         stop.set()
         follower.join()
