@@ -55,7 +55,10 @@ def job(tmp_path):
         ({"sampling": {"temperature": -1}}, "sampling.temperature"),
         ({"modle": {"path": "x"}}, "modle: unknown field"),
         ({"model": {"path": "/no/model"}}, "model.path: model folder '/no/model' does not exist"),
-        ({"model": None, "models": [{"name": "a", "path": "/tmp"}]}, "models[0].path: '/tmp' holds no config.json"),
+        (
+            {"model": None, "models": [{"name": "a", "path": "/tmp"}]},
+            "models[0].path: '/tmp' holds no config.json",
+        ),
     ],
 )
 def test_bad_jobs_exit_2_with_one_line(job, capsys, overrides, needle):
