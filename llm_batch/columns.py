@@ -10,6 +10,7 @@ __all__ = [
     "ERROR",
     "FINISH_REASON",
     "GENERATED_TEXT",
+    "INPUT_ERROR",
     "INTERNAL_PREFIX",
     "MESSAGES",
     "NUM_INPUT_TOKENS",
@@ -23,6 +24,10 @@ __all__ = [
     "SAMPLE_INDEX",
     "model_column",
 ]
+
+# Every output row's stable id: which input file (sorted) × 2**40 + its row in
+# that file. Written first; it is what resuming after a fault keys on.
+ROW_ID = "row_id"
 
 # Output columns appended after the carryover columns, in this order.
 GENERATED_TEXT = "generated_text"
@@ -45,8 +50,8 @@ PROMPT = INTERNAL_PREFIX + "prompt"
 MESSAGES = INTERNAL_PREFIX + "messages"
 # Why a row's prompt could not be rendered; the engine skips such rows.
 RENDER_ERROR = INTERNAL_PREFIX + "render_error"
-# A stable row id assigned at read time when the input has none.
-ROW_ID = INTERNAL_PREFIX + "row_id"
+# Why an input line could not be read (bad JSON, not UTF-8, wrong field count).
+INPUT_ERROR = INTERNAL_PREFIX + "input_error"
 
 
 def model_column(model_name: str | None, column: str) -> str:

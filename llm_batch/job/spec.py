@@ -293,7 +293,7 @@ class JobSpec(_Strict):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
                 raise ValueError(f"models: names must be unique, {', '.join(dupes)} repeats")
-        written = self.output_columns()
+        written = [columns.ROW_ID, *self.output_columns()]
         for name in self.carryover:
             if name in written:
                 raise ValueError(

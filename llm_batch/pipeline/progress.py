@@ -38,6 +38,7 @@ class ProgressTracker:
         }
         self._series: list[tuple[float, int, int]] = []  # (seconds, rows_done, output_tokens)
         self._interval = 1.0
+        self._resumed_rows = 0
 
     @staticmethod
     def _zero() -> dict[str, float]:
@@ -62,6 +63,27 @@ class ProgressTracker:
         counts["input_tokens"] += input_tokens
         counts["output_tokens"] += output_tokens
         self._record()
+
+    def preload(
+        self,
+        *,
+        model: str | None,
+        rows: int,
+        failed: int,
+        input_tokens: int,
+        output_tokens: int,
+        view: Any,
+    ) -> None:
+        """Count rows an interrupted earlier run already wrote (read back from its files)."""
+        self._metrics[model] = self._accumulators.merge(
+            self._metrics.get(model), self._accumulators.update(view)
+        )
+        counts = self._models.setdefault(model, self._zero())
+        counts["rows_done"] += rows
+        counts["rows_failed"] += failed
+        counts["input_tokens"] += input_tokens
+        counts["output_tokens"] += output_tokens
+        self._resumed_rows = int(min(m["rows_done"] for m in self._models.values()))
 
     def _record(self) -> None:
         now = time.time() - self._started
@@ -112,6 +134,7 @@ class ProgressTracker:
             "output_tokens_per_second": round(tok_rate, 3),
             "eta_seconds": None if eta is None else round(eta, 1),
             "elapsed_seconds": round(elapsed, 3),
+            "resumed_rows": self._resumed_rows,
             "models": {
                 ("default" if m is None else m): {k: int(v) for k, v in c.items()}
                 for m, c in self._models.items()

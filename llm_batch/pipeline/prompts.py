@@ -71,9 +71,18 @@ class PromptRenderer:
     def __call__(self, batch: pa.Table) -> pa.Table:
         names = sorted(self.variables & set(batch.column_names))
         values = {name: batch.column(name).to_pylist() for name in names}
+        input_errors = (
+            batch.column(columns.INPUT_ERROR).to_pylist()
+            if columns.INPUT_ERROR in batch.column_names
+            else None
+        )
         rendered: list[Any] = []
         errors: list[str | None] = []
         for i in range(batch.num_rows):
+            if input_errors is not None and input_errors[i] is not None:
+                rendered.append(None)
+                errors.append(input_errors[i])
+                continue
             row = {name: values[name][i] for name in names}
             try:
                 texts = [t.render(row) for t in self._templates]

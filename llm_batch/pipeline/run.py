@@ -22,6 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
+import pyarrow.fs as pafs
 
 from llm_batch import columns
 from llm_batch.errors import EngineUnavailable, JobSpecError
@@ -30,8 +32,15 @@ from llm_batch.pipeline.accumulators import JobContext
 from llm_batch.pipeline.engine import EngineStage
 from llm_batch.pipeline.progress import ProgressTracker, Snapshot
 from llm_batch.pipeline.prompts import PromptRenderer
-from llm_batch.pipeline.read import InputInfo, check_columns, inspect_input, read_dataset
-from llm_batch.pipeline.write import AtomicParquetDatasink, clear_output, write_metrics
+from llm_batch.pipeline.read import InputDatasource, InputInfo, check_columns, inspect_input
+from llm_batch.pipeline.write import (
+    CHECKPOINT_NAME,
+    AtomicParquetDatasink,
+    clear_output,
+    committed_parts,
+    open_filesystem,
+    write_metrics,
+)
 
 __all__ = ["JobPlan", "JobResult", "ensure_ray", "plan_job", "run_job"]
 
@@ -49,8 +58,16 @@ class JobPlan:
     @property
     def drop_before_write(self) -> list[str]:
         """Columns that ride to the engines but are not output."""
-        internal = [columns.PROMPT, columns.MESSAGES, columns.RENDER_ERROR]
-        return internal + [c for c in self.carried if c not in self.spec.carryover]
+        internal = [columns.PROMPT, columns.MESSAGES, columns.RENDER_ERROR, columns.INPUT_ERROR]
+        return internal + [c for c in self.carried if c not in self.written]
+
+    @property
+    def written(self) -> list[str]:
+        """Input columns in the output: row_id, the carryover, and the label column."""
+        label = self.spec.metrics.label_column
+        return [columns.ROW_ID, *self.spec.carryover] + (
+            [label] if label and label not in self.spec.carryover else []
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,8 +101,10 @@ def plan_job(spec: JobSpec) -> JobPlan:
 
         AccumulatorSet(JobContext(), spec.metrics.accumulators)
     extra = [c for c in (spec.metrics.label_column, spec.sampling.overrides_column) if c]
-    carried = list(spec.carryover) + [c for c in dict.fromkeys(extra) if c not in spec.carryover]
-    wanted = renderer.variables | set(carried) | set(spec.input.columns or [])
+    carried = [columns.ROW_ID, *spec.carryover] + [
+        c for c in dict.fromkeys(extra) if c not in spec.carryover
+    ]
+    wanted = renderer.variables | set(carried[1:]) | set(spec.input.columns or [])
     read_columns = [n for n in info.schema.names if n in wanted]
     return JobPlan(spec, fmt, info, read_columns, carried)
 
@@ -120,6 +139,42 @@ def _render_batch(batch: pa.Table, *, prompt_json: str, keep: list[str], n: int)
         index = pa.array([k for _ in range(rows) for k in range(n)], pa.int32())
         out = out.add_column(len(keep), columns.SAMPLE_INDEX, index)
     return out
+
+
+def _preload(tracker: Any, spec: JobSpec) -> int:
+    """Count what an interrupted run already committed, so progress and metrics cover it."""
+    import pyarrow.dataset as pads
+    import ray
+
+    from llm_batch.pipeline.accumulators import BatchView
+
+    files = committed_parts(spec.output_path)
+    if not files:
+        return 0
+    fs, _ = open_filesystem(spec.output_path)
+    table = pads.dataset(files, filesystem=fs, format="parquet").to_table()
+    label = spec.metrics.label_column
+    for name in spec.model_names:
+        plain = {columns.model_column(name, c): c for c in columns.OUTPUT_COLUMNS}
+        view = table.select(list(plain)).rename_columns(list(plain.values()))
+        if label:
+            view = view.append_column(label, table.column(label))
+        errors = view.column(columns.ERROR)
+        ray.get(
+            tracker.preload.remote(
+                model=name,
+                rows=view.num_rows,
+                failed=view.num_rows - errors.null_count,
+                input_tokens=int(
+                    pa.compute.sum(view.column(columns.NUM_INPUT_TOKENS)).as_py() or 0
+                ),
+                output_tokens=int(
+                    pa.compute.sum(view.column(columns.NUM_OUTPUT_TOKENS)).as_py() or 0
+                ),
+                view=BatchView(view, pa.nulls(view.num_rows, pa.float64()), name),
+            )
+        )
+    return table.num_rows
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -159,10 +214,18 @@ def run_job(
     plan: JobPlan | None = None,
     on_progress: Callable[[Snapshot], None] | None = None,
     progress_interval: float = 1.0,
+    resume: bool = True,
 ) -> JobResult:
-    """Run a job to completion on the connected (or a new local) Ray; blocks."""
+    """Run a job to completion on the connected (or a new local) Ray; blocks.
+
+    With ``resume`` (the default), a job whose earlier run was interrupted
+    continues where it stopped, keeping what that run wrote; without, or when
+    there is nothing to resume, the output folder's old part files are removed.
+    """
     import ray
+    import ray.data
     from ray.data import ActorPoolStrategy, DataContext
+    from ray.data.checkpoint import CheckpointConfig
 
     plan = plan or plan_job(spec)
     spec.output_path  # noqa: B018 - fails with a clear message when unset
@@ -185,10 +248,24 @@ def run_job(
         ),
         accumulators=spec.metrics.accumulators,
     )
-    clear_output(spec.output_path)
+    # Resume when an earlier run of this job left a checkpoint: Ray Data skips
+    # the input rows whose output is committed and deletes uncommitted files.
+    checkpoint = spec.output_path.rstrip("/") + "/" + CHECKPOINT_NAME
+    fs, cp_path = open_filesystem(checkpoint)
+    resuming = resume and fs.get_file_info(cp_path).type != pafs.FileType.NotFound
+    if resuming:
+        done = _preload(tracker, spec)
+        logger.info("resuming %s: %d rows already written", spec.name, done)
+    else:
+        clear_output(spec.output_path)
+    ctx.checkpoint_config = CheckpointConfig(
+        id_column=columns.ROW_ID,
+        checkpoint_path=checkpoint,
+        delete_checkpoint_on_success=True,
+    )
 
-    ds = read_dataset(
-        spec.input.model_dump(), plan.input_format, plan.read_columns, plan.input_info
+    ds = ray.data.read_datasource(
+        InputDatasource(spec.input.path, plan.input_format, plan.input_info, plan.read_columns)
     )
     prompt_json = json.dumps(spec.prompt.model_dump())
     ds = ds.map_batches(
@@ -214,7 +291,9 @@ def run_job(
                 "drop": plan.drop_before_write if last else [],
             },
             batch_format="pyarrow",
-            batch_size=model.batch_size,
+            # Whole prompts per batch: a prompt's n samples are written (and
+            # checkpointed) together.
+            batch_size=-(-model.batch_size // spec.sampling.n) * spec.sampling.n,
             zero_copy_batch=True,
             compute=ActorPoolStrategy(
                 size=model.replicas, max_concurrent_calls_per_actor=model.max_batches_in_flight

@@ -3,6 +3,8 @@
 Each write task writes a hidden file (a leading ``.``, which Parquet dataset
 readers skip) and renames it into place once it is complete; on object stores,
 where an upload only becomes visible when it completes, it writes in place.
+The folder also holds ``_metrics.json`` and, while a job can still resume,
+``_checkpoint/`` (leading underscores: Parquet readers skip them).
 """
 
 from __future__ import annotations
@@ -15,12 +17,22 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from ray.data import Datasink
+from ray.data._internal.datasource.parquet_datasink import ParquetDatasink
+from ray.data._internal.planner.plan_write_op import WRITE_UUID_KWARG_NAME
+from ray.data._internal.savemode import SaveMode
 from ray.data.block import Block, BlockAccessor
+from ray.data.datasource.filename_provider import FilenameProvider
 
-__all__ = ["AtomicParquetDatasink", "clear_output", "open_filesystem", "write_metrics"]
+__all__ = [
+    "AtomicParquetDatasink",
+    "clear_output",
+    "committed_parts",
+    "open_filesystem",
+    "write_metrics",
+]
 
 METRICS_NAME = "_metrics.json"
+CHECKPOINT_NAME = "_checkpoint"
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +63,28 @@ def clear_output(uri: str) -> int:
         ):
             fs.delete_file(f.path)
             removed += 1
+        elif f.type == pafs.FileType.Directory and name == CHECKPOINT_NAME:
+            fs.delete_dir(f.path)
     return removed
+
+
+def committed_parts(uri: str) -> list[str]:
+    """Part files whose rows a checkpoint has committed (what a resumed run keeps)."""
+    fs, path = open_filesystem(uri)
+    base = path.rstrip("/")
+    cp = f"{base}/{CHECKPOINT_NAME}"
+    if fs.get_file_info(cp).type == pafs.FileType.NotFound:
+        return []
+    committed = {
+        f.base_name.removesuffix(".parquet")
+        for f in fs.get_file_info(pafs.FileSelector(cp, recursive=False))
+        if f.base_name.endswith(".parquet") and not f.base_name.endswith(".pending.parquet")
+    }
+    return sorted(
+        f.path
+        for f in fs.get_file_info(pafs.FileSelector(base, recursive=False))
+        if f.base_name.startswith(PART_PREFIX) and f.base_name.removesuffix(".parquet") in committed
+    )
 
 
 def write_metrics(uri: str, snapshot: dict[str, Any]) -> str:
@@ -74,22 +107,32 @@ def write_metrics(uri: str, snapshot: dict[str, Any]) -> str:
     return final
 
 
-class AtomicParquetDatasink(Datasink[None]):
-    """One Parquet file per write task, named ``part-<run>-<task>-<n>.parquet``."""
+class _PartNames(FilenameProvider):
+    """``part-<write>-<task>.parquet``: deterministic per write task, as checkpointing needs."""
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"{PART_PREFIX}{write_uuid[:12]}-{task_index:06d}.parquet"
+
+
+class AtomicParquetDatasink(ParquetDatasink):
+    """One Parquet file per write task, renamed into place once complete.
+
+    A Ray file datasink, so that Ray Data checkpointing gives exactly-once
+    output: before a task writes, Ray records a pending checkpoint named after
+    the task's file; after, it commits the ids the file holds. On resume, files
+    of pending (uncommitted) checkpoints are deleted and their rows redone.
+    """
 
     def __init__(self, uri: str, *, min_rows_per_file: int = 10_000, compression: str = "zstd"):
-        self._uri = uri
-        self._min_rows = min_rows_per_file
+        fs, path = open_filesystem(uri)
+        super().__init__(
+            path,
+            filesystem=fs,
+            min_rows_per_file=min_rows_per_file,
+            filename_provider=_PartNames(),
+            mode=SaveMode.APPEND,
+        )
         self._compression = compression
-        self._run = uuid.uuid4().hex[:12]
-
-    @property
-    def min_rows_per_write(self) -> int | None:
-        return self._min_rows
-
-    def on_write_start(self, schema: Any = None) -> None:
-        fs, path = open_filesystem(self._uri)
-        fs.create_dir(path, recursive=True)
 
     def write(self, blocks: Iterable[Block], ctx: Any) -> None:
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
@@ -97,11 +140,14 @@ class AtomicParquetDatasink(Datasink[None]):
         if not tables:
             return
         table = pa.concat_tables(tables, promote_options="permissive")
-        fs, path = open_filesystem(self._uri)
-        name = f"{PART_PREFIX}{self._run}-{ctx.task_idx:06d}-{uuid.uuid4().hex[:8]}.parquet"
-        final = f"{path.rstrip('/')}/{name}"
+        name = self.filename_provider.get_filename_for_task(
+            ctx.kwargs[WRITE_UUID_KWARG_NAME], ctx.task_idx
+        )
+        fs = self.filesystem
+        base = self.path.rstrip("/")
+        final = f"{base}/{name}"
         local = isinstance(fs, pafs.LocalFileSystem)
-        target = f"{path.rstrip('/')}/.{name}.inprogress" if local else final
+        target = f"{base}/.{name}.{uuid.uuid4().hex[:8]}.inprogress" if local else final
         with fs.open_output_stream(target) as stream:
             pq.write_table(table, stream, compression=self._compression)
         if local:

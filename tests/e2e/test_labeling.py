@@ -66,17 +66,24 @@ def labeled(tmp_path_factory, tiny_model, tiny_model_b, ray_local):
     snaps: list[dict] = []
     result = run_job(spec, on_progress=snaps.append, progress_interval=0.5)
     metrics = json.loads((root / "out" / "_metrics.json").read_text())
-    return {"input": table, "out": _read(root / "out").sort_by("id"), "result": result,
-            "metrics": metrics, "snaps": snaps}
+    return {
+        "input": table,
+        "out": _read(root / "out").sort_by("id"),
+        "result": result,
+        "metrics": metrics,
+        "snaps": snaps,
+    }
 
 
-def test_two_models_each_equal_their_own_llm_generate(labeled, tiny_model, tiny_model_b,
-                                                     reference_engines):
+def test_two_models_each_equal_their_own_llm_generate(
+    labeled, tiny_model, tiny_model_b, reference_engines
+):
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
     out = labeled["out"]
-    assert out.column_names == ["id"] + [
+    # row_id, the carryover, then the label column (written so metrics can be recomputed).
+    assert out.column_names == ["row_id", "id", "label"] + [
         f"{m}__{c}" for m in ("small", "large") for c in columns.OUTPUT_COLUMNS
     ]
     assert out.num_rows == labeled["input"].num_rows
@@ -86,7 +93,8 @@ def test_two_models_each_equal_their_own_llm_generate(labeled, tiny_model, tiny_
     )
     for name, path in (("small", tiny_model), ("large", tiny_model_b)):
         expected = [
-            o.outputs[0].text for o in reference_engines(path).generate(prompts, params, use_tqdm=False)
+            o.outputs[0].text
+            for o in reference_engines(path).generate(prompts, params, use_tqdm=False)
         ]
         assert out.column(f"{name}__generated_text").to_pylist() == expected, name
 
@@ -109,8 +117,12 @@ def recompute_labels(truth: list, pred: list) -> dict:
         prec = tp / (tp + fp) if tp + fp else 0.0
         rec = tp / (tp + fn) if tp + fn else 0.0
         f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
-        per_class[c] = {"precision": round(prec, 6), "recall": round(rec, 6),
-                        "f1": round(f1, 6), "support": tp + fn}
+        per_class[c] = {
+            "precision": round(prec, 6),
+            "recall": round(rec, 6),
+            "f1": round(f1, 6),
+            "support": tp + fn,
+        }
     return {
         "rows": len(pairs),
         "accuracy": round(sum(t == p for t, p in pairs) / len(pairs), 6),
@@ -134,7 +146,9 @@ def test_accumulators_equal_metrics_recomputed_from_the_output(labeled):
         assert usage["rows"] == out.num_rows
         assert usage["input_tokens"] == sum(out.column(f"{name}__num_input_tokens").to_pylist())
         assert usage["output_tokens"] == sum(out.column(f"{name}__num_output_tokens").to_pylist())
-        assert m["finish_reasons"] == dict(Counter(out.column(f"{name}__finish_reason").to_pylist()))
+        assert m["finish_reasons"] == dict(
+            Counter(out.column(f"{name}__finish_reason").to_pylist())
+        )
         assert m["errors"]["count"] == 0
         assert m["latency"]["count"] == out.num_rows
         assert 0 < m["latency"]["p50_s"] <= m["latency"]["p99_s"] <= m["latency"]["max_s"] * 1.02
@@ -210,13 +224,17 @@ def synthetic(tmp_path_factory, tiny_model, ray_local):
         }
     )
     run_job(spec)
-    return {"rows": rows, "out": _read(root / "out").sort_by([("product", "ascending"),
-                                                              ("sample_index", "ascending")])}
+    return {
+        "rows": rows,
+        "out": _read(root / "out").sort_by(
+            [("product", "ascending"), ("sample_index", "ascending")]
+        ),
+    }
 
 
 def test_n_samples_give_n_rows_per_prompt(synthetic):
     out = synthetic["out"]
-    assert out.column_names[:2] == ["product", "sample_index"]
+    assert out.column_names[:3] == ["row_id", "product", "sample_index"]
     counts = Counter(out.column("product").to_pylist())
     assert counts == {r["product"]: 3 for r in synthetic["rows"]}
     for product in counts:

@@ -131,7 +131,9 @@ def test_one_output_row_per_input_row(job):
 
 def test_carryover_columns_identical_type_for_type(job):
     out, table = job["output"], job["input"]
-    assert out.column_names == CARRYOVER + list(columns.OUTPUT_COLUMNS)
+    assert out.column_names == ["row_id", *CARRYOVER, *columns.OUTPUT_COLUMNS]
+    # One input file: a row's id is its position in the file.
+    assert out.column("row_id").to_pylist() == out.column("id").to_pylist()
     for name in CARRYOVER:
         expected = table.column(name)
         got = out.column(name)
