@@ -137,6 +137,12 @@ class ModelSpec(_Strict):
     batch_size: int = Field(
         default=256, ge=1, description="Rows per batch handed to an engine actor."
     )
+    max_batch_retries: int = Field(
+        default=3,
+        ge=0,
+        description="Times a batch is retried when its engine actor dies (Ray restarts the "
+        "actor); a batch that keeps killing its engine then fails the job.",
+    )
     max_batches_in_flight: int = Field(
         default=2,
         ge=1,
@@ -242,6 +248,12 @@ class MetricsSpec(_Strict):
 
 class OutputSpec(_Strict):
     path: str = Field(description="Folder (local path or URI) the Parquet files are written to.")
+    rows_per_file: int = Field(
+        default=10_000,
+        ge=1,
+        description="Rows gathered before a Parquet file is written: smaller resumes with "
+        "less redone after a fault and shows rows sooner, larger makes fewer files.",
+    )
 
 
 class JobSpec(_Strict):
@@ -333,8 +345,9 @@ class JobSpec(_Strict):
         return [m.name for m in self.models] if self.models is not None else [None]
 
     def with_output(self, path: str) -> JobSpec:
-        """A copy of this spec writing to ``path``."""
-        return self.model_copy(update={"output": OutputSpec(path=path)})
+        """A copy of this spec writing to ``path`` (other output settings kept)."""
+        output = (self.output or OutputSpec(path=path)).model_copy(update={"path": path})
+        return self.model_copy(update={"output": output})
 
     @property
     def output_path(self) -> str:

@@ -14,6 +14,7 @@ carryover columns are never converted to Python objects.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -199,7 +200,8 @@ class EngineStage:
         # End the engine's core process with the actor instead of orphaning it.
         engine = getattr(self, "_engine", None)
         if engine is not None:
-            engine.shutdown()
+            with contextlib.suppress(Exception):  # at interpreter exit, modules are gone
+                engine.shutdown()
 
     def _params(self, overrides: Any, sample_index: int) -> Any:
         """Sampling params for a row; raises ValueError naming a bad override."""

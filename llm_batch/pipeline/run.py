@@ -183,7 +183,7 @@ def ensure_ray(address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict[str, Any] = {}
     if not address:
         # A local Ray counts logical CPUs. Each CPU-engine actor holds one for
@@ -229,6 +229,7 @@ def run_job(
 
     plan = plan or plan_job(spec)
     spec.output_path  # noqa: B018 - fails with a clear message when unset
+    assert spec.output is not None
     ensure_ray()
     started = time.monotonic()
     ctx = DataContext.get_current()
@@ -298,6 +299,9 @@ def run_job(
             compute=ActorPoolStrategy(
                 size=model.replicas, max_concurrent_calls_per_actor=model.max_batches_in_flight
             ),
+            # Ray restarts a dead engine actor; its in-flight batches are retried.
+            max_restarts=-1,
+            max_task_retries=model.max_batch_retries,
             **_engine_resources(model),
         )
 
@@ -315,7 +319,9 @@ def run_job(
     follower = threading.Thread(target=follow, daemon=True, name="llm-batch-progress")
     follower.start()
     try:
-        ds.write_datasink(AtomicParquetDatasink(spec.output_path))
+        ds.write_datasink(
+            AtomicParquetDatasink(spec.output_path, min_rows_per_file=spec.output.rows_per_file)
+        )
     except Exception as e:
         # An engine that cannot start kills its actor; Ray reports the actor's
         # death with the whole traceback. Give the user the one line that matters.

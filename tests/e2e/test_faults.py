@@ -1,0 +1,164 @@
+"""Faults mid-job: every input row ends up in the output exactly once.
+
+- an engine actor's process is killed: Ray restarts the actor, its in-flight
+  batches are retried, the job finishes;
+- the driver (``llm-batch run``) is killed with its whole process group: a
+  second ``llm-batch run`` of the same job resumes from Ray Data's checkpoint,
+  keeping the rows already written and redoing only the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from llm_batch.job.spec import JobSpec
+
+pytestmark = [pytest.mark.e2e, pytest.mark.fault]
+
+ROWS = 1200
+
+
+def write_input(root: Path) -> Path:
+    table = pa.table(
+        {
+            "id": [f"r{i:05d}" for i in range(ROWS)],
+            "text": [f"row {i} says something about item {i % 17}" for i in range(ROWS)],
+        }
+    )
+    path = root / "in.parquet"
+    pq.write_table(table, path, row_group_size=300)  # several read tasks
+    return path
+
+
+def job_dict(root: Path, model: Path) -> dict:
+    return {
+        "name": "faults",
+        "input": {"path": str(write_input(root))},
+        "prompt": {"template": "{{ text }}:"},
+        "model": {
+            "path": str(model),
+            "engine": {"max_model_len": 256, "dtype": "bfloat16", "enforce_eager": True},
+            "batch_size": 32,
+        },
+        "sampling": {"max_tokens": 24, "ignore_eos": True},
+        "carryover": ["id"],
+        "output": {"path": str(root / "out"), "rows_per_file": 64},
+    }
+
+
+def assert_exactly_once(out: Path) -> pa.Table:
+    table = pads.dataset(str(out), format="parquet").to_table()
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)), f"{len(ids) - len(set(ids))} duplicated rows"
+    assert sorted(ids) == [f"r{i:05d}" for i in range(ROWS)]
+    assert table.column("error").null_count == table.num_rows
+    assert set(table.column("num_output_tokens").to_pylist()) == {24}
+    return table
+
+
+def engine_core_pids() -> set[int]:
+    return {
+        p.pid
+        for p in psutil.process_iter(["cmdline", "name"])
+        if "EngineCore" in (p.info["name"] or "")
+        or "EngineCore" in " ".join(p.info["cmdline"] or [])
+    }
+
+
+def test_engine_actor_killed_mid_job(tmp_path, tiny_model, ray_local):
+    from llm_batch.pipeline.run import run_job
+
+    spec = JobSpec.from_dict(job_dict(tmp_path, tiny_model))
+    before = engine_core_pids()
+    killed: list[int] = []
+
+    def kill_engine_once(snap: dict) -> None:
+        if killed or snap["rows_done"] < 200:
+            return
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if "MapWorker" in cmd and "EngineStage" in cmd:
+                p.kill()
+                killed.append(p.pid)
+
+    result = run_job(spec, on_progress=kill_engine_once, progress_interval=0.5)
+    assert killed, "the engine actor was never found to kill"
+    assert_exactly_once(tmp_path / "out")
+    assert result.progress["rows_done"] >= ROWS
+    # The killed actor's engine core must not linger.
+    deadline = time.time() + 30
+    while time.time() < deadline and (engine_core_pids() - before):
+        time.sleep(1)
+    assert not (engine_core_pids() - before), "orphaned VLLM::EngineCore processes"
+
+
+def _run_cli(job: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "llm_batch.cli", "run", str(job)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,  # its own process group: Ray and engines die with it
+    )
+
+
+def test_driver_killed_then_resumed(tmp_path, tiny_model):
+    import json
+
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps(job_dict(tmp_path, tiny_model)))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh local Ray
+    out = tmp_path / "out"
+
+    first = _run_cli(job, env)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            parts = list(out.glob("part-*.parquet")) if out.exists() else []
+            if len(parts) >= 3:
+                break
+            assert first.poll() is None, first.stdout.read()
+            time.sleep(0.5)
+        else:
+            pytest.fail("the first run wrote nothing in 300 s")
+    finally:
+        group = first.pid  # the session leader's pid is the group id
+        os.killpg(group, signal.SIGKILL)
+        first.wait()
+    _kill_leftovers(group)
+    written_before = pads.dataset(str(out), format="parquet").count_rows()
+    assert 0 < written_before < ROWS
+
+    second = _run_cli(job, env)
+    text, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, text[-3000:]
+    table = assert_exactly_once(out)
+    assert table.num_rows == ROWS
+    metrics = json.loads((out / "_metrics.json").read_text())
+    assert metrics["resumed_rows"] > 0
+    assert metrics["rows_done"] == ROWS
+    assert not (out / "_checkpoint").exists()
+
+
+def _kill_leftovers(group: int) -> None:
+    """Processes of the killed run that left its process group (Ray daemons)."""
+    threading.Event().wait(1)
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == group:
+                p.kill()
+        except (ProcessLookupError, psutil.Error):
+            continue
