@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -130,10 +130,38 @@ class EngineSpec(_Strict):
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
+class ReplicaRange(_Strict):
+    min: int = Field(ge=1, description="Fewest engine actors.")
+    max: int = Field(ge=1, description="Most engine actors.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ReplicaRange:
+        if self.max < self.min:
+            raise ValueError(f"replicas.max={self.max} must be at least replicas.min={self.min}")
+        return self
+
+
 class ModelSpec(_Strict):
     path: str = Field(description="Local model folder or Hugging Face id.")
     engine: EngineSpec = Field(default_factory=EngineSpec, description="vLLM engine arguments.")
-    replicas: int = Field(default=1, ge=1, description="Engine actors (each owns one engine).")
+    replicas: Annotated[int, Field(ge=1)] | ReplicaRange = Field(
+        default=1,
+        description="Engine actors (each owns one engine): a number, or {min, max} to "
+        "let the pool grow and shrink with the work.",
+    )
+    accelerator_type: str | None = Field(
+        default=None,
+        description="Run engines only on nodes with this accelerator (Ray's "
+        "accelerator_type:<T> resource), e.g. H100.",
+    )
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        default="STRICT_PACK",
+        description="Placement-group strategy for a replica's GPUs when it has several.",
+    )
+    device: Literal["auto", "gpu", "cpu"] = Field(
+        default="auto",
+        description="auto: GPUs when the cluster has any, else the CPU engine.",
+    )
     batch_size: int = Field(
         default=256, ge=1, description="Rows per batch handed to an engine actor."
     )

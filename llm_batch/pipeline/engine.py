@@ -133,6 +133,17 @@ def _overrides(value: Any) -> dict[str, Any]:
     return {k: v for k, v in value.items() if v is not None}
 
 
+def _whereabouts() -> dict[str, Any]:
+    """Which Ray node and actor this engine runs on (for placement checks and the dashboard)."""
+    try:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {"node_id": ctx.get_node_id(), "actor_id": ctx.get_actor_id()}
+    except Exception:  # noqa: BLE001 - outside Ray (unit tests)
+        return {"node_id": None, "actor_id": None}
+
+
 class EngineStage:
     """``map_batches`` callable class: one vLLM engine per actor.
 
@@ -194,6 +205,7 @@ class EngineStage:
                 f"the engine for {model['path']!r} failed to start: {type(e).__name__}: {reason}"
             ) from e
         self._tokenizer = self._engine.get_tokenizer()
+        self._where = _whereabouts()
         logger.info("engine for %s ready in %.1fs", model["path"], time.monotonic() - started)
 
     def __del__(self) -> None:
@@ -389,6 +401,7 @@ class EngineStage:
             )
             self._progress.report.remote(
                 model=self._model_name,
+                engine=self._where,
                 rows=n,
                 failed=sum(1 for e in errors if e is not None),
                 input_tokens=sum(r[1] or 0 for r in results),

@@ -39,6 +39,7 @@ class ProgressTracker:
         self._series: list[tuple[float, int, int]] = []  # (seconds, rows_done, output_tokens)
         self._interval = 1.0
         self._resumed_rows = 0
+        self._engines: dict[str, dict[str, Any]] = {}
 
     @staticmethod
     def _zero() -> dict[str, float]:
@@ -54,7 +55,14 @@ class ProgressTracker:
         output_tokens: int,
         seconds: float,
         metrics: dict[str, Any] | None = None,
+        engine: dict[str, Any] | None = None,
     ) -> None:
+        if engine is not None:
+            key = engine.get("actor_id") or "?"
+            seen = self._engines.setdefault(
+                key, {"model": model, "node_id": engine.get("node_id"), "rows": 0}
+            )
+            seen["rows"] += rows
         if metrics is not None:
             self._metrics[model] = self._accumulators.merge(self._metrics.get(model), metrics)
         counts = self._models.setdefault(model, self._zero())
@@ -135,6 +143,10 @@ class ProgressTracker:
             "eta_seconds": None if eta is None else round(eta, 1),
             "elapsed_seconds": round(elapsed, 3),
             "resumed_rows": self._resumed_rows,
+            "engines": [
+                {"actor_id": k, **{**v, "model": "default" if v["model"] is None else v["model"]}}
+                for k, v in self._engines.items()
+            ],
             "models": {
                 ("default" if m is None else m): {k: int(v) for k, v in c.items()}
                 for m, c in self._models.items()

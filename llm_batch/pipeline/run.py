@@ -30,6 +30,7 @@ from llm_batch.errors import EngineUnavailable, JobSpecError
 from llm_batch.job.spec import JobSpec
 from llm_batch.pipeline.accumulators import JobContext
 from llm_batch.pipeline.engine import EngineStage
+from llm_batch.pipeline.placement import engine_map_kwargs
 from llm_batch.pipeline.progress import ProgressTracker, Snapshot
 from llm_batch.pipeline.prompts import PromptRenderer
 from llm_batch.pipeline.read import InputDatasource, InputInfo, check_columns, inspect_input
@@ -198,16 +199,6 @@ def ensure_ray(address: str | None = None) -> None:
     )
 
 
-def _engine_resources(spec_model: Any) -> dict[str, Any]:
-    """Ray resources of one engine replica: its GPUs on a GPU cluster, a CPU otherwise."""
-    import ray
-
-    gpus = spec_model.engine.gpus_per_replica
-    if ray.cluster_resources().get("GPU", 0) >= 1:
-        return {"num_gpus": gpus, "num_cpus": 1}
-    return {"num_gpus": 0, "num_cpus": 1}
-
-
 def run_job(
     spec: JobSpec,
     *,
@@ -224,7 +215,7 @@ def run_job(
     """
     import ray
     import ray.data
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import DataContext
     from ray.data.checkpoint import CheckpointConfig
 
     plan = plan or plan_job(spec)
@@ -279,12 +270,19 @@ def run_job(
     # One engine pool per model, chained: the data is read once and every model
     # sees every row; the pools run at the same time on different batches.
     named = spec.named_models()
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
     for i, ((_, model), name) in enumerate(zip(named, spec.model_names, strict=True)):
         last = i == len(named) - 1
+        placed = engine_map_kwargs(model.model_dump(), cluster_gpus=cluster_gpus)
+        model_dict = model.model_dump()
+        model_dict["engine"]["extra_args"] = {
+            **placed.pop("engine_overrides"),
+            **model_dict["engine"]["extra_args"],
+        }
         ds = ds.map_batches(
             EngineStage,
             fn_constructor_kwargs={
-                "model": model.model_dump(),
+                "model": model_dict,
                 "sampling": spec.sampling.model_dump(),
                 "model_name": name,
                 "progress": tracker,
@@ -296,13 +294,10 @@ def run_job(
             # checkpointed) together.
             batch_size=-(-model.batch_size // spec.sampling.n) * spec.sampling.n,
             zero_copy_batch=True,
-            compute=ActorPoolStrategy(
-                size=model.replicas, max_concurrent_calls_per_actor=model.max_batches_in_flight
-            ),
             # Ray restarts a dead engine actor; its in-flight batches are retried.
             max_restarts=-1,
             max_task_retries=model.max_batch_retries,
-            **_engine_resources(model),
+            **placed,
         )
 
     stop = threading.Event()

@@ -1,0 +1,90 @@
+"""Where engine replicas run: GPUs per replica, placement groups, accelerator types, pool size.
+
+- A replica asks for ``tensor_parallel_size × pipeline_parallel_size`` GPUs.
+  One GPU: the actor itself holds it. More: each actor gets its own placement
+  group, one bundle per GPU (``STRICT_PACK`` by default, so one node), and vLLM's
+  Ray executor places its workers in those bundles.
+- ``accelerator_type: H100`` adds Ray's ``accelerator_type:H100`` resource to the
+  request, so engines land only on nodes that declare it.
+- On a cluster without GPUs (these CPU machines) a replica runs the CPU engine
+  and holds one logical CPU.
+- ``replicas`` is a fixed pool size or ``{min, max}`` for an autoscaling pool.
+
+Reading, rendering and writing are plain Ray Data tasks that ask for no GPU,
+so they never take an engine's slot.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+__all__ = ["engine_map_kwargs", "pg_scheduling"]
+
+# Ray's convention: a tiny amount of the accelerator resource pins the actor to
+# nodes that have it without counting against it.
+_ACCELERATOR_SHARE = 0.001
+
+
+def pg_scheduling(bundles: list[dict[str, float]], strategy: str) -> dict[str, Any]:
+    """``ray_remote_args_fn`` body: a new placement group for each engine actor."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    pg = ray.util.placement_group(bundles, strategy=strategy)
+    return {
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(
+            pg, placement_group_capture_child_tasks=True
+        )
+    }
+
+
+def engine_map_kwargs(model: dict[str, Any], *, cluster_gpus: float) -> dict[str, Any]:
+    """``map_batches`` keyword arguments placing one model's engine pool.
+
+    ``model`` is the job spec's plain ``model`` block; ``cluster_gpus`` is what
+    the cluster has (0 on a CPU machine). Returns ``compute``, resources and,
+    for multi-GPU replicas, ``ray_remote_args_fn`` plus the engine-argument
+    overrides the engine needs (``engine_overrides``, applied by the caller).
+    """
+    from ray.data import ActorPoolStrategy
+
+    engine = model["engine"]
+    gpus = engine["tensor_parallel_size"] * engine["pipeline_parallel_size"]
+    accel = model.get("accelerator_type")
+    device = model.get("device", "auto")
+    on_gpu = device == "gpu" or (device == "auto" and cluster_gpus >= 1)
+
+    replicas = model["replicas"]
+    if isinstance(replicas, dict):
+        size = {"min_size": replicas["min"], "max_size": replicas["max"]}
+    else:
+        size = {"size": replicas}
+    compute = ActorPoolStrategy(
+        **size, max_concurrent_calls_per_actor=model["max_batches_in_flight"]
+    )
+    out: dict[str, Any] = {"compute": compute, "engine_overrides": {}}
+    resources = {f"accelerator_type:{accel}": _ACCELERATOR_SHARE} if accel else {}
+
+    if not on_gpu:
+        out.update(num_cpus=1, num_gpus=0)
+        if resources:
+            out["resources"] = resources
+        return out
+    if gpus == 1:
+        out.update(num_cpus=1, num_gpus=1)
+        if resources:
+            out["resources"] = resources
+        return out
+    # Several GPUs per replica: the actor reserves nothing itself; its placement
+    # group holds the GPUs and vLLM's Ray executor puts one worker per bundle.
+    bundle = {"GPU": 1.0, "CPU": 1.0, **resources}
+    out.update(
+        num_cpus=0,
+        num_gpus=0,
+        ray_remote_args_fn=functools.partial(
+            pg_scheduling, [dict(bundle) for _ in range(gpus)], model["placement_strategy"]
+        ),
+    )
+    out["engine_overrides"] = {"distributed_executor_backend": "ray"}
+    return out

@@ -1,0 +1,69 @@
+"""Engine placement: GPUs per replica, placement groups, accelerator types, pool sizes."""
+
+from __future__ import annotations
+
+import functools
+
+from llm_batch.job.spec import JobSpec
+from llm_batch.pipeline.placement import engine_map_kwargs, pg_scheduling
+
+
+def model(**changes):
+    base = {
+        "input": {"path": "x.parquet"},
+        "prompt": {"template": "{{ a }}"},
+        "model": {"path": "m", **changes},
+    }
+    return JobSpec.from_dict(base).model.model_dump()
+
+
+def test_cpu_cluster_runs_cpu_engines_on_one_logical_cpu():
+    kw = engine_map_kwargs(model(accelerator_type="H100"), cluster_gpus=0)
+    assert kw["num_gpus"] == 0 and kw["num_cpus"] == 1
+    assert kw["resources"] == {"accelerator_type:H100": 0.001}
+    assert kw["compute"].min_size == kw["compute"].max_size == 1
+
+
+def test_single_gpu_replica_holds_its_gpu():
+    kw = engine_map_kwargs(model(replicas=4), cluster_gpus=8)
+    assert kw["num_gpus"] == 1
+    assert kw["compute"].min_size == kw["compute"].max_size == 4
+    assert "ray_remote_args_fn" not in kw
+
+
+def test_multi_gpu_replica_gets_a_strict_pack_placement_group():
+    kw = engine_map_kwargs(
+        model(
+            engine={"tensor_parallel_size": 2, "pipeline_parallel_size": 2}, accelerator_type="A100"
+        ),
+        cluster_gpus=8,
+    )
+    assert kw["num_gpus"] == 0  # the placement group holds the GPUs
+    fn = kw["ray_remote_args_fn"]
+    assert isinstance(fn, functools.partial) and fn.func is pg_scheduling
+    bundles, strategy = fn.args
+    assert strategy == "STRICT_PACK"
+    assert bundles == [{"GPU": 1.0, "CPU": 1.0, "accelerator_type:A100": 0.001}] * 4
+    assert kw["engine_overrides"] == {"distributed_executor_backend": "ray"}
+
+
+def test_autoscaling_pool_and_strategy():
+    kw = engine_map_kwargs(
+        model(
+            replicas={"min": 1, "max": 3},
+            placement_strategy="SPREAD",
+            engine={"tensor_parallel_size": 2},
+        ),
+        cluster_gpus=8,
+    )
+    assert (kw["compute"].min_size, kw["compute"].max_size) == (1, 3)
+    assert kw["ray_remote_args_fn"].args[1] == "SPREAD"
+
+
+def test_replica_range_must_be_ordered():
+    import pytest
+
+    from llm_batch.errors import JobSpecError
+
+    with pytest.raises(JobSpecError, match="replicas.max=1 must be at least replicas.min=2"):
+        model(replicas={"min": 2, "max": 1})
