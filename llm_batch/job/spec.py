@@ -166,10 +166,11 @@ class ModelSpec(_Strict):
         default=256, ge=1, description="Rows per batch handed to an engine actor."
     )
     max_batch_retries: int = Field(
-        default=3,
+        default=10,
         ge=0,
-        description="Times a batch is retried when its engine actor dies (Ray restarts the "
-        "actor); a batch that keeps killing its engine then fails the job.",
+        description="Times a batch is retried when its engine actor dies or is unreachable "
+        "(Ray restarts the actor; a lost node costs a few); a batch that keeps killing its "
+        "engine then fails the job.",
     )
     max_batches_in_flight: int = Field(
         default=2,

@@ -46,7 +46,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llm_batch.models.reviews import LABELS, classify_prompt, make_reviews
+from llm_batch.models.reviews import (
+    LABELS,
+    classify_prompt,
+    make_generation_examples,
+    make_reviews,
+)
 from llm_batch.models.tiny import build_tokenizer
 
 __all__ = ["heldout_rows", "main", "train", "write_examples"]
@@ -148,6 +153,22 @@ def _encode(tokenizer, rows: list[dict[str, Any]], label_ids: dict[str, int]):  
     return out
 
 
+def _encode_generation(tokenizer, rows: list[dict[str, Any]]):  # noqa: ANN001, ANN202
+    """(input_ids, first target position, -1) per generation example: prompt, review, EOS."""
+    prompts = tokenizer([r["prompt"] for r in rows])["input_ids"]
+    targets = tokenizer([r["target"] for r in rows], add_special_tokens=False)["input_ids"]
+    return [
+        (ids + target + [tokenizer.eos_token_id], len(ids), -1)
+        for ids, target in zip(prompts, targets, strict=True)
+    ]
+
+
+def _forever(examples, batch_size: int, generator, pad_id: int):  # noqa: ANN001, ANN202
+    """Epoch after epoch of :func:`_batches`."""
+    while True:
+        yield from _batches(examples, batch_size, generator, pad_id)
+
+
 def _batches(examples, batch_size: int, generator, pad_id: int):  # noqa: ANN001, ANN202
     """Shuffled, right-padded batches: (input_ids, attention_mask, target position, class)."""
     import torch
@@ -213,9 +234,19 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         args.heldout_size, args.heldout_seed, {_normal(r["text"]) for r in train_rows}
     )
 
+    # The second task, one-sentence reviews from (product, sentiment); none of
+    # its reviews is a held-out text, which would leak that row's label.
+    held_texts = {_normal(r["text"]) for r in held}
+    gen_rows = [
+        g
+        for g in make_generation_examples(args.gen_size if args.gen_every else 0, seed=args.seed)
+        if _normal(g["target"]) not in held_texts
+    ]
+
     # Tokenizer: the training prompts with their answers, plus the bare label
     # words (the constrained-decoding answers) so that each is one token.
     corpus = [classify_prompt(r["text"]) + " " + r["label"] for r in train_rows]
+    corpus += [g["prompt"] + g["target"] for g in gen_rows]
     corpus += [" ".join(LABELS)] * 200 + list(LABELS) * 200
     tokenizer = build_tokenizer(args.vocab_size, corpus)
     label_ids = {}
@@ -262,19 +293,27 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     generator = torch.Generator().manual_seed(args.seed)
+    pad = tokenizer.pad_token_id
+    classify_batches = _forever(examples, args.batch_size, generator, pad)
+    gen_examples = _encode_generation(tokenizer, gen_rows)
+    gen_batches = _forever(gen_examples, args.batch_size, generator, pad) if gen_rows else None
     t_train = time.perf_counter()
-    step = 0
-    epoch = 0
-    while step < args.steps:
-        for input_ids, attention, pos, cls in _batches(
-            examples, args.batch_size, generator, tokenizer.pad_token_id
-        ):
-            if step >= args.steps:
-                break
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step)
-            # Logits only where the loss is: the label token (predicted at
-            # pos - 1) and EOS (predicted at pos), not at every prompt token.
+    for step in range(args.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        if gen_batches is not None and args.gen_every and step % args.gen_every == 1:
+            # Generation: loss on the review and EOS after the prompt.
+            input_ids, attention, pos, _ = next(gen_batches)
+            logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
+            targets = input_ids[:, 1:].masked_fill(attention[:, 1:] == 0, -100)
+            positions = torch.arange(targets.size(1)).unsqueeze(0)
+            targets = targets.masked_fill(positions < (pos - 1).unsqueeze(1), -100)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+            if step % args.log_every == 1:
+                print(f"step {step:4d}  generation loss {loss.item():.4f}", flush=True)
+        else:
+            input_ids, attention, pos, cls = next(classify_batches)
+            # The label token (predicted at pos - 1) and EOS (predicted at pos).
             hidden = model.model(input_ids=input_ids, attention_mask=attention).last_hidden_state
             rows = torch.arange(len(pos))
             first = model.lm_head(hidden[rows, pos - 1])
@@ -286,24 +325,25 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             choice_loss = F.cross_entropy(first[:, allowed_t], word_index[cls])
             loss = lm_loss + args.choice_weight * choice_loss
             if args.text_weight > 0:
+                # A language-model loss on the whole sequence (the review text
+                # included) makes the model learn the words and clauses much
+                # faster than the label loss alone.
                 logits = model.lm_head(hidden[:, :-1])
                 targets = input_ids[:, 1:].masked_fill(attention[:, 1:] == 0, -100)
                 text_loss = F.cross_entropy(
                     logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
                 )
                 loss = loss + args.text_weight * text_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
             if step % args.log_every == 0 or step == args.steps - 1:
                 print(
                     f"step {step:4d}  loss {lm_loss.item():.4f}  choice {choice_loss.item():.4f}  "
                     f"lr {lr_at(step):.2e}  {time.perf_counter() - t_train:6.1f}s",
                     flush=True,
                 )
-            step += 1
-        epoch += 1
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
     train_seconds = time.perf_counter() - t_train
 
     out = Path(args.out)
@@ -325,7 +365,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "vocab_size": len(tokenizer),
         "train_rows": len(train_rows),
         "heldout_rows": len(held),
-        "epochs_started": epoch,
+        "generation_rows": len(gen_rows),
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.perf_counter() - t0, 1),
         "heldout_accuracy_free": free_acc,
@@ -367,6 +407,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=0.0,
         help="weight of a language-model loss on the prompt",
+    )
+    p.add_argument("--gen-size", type=int, default=4000, help="generation-task examples")
+    p.add_argument(
+        "--gen-every",
+        type=int,
+        default=0,
+        help="every Nth step (N >= 2) trains the generation task (0: never)",
     )
     p.add_argument("--threads", type=int, default=2, help="torch threads (fixed for determinism)")
     p.add_argument("--log-every", type=int, default=50)

@@ -58,7 +58,8 @@ class ProgressTracker:
         engine: dict[str, Any] | None = None,
     ) -> None:
         if engine is not None:
-            key = engine.get("actor_id") or "?"
+            # A restarted actor keeps its id but may come back on another node.
+            key = f"{engine.get('actor_id')}@{engine.get('node_id')}"
             seen = self._engines.setdefault(
                 key, {"model": model, "node_id": engine.get("node_id"), "rows": 0}
             )
@@ -144,7 +145,10 @@ class ProgressTracker:
             "elapsed_seconds": round(elapsed, 3),
             "resumed_rows": self._resumed_rows,
             "engines": [
-                {"actor_id": k, **{**v, "model": "default" if v["model"] is None else v["model"]}}
+                {
+                    "actor_id": k.split("@")[0],
+                    **{**v, "model": "default" if v["model"] is None else v["model"]},
+                }
                 for k, v in self._engines.items()
             ],
             "models": {

@@ -217,6 +217,7 @@ def run_job(
     import ray.data
     from ray.data import DataContext
     from ray.data.checkpoint import CheckpointConfig
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     plan = plan or plan_job(spec)
     spec.output_path  # noqa: B018 - fails with a clear message when unset
@@ -231,7 +232,9 @@ def run_job(
     if rows_total is not None:
         rows_total *= spec.sampling.n
     structured = spec.sampling.structured
-    tracker = ray.remote(num_cpus=0)(ProgressTracker).remote(
+    # The tracker lives beside the driver: losing a worker node must not lose progress.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    tracker = ray.remote(num_cpus=0, scheduling_strategy=here)(ProgressTracker).remote(
         rows_total,
         spec.model_names,
         job=JobContext(

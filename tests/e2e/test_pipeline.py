@@ -147,9 +147,7 @@ def test_generations_equal_llm_generate(job, reference):
     expected = reference([render(r) for r in rows], MAX_TOKENS)
     got = {r["id"]: r for r in out.to_pylist()}
     mismatches = [
-        r["id"]
-        for r, e in zip(rows, expected, strict=True)
-        if got[r["id"]]["generated_text"] != e
+        r["id"] for r, e in zip(rows, expected, strict=True) if got[r["id"]]["generated_text"] != e
     ]
     assert not mismatches, f"rows whose text differs from LLM.generate: {mismatches[:10]}"
     for r in rows:
