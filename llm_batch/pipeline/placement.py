@@ -53,7 +53,8 @@ def engine_map_kwargs(model: dict[str, Any], *, cluster_gpus: float) -> dict[str
     gpus = engine["tensor_parallel_size"] * engine["pipeline_parallel_size"]
     accel = model.get("accelerator_type")
     device = model.get("device", "auto")
-    on_gpu = device == "gpu" or (device == "auto" and cluster_gpus >= 1)
+    # An accelerator type means GPUs, even while an autoscaling group has none up yet.
+    on_gpu = device == "gpu" or (device == "auto" and (cluster_gpus >= 1 or accel is not None))
 
     replicas = model["replicas"]
     if isinstance(replicas, dict):

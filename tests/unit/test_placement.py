@@ -18,10 +18,18 @@ def model(**changes):
 
 
 def test_cpu_cluster_runs_cpu_engines_on_one_logical_cpu():
-    kw = engine_map_kwargs(model(accelerator_type="H100"), cluster_gpus=0)
+    kw = engine_map_kwargs(model(), cluster_gpus=0)
     assert kw["num_gpus"] == 0 and kw["num_cpus"] == 1
-    assert kw["resources"] == {"accelerator_type:H100": 0.001}
+    assert "resources" not in kw
     assert kw["compute"].min_size == kw["compute"].max_size == 1
+
+
+def test_accelerator_type_means_gpus_even_before_gpu_nodes_are_up():
+    kw = engine_map_kwargs(model(accelerator_type="H100"), cluster_gpus=0)
+    assert kw["num_gpus"] == 1
+    assert kw["resources"] == {"accelerator_type:H100": 0.001}
+    cpu = engine_map_kwargs(model(accelerator_type="H100", device="cpu"), cluster_gpus=8)
+    assert cpu["num_gpus"] == 0 and cpu["resources"] == {"accelerator_type:H100": 0.001}
 
 
 def test_single_gpu_replica_holds_its_gpu():
