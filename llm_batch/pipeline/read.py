@@ -83,7 +83,9 @@ def inspect_input(input_spec: dict[str, Any], fmt: str) -> InputInfo:
         if fmt == "jsonl":
             table = _json_head(head, files[0])
         else:
-            table = pacsv.read_csv(pa.BufferReader(head))
+            # Rows with a wrong field count become error rows later, not a refusal.
+            skip = pacsv.ParseOptions(invalid_row_handler=lambda _row: "skip")
+            table = pacsv.read_csv(pa.BufferReader(head), parse_options=skip)
     except InputError:
         raise
     except (pa.ArrowInvalid, OSError) as e:
