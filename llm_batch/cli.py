@@ -2,6 +2,8 @@
 
     llm-batch run JOB.yaml            run a job here (a local Ray, or RAY_ADDRESS)
     llm-batch tiny-model DIR          write a small deterministic model for tests and demos
+    llm-batch serve | submit | status | cancel | demo
+                                      the job service and its client (``cli_service``)
 
 Errors a user can fix print as one line on stderr with exit code 2.
 """
@@ -159,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_cmd_tiny_model)
+
+    from llm_batch.cli_service import add_service_commands
+
+    add_service_commands(sub)
     return parser
 
 

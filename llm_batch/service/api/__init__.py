@@ -1,0 +1,1 @@
+"""The REST API: routers and the dependencies they share."""

@@ -1,0 +1,64 @@
+"""The one place errors become HTTP status codes; every error body is ``{"detail": str}``.
+
+JobSpecError, InputError   422  the submission is invalid (the message names the field)
+JobNotFound                404
+JobConflict                409
+ServiceUnavailable         503
+EngineUnavailable          503
+other LLMBatchError        400
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from llm_batch.errors import EngineUnavailable, InputError, JobSpecError, LLMBatchError
+from llm_batch.service.errors import JobConflict, JobNotFound, ServiceUnavailable
+
+__all__ = ["install_error_handlers", "status_code_for"]
+
+logger = logging.getLogger(__name__)
+
+_CODES: list[tuple[type[LLMBatchError], int]] = [
+    (JobSpecError, 422),
+    (InputError, 422),
+    (JobNotFound, 404),
+    (JobConflict, 409),
+    (ServiceUnavailable, 503),
+    (EngineUnavailable, 503),
+]
+
+
+def status_code_for(error: LLMBatchError) -> int:
+    for kind, code in _CODES:
+        if isinstance(error, kind):
+            return code
+    return 400
+
+
+async def _llm_batch_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, LLMBatchError)
+    return JSONResponse({"detail": str(exc)}, status_code=status_code_for(exc))
+
+
+async def _request_validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    # FastAPI's own checks (a body that is not JSON, a bad query parameter):
+    # one line per problem naming where it is, like the job spec's messages.
+    assert isinstance(exc, RequestValidationError)
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        if err.get("type") == "json_invalid":
+            lines.append(f"request body is not valid JSON: {err.get('ctx', {}).get('error', '')}")
+        else:
+            lines.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return JSONResponse({"detail": "; ".join(lines)}, status_code=422)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(LLMBatchError, _llm_batch_error)
+    app.add_exception_handler(RequestValidationError, _request_validation_error)

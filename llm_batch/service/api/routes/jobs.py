@@ -1,0 +1,150 @@
+"""``/v1/jobs``: submit, read, list, cancel jobs, and stream their results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response
+from fastapi.responses import StreamingResponse
+
+from llm_batch.service import results
+from llm_batch.service.api.deps import CatalogDep, SchedulerDep, SettingsDep, StoreDep
+from llm_batch.service.errors import JobConflict, JobNotFound
+from llm_batch.service.scheduler import initial_progress
+from llm_batch.service.schemas import JobList, JobPublic, to_public
+from llm_batch.service.store import JobStatus, new_job_id
+from llm_batch.service.validation import prepare_submission
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"description": "No job with this id."},
+}
+_JSONL_MEDIA_TYPE = "application/x-ndjson"
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=JobPublic,
+    summary="Submit a job",
+    responses={
+        422: {"description": "The job is invalid; `detail` names the field."},
+        409: {"description": "The Idempotency-Key was used for a different job."},
+    },
+)
+def create_job(
+    # Read as plain JSON so that every refusal, from an unknown field to a template
+    # column the input lacks, is one message naming the field; the OpenAPI schema
+    # still shows the job format (app._openapi).
+    body: Annotated[Any, Body()],
+    response: Response,
+    store: StoreDep,
+    settings: SettingsDep,
+    catalog: CatalogDep,
+    scheduler: SchedulerDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            max_length=255,
+            description="A retried request with the same key returns the same job.",
+        ),
+    ] = None,
+) -> JobPublic:
+    """Validate the job (fields, input, template columns, sampling) and queue it."""
+    submission = prepare_submission(body, catalog=catalog, base=Path.cwd())
+    spec = submission.spec
+    job_id = new_job_id()
+    output = spec.output.path if spec.output is not None else str(settings.outputs_dir / job_id)
+    job, created = store.create(
+        job_id=job_id,
+        name=spec.name,
+        spec=spec.model_dump(mode="json"),
+        output_path=output,
+        priority=spec.priority,
+        progress=initial_progress(submission.rows_total),
+        idempotency_key=idempotency_key,
+    )
+    if created:
+        scheduler.wake()
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
+    return to_public(job)
+
+
+@router.get("", response_model=JobList, summary="List jobs, newest first")
+def list_jobs(
+    store: StoreDep,
+    status: Annotated[
+        Literal["queued", "running", "cancelling", "cancelled", "succeeded", "failed"] | None,
+        Query(description="Only jobs in this status."),
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=100, description="Jobs per page.")] = 20,
+    after: Annotated[
+        str | None, Query(description="The `next_after` of the previous page.")
+    ] = None,
+) -> JobList:
+    try:
+        jobs, has_more = store.page(status=status, limit=limit, after=after)
+    except JobNotFound:
+        raise HTTPException(422, detail=f"after: no job with id {after!r}") from None
+    return JobList(
+        data=[to_public(j) for j in jobs],
+        has_more=has_more,
+        next_after=jobs[-1].id if has_more and jobs else None,
+    )
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses=_ERRORS, summary="Get a job")
+def get_job(job_id: str, store: StoreDep) -> JobPublic:
+    return to_public(store.get(job_id))
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobPublic,
+    summary="Cancel a job",
+    responses={**_ERRORS, 409: {"description": "The job already succeeded or failed."}},
+)
+def cancel_job(job_id: str, store: StoreDep, scheduler: SchedulerDep) -> JobPublic:
+    """A queued job is cancelled at once; a running one becomes `cancelling` until Ray has
+    stopped it (its engines released), then `cancelled`. Rows already written stay readable."""
+    job = store.cancel(job_id)
+    scheduler.wake()
+    return to_public(job)
+
+
+@router.get(
+    "/{job_id}/results",
+    summary="Stream a job's output rows",
+    responses={
+        **_ERRORS,
+        409: {"description": "The job has written no rows yet."},
+        200: {
+            "description": "JSON lines by default; one Parquet file with "
+            "`Accept: application/vnd.apache.parquet`.",
+            "content": {_JSONL_MEDIA_TYPE: {}, results.PARQUET_MEDIA_TYPE: {}},
+        },
+    },
+)
+def job_results(job_id: str, request: Request, store: StoreDep) -> StreamingResponse:
+    """The rows written so far (all of them once the job has succeeded)."""
+    job = store.get(job_id)
+    files = [] if job.status == JobStatus.QUEUED.value else results.part_files(job.output_path)
+    if not files:
+        raise JobConflict(f"job {job_id} has written no rows yet (status: {job.status})")
+    headers = {"X-Job-Status": job.status}
+    if results.PARQUET_MEDIA_TYPE in request.headers.get("accept", ""):
+        headers["Content-Disposition"] = f'attachment; filename="{job_id}.parquet"'
+        return StreamingResponse(
+            results.iter_parquet(job.output_path, files),
+            media_type=results.PARQUET_MEDIA_TYPE,
+            headers=headers,
+        )
+    return StreamingResponse(
+        results.iter_jsonl(job.output_path, files), media_type=_JSONL_MEDIA_TYPE, headers=headers
+    )

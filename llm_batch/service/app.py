@@ -1,0 +1,114 @@
+"""The FastAPI application: ``create_app(settings)``.
+
+The lifespan starts the scheduler thread (which brings up the local Ray head
+when there is no ``RAY_ADDRESS``) and, on a clean shutdown, stops it, and the
+local head too when nothing runs on it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from llm_batch.job.spec import JobSpec
+from llm_batch.service.api.deps import ServiceState
+from llm_batch.service.api.errors import install_error_handlers
+from llm_batch.service.api.routes import health, jobs
+from llm_batch.service.catalog import ModelCatalog
+from llm_batch.service.errors import ServiceUnavailable
+from llm_batch.service.raycluster import RayCluster
+from llm_batch.service.rayjobs import JobsAPI, RayJobs
+from llm_batch.service.scheduler import Scheduler
+from llm_batch.service.settings import Settings
+from llm_batch.service.store import JobStore
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    run_scheduler: bool = True,
+    jobs_api: JobsAPI | None = None,
+) -> FastAPI:
+    """The app, its database schema created or migrated. ``run_scheduler=False`` serves the
+    API only (jobs stay queued): for tests of the API."""
+    settings = settings or Settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = JobStore(settings.database_url)
+    store.create_schema()
+    catalog = ModelCatalog.from_file(settings.models)
+    cluster = RayCluster(settings) if jobs_api is None else None
+    jobs_api = jobs_api or RayJobs(cluster.jobs_address)  # type: ignore[union-attr]
+    scheduler = Scheduler(store=store, settings=settings, jobs=jobs_api, cluster=cluster)
+    state = ServiceState(settings, store, catalog, jobs_api, cluster, scheduler)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if run_scheduler:
+            scheduler.start()
+        try:
+            yield
+        finally:
+            if run_scheduler:
+                scheduler.stop()
+                _maybe_stop_ray(state)
+            store.close()
+
+    app = FastAPI(
+        title="llm_batch",
+        summary="Offline LLM batch generation: submit prompt datasets, get Parquet back.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.service = state
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _maybe_stop_ray(state: ServiceState) -> None:
+    cluster = state.cluster
+    if cluster is None or not cluster.local or not state.settings.stop_ray_on_exit:
+        return
+    try:
+        unfinished = state.jobs.unfinished()
+    except ServiceUnavailable:
+        unfinished = []
+    except Exception:  # noqa: BLE001 - not knowing means keeping the head
+        logger.exception("could not list Ray's jobs; leaving the local Ray head running")
+        return
+    if unfinished:
+        logger.info(
+            "leaving the local Ray head running: %d job(s) still run on it and will be "
+            "followed again when the service restarts",
+            len(unfinished),
+        )
+        return
+    cluster.stop()
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    # The job body is read as raw JSON (see routes/jobs.py); publish its schema so the
+    # docs show the job format.
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title, version=app.version, summary=app.summary, routes=app.routes
+        )
+        job = JobSpec.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(job.pop("$defs", {}))
+        components["JobSpec"] = job
+        body = schema["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]
+        body["schema"] = {"$ref": "#/components/schemas/JobSpec"}
+        app.openapi_schema = schema
+    return app.openapi_schema

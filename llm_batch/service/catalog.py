@@ -1,0 +1,82 @@
+"""The models a service offers by name (``llm-batch serve --models FILE``).
+
+The file maps a name to a ``model:`` block of the job format::
+
+    reviews-tiny:
+      path: models/reviews-tiny        # relative to this file
+      engine: {max_model_len: 512, dtype: bfloat16}
+
+A submitted job may then say ``model: reviews-tiny``, or list the name among
+``models:`` (it becomes that entry's column prefix).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from llm_batch.errors import JobSpecError
+from llm_batch.job.spec import ModelSpec, format_validation_error
+
+__all__ = ["ModelCatalog"]
+
+
+class ModelCatalog:
+    def __init__(self, models: dict[str, dict[str, Any]] | None = None):
+        self._models = dict(models or {})
+
+    @classmethod
+    def from_file(cls, path: str | Path | None) -> ModelCatalog:
+        if path is None:
+            return cls()
+        p = Path(path)
+        source = f"models file {str(p)!r}"
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise JobSpecError(f"{source} does not exist") from None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise JobSpecError(f"{source} cannot be read: {e}") from None
+        if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+            raise JobSpecError(f"{source}: expected a mapping of model names to model blocks")
+        models = {}
+        for name, block in data.items():
+            if not isinstance(block, dict):
+                raise JobSpecError(f"{source}: {name}: expected a model block (path, engine, ...)")
+            block = dict(block)
+            local = p.parent / str(block.get("path", ""))
+            if block.get("path") and not Path(block["path"]).is_absolute() and local.exists():
+                block["path"] = str(local.resolve())
+            try:
+                ModelSpec.model_validate(block)
+            except ValidationError as e:
+                raise JobSpecError(format_validation_error(e, source=f"{source}: {name}")) from None
+            models[name] = block
+        return cls(models)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def block(self, name: str, *, field: str) -> dict[str, Any]:
+        if name not in self._models:
+            offered = ", ".join(self.names) or "none: start the service with --models FILE"
+            raise JobSpecError(
+                f"{field}: {name!r} is not a model this service offers (offered: {offered})"
+            )
+        return dict(self._models[name])
+
+    def resolve(self, data: dict[str, Any]) -> dict[str, Any]:
+        """``data`` with every model given by name replaced by its block."""
+        out = dict(data)
+        if isinstance(out.get("model"), str):
+            out["model"] = self.block(out["model"], field="model")
+        if isinstance(out.get("models"), list):
+            out["models"] = [
+                {"name": m, **self.block(m, field=f"models[{i}]")} if isinstance(m, str) else m
+                for i, m in enumerate(out["models"])
+            ]
+        return out

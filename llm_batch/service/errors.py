@@ -1,0 +1,30 @@
+"""Errors of the job service, extending the package's tree (``llm_batch.errors``).
+
+    LLMBatchError
+    ├── JobNotFound          no job has this id                         → 404
+    ├── JobConflict          the request contradicts the job's state    → 409
+    │                        (cancel a finished job, reuse an Idempotency-Key)
+    └── ServiceUnavailable   the database or Ray cannot be reached      → 503
+
+Only the API layer turns these into HTTP status codes.
+"""
+
+from __future__ import annotations
+
+from llm_batch.errors import LLMBatchError
+
+__all__ = ["JobConflict", "JobNotFound", "ServiceUnavailable"]
+
+
+class JobNotFound(LLMBatchError, LookupError):
+    def __init__(self, job_id: str):
+        super().__init__(f"no job with id {job_id!r}")
+        self.job_id = job_id
+
+
+class JobConflict(LLMBatchError):
+    pass
+
+
+class ServiceUnavailable(LLMBatchError):
+    pass

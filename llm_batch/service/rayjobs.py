@@ -1,0 +1,133 @@
+"""Ray's Jobs API, reduced to the five calls the scheduler makes.
+
+A thin face over ``ray.job_submission.JobSubmissionClient`` that turns its
+errors into answers: an unknown submission is ``None`` (the cluster was
+restarted and forgot it), an unreachable cluster is ``ServiceUnavailable``.
+It is also the seam where the scheduler's unit tests put an in-memory cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Protocol
+
+from llm_batch.service.errors import ServiceUnavailable
+
+__all__ = ["JobsAPI", "RayJobs"]
+
+logger = logging.getLogger(__name__)
+
+
+class JobsAPI(Protocol):
+    def submit(
+        self,
+        submission_id: str,
+        entrypoint: str,
+        *,
+        runtime_env: dict[str, Any] | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> bool: ...
+    def status(self, submission_id: str) -> str | None: ...
+    def stop(self, submission_id: str) -> bool: ...
+    def failure(self, submission_id: str, *, lines: int = 20) -> str: ...
+    def version(self) -> str: ...
+    def unfinished(self) -> list[str]: ...
+
+
+class RayJobs:
+    """``JobsAPI`` on a real cluster; statuses are Ray's (PENDING, RUNNING, STOPPED,
+    SUCCEEDED, FAILED)."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def _jobs(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                from ray.job_submission import JobSubmissionClient
+
+                try:
+                    self._client = JobSubmissionClient(self.address)
+                except (ConnectionError, RuntimeError) as e:
+                    raise ServiceUnavailable(
+                        f"Ray at {self.address} is not reachable: {e}"
+                    ) from None
+            return self._client
+
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        import requests
+
+        try:
+            return getattr(self._jobs(), name)(*args, **kwargs)
+        except (requests.exceptions.RequestException, ConnectionError) as e:
+            self._client = None  # reconnect next time (the head may have been restarted)
+            raise ServiceUnavailable(f"Ray at {self.address} is not reachable: {e}") from None
+
+    def submit(
+        self,
+        submission_id: str,
+        entrypoint: str,
+        *,
+        runtime_env: dict[str, Any] | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> bool:
+        """Submit; False when Ray already has this submission id (then it is followed)."""
+        try:
+            self._call(
+                "submit_job",
+                entrypoint=entrypoint,
+                submission_id=submission_id,
+                runtime_env=runtime_env,
+                metadata=metadata,
+            )
+        except RuntimeError as e:
+            if "already exists" in str(e):
+                return False
+            raise
+        return True
+
+    def status(self, submission_id: str) -> str | None:
+        try:
+            return str(self._call("get_job_status", submission_id).value)
+        except RuntimeError as e:
+            if "status code 404" in str(e) or "does not exist" in str(e):
+                return None
+            raise
+
+    def stop(self, submission_id: str) -> bool:
+        try:
+            return bool(self._call("stop_job", submission_id))
+        except RuntimeError as e:
+            if "status code 404" in str(e) or "does not exist" in str(e):
+                return False
+            raise
+
+    def failure(self, submission_id: str, *, lines: int = 20) -> str:
+        """The last lines of the driver's log (or Ray's own message when there is none)."""
+        try:
+            logs = str(self._call("get_job_logs", submission_id) or "")
+        except (RuntimeError, ServiceUnavailable):
+            logs = ""
+        tail = "\n".join(logs.strip().splitlines()[-lines:])
+        if tail:
+            return tail
+        try:
+            return str(self._call("get_job_info", submission_id).message or "")
+        except (RuntimeError, ServiceUnavailable):
+            return ""
+
+    def unfinished(self) -> list[str]:
+        """Submission ids of the cluster's jobs that have not ended."""
+        return [
+            str(j.submission_id)
+            for j in self._call("list_jobs")
+            if j.submission_id and not j.status.is_terminal()
+        ]
+
+    def version(self) -> str:
+        # A cheap round trip to the dashboard (GET /api/version).
+        self._call("_check_connection_and_version")
+        return str(self._jobs()._server_ray_version)

@@ -1,0 +1,119 @@
+"""A job's output rows over HTTP: JSON lines or one Parquet file, streamed batch by batch.
+
+Reads the part files the job has written so far (complete files only: the
+writer renames each into place when it is whole), so a running or cancelled
+job's rows are readable too. Memory stays bounded by one record batch.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import decimal
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+__all__ = ["PARQUET_MEDIA_TYPE", "iter_jsonl", "iter_parquet", "part_files"]
+
+PARQUET_MEDIA_TYPE = "application/vnd.apache.parquet"
+_PART_PREFIX = "part-"  # llm_batch.pipeline.write.PART_PREFIX
+_JSONL_BATCH_ROWS = 1024
+_PARQUET_BATCH_ROWS = 64 * 1024  # a row group each
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    from llm_batch.pipeline.write import open_filesystem
+
+    return open_filesystem(uri)
+
+
+def part_files(output_path: str) -> list[str]:
+    """The complete Parquet part files in an output folder, in name order."""
+    fs, path = _filesystem(output_path)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    return sorted(
+        f.path
+        for f in fs.get_file_info(pafs.FileSelector(path, recursive=False))
+        if f.type == pafs.FileType.File
+        and f.base_name.startswith(_PART_PREFIX)
+        and f.base_name.endswith(".parquet")
+    )
+
+
+def _batches(
+    output_path: str, files: list[str], batch_rows: int
+) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    fs, _ = _filesystem(output_path)
+    dataset = pads.dataset(files, filesystem=fs, format="parquet")
+    return dataset.schema, dataset.to_batches(batch_size=batch_rows)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    return str(value)
+
+
+def iter_jsonl(output_path: str, files: list[str]) -> Iterator[bytes]:
+    """One JSON object per row (binary as base64, timestamps as ISO 8601, decimals as strings)."""
+    _, batches = _batches(output_path, files, _JSONL_BATCH_ROWS)
+    for batch in batches:
+        lines = [
+            json.dumps(row, default=_json_default, ensure_ascii=False) for row in batch.to_pylist()
+        ]
+        if lines:
+            yield ("\n".join(lines) + "\n").encode("utf-8")
+
+
+class _Chunks:
+    """A write-only file that hands over what was written so far."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._pos = 0
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        b = bytes(data)
+        self._parts.append(b)
+        self._pos += len(b)
+        return len(b)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    def take(self) -> bytes:
+        out, self._parts = b"".join(self._parts), []
+        return out
+
+
+def iter_parquet(output_path: str, files: list[str]) -> Iterator[bytes]:
+    """All rows as one Parquet file, one row group per batch, sent as each is written."""
+    schema, batches = _batches(output_path, files, _PARQUET_BATCH_ROWS)
+    sink = _Chunks()
+    with pq.ParquetWriter(sink, schema, compression="zstd") as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+            chunk = sink.take()
+            if chunk:
+                yield chunk
+    yield sink.take()

@@ -1,0 +1,271 @@
+"""The scheduler: runs queued jobs on Ray, follows them, recovers them after a restart.
+
+One background thread with its own database sessions, so API requests never
+wait on Ray. Each pass:
+
+1. follows every running or cancelling job: asks Ray for its state and reads
+   the driver's status file (``<output>/_status.json``) for progress, written
+   to the database at most every ``progress_interval`` seconds per job;
+2. starts queued jobs (priority, then age) while fewer than
+   ``max_running_jobs`` run: claims the row, writes the final spec to
+   ``<data_dir>/jobs/<id>/spec.json`` and submits the job driver to Ray's Jobs
+   API under ``submission_id=<job id>``.
+
+Recovery needs no special path: after a restart the first pass follows the
+jobs the database says are running. Ray still knows a job when only the
+service went down (it kept running and is simply followed); a job Ray does not
+know any more (the cluster restarted) is queued again, and its new run resumes
+from the rows the earlier one committed (``run_job``'s checkpoint) or, with
+none, starts over on a cleared output folder: either way each row once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shlex
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from llm_batch.errors import LLMBatchError
+from llm_batch.job.spec import JobSpec
+from llm_batch.service.errors import ServiceUnavailable
+from llm_batch.service.raycluster import RayCluster
+from llm_batch.service.rayjobs import JobsAPI
+from llm_batch.service.settings import Settings
+from llm_batch.service.store import ACTIVE, Job, JobStatus, JobStore
+
+__all__ = ["Scheduler", "initial_progress", "status_uri"]
+
+logger = logging.getLogger(__name__)
+
+_STATUS_NAME = "_status.json"  # llm_batch.pipeline.driver.STATUS_NAME
+_RAY_ACTIVE = ("PENDING", "RUNNING")
+
+
+def status_uri(output_path: str) -> str:
+    """Where the job driver keeps its status file (the driver's default)."""
+    return output_path.rstrip("/") + "/" + _STATUS_NAME
+
+
+def initial_progress(rows_total: int | None) -> dict[str, Any]:
+    return {
+        "rows_total": rows_total,
+        "rows_done": 0,
+        "rows_failed": 0,
+        "output_tokens": 0,
+        "rows_per_second": 0.0,
+    }
+
+
+def _read_status(output_path: str) -> dict[str, Any] | None:
+    from llm_batch.pipeline.driver import read_status
+
+    return read_status(status_uri(output_path))
+
+
+def _remove_status(output_path: str) -> None:
+    from llm_batch.pipeline.write import open_filesystem
+
+    fs, path = open_filesystem(status_uri(output_path))
+    with contextlib.suppress(FileNotFoundError, OSError):
+        fs.delete_file(path)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        store: JobStore,
+        settings: Settings,
+        jobs: JobsAPI,
+        cluster: RayCluster | None = None,
+    ):
+        self.store = store
+        self.settings = settings
+        self.jobs = jobs
+        self.cluster = cluster
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._cluster_ready = cluster is None
+        self._last_write: dict[str, float] = {}
+        self._stop_sent: set[str] = set()
+        self._last_warning = ""
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="llm-batch-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wake(self) -> None:
+        """Run a pass now (a job was submitted or cancelled)."""
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                if not self._cluster_ready and self.cluster is not None:
+                    self.cluster.ensure()
+                    self._cluster_ready = True
+                self.run_once()
+                self._last_warning = ""
+            except ServiceUnavailable as e:
+                self._warn_once("scheduler waits for Ray: %s", e)
+                self._cluster_ready = self.cluster is None
+                self._stopping.wait(2.0)  # let a head that is starting come up
+            except Exception:
+                logger.exception("scheduler pass failed; retrying")
+                self._stopping.wait(2.0)
+            self._wake.wait(self.settings.poll_interval)
+            self._wake.clear()
+
+    def _warn_once(self, fmt: str, *args: Any) -> None:
+        message = fmt % args
+        if message != self._last_warning:
+            logger.warning("%s", message)
+            self._last_warning = message
+
+    # -- one pass --------------------------------------------------------------------
+
+    def run_once(self) -> None:
+        for job in self.store.active():
+            try:
+                self._follow(job)
+            except ServiceUnavailable:
+                raise
+            except Exception:
+                # One job's surprise must not stop the others from being followed.
+                logger.exception("job %s: following it failed; retrying", job.id)
+        self._start_queued()
+
+    def _follow(self, job: Job) -> None:
+        submission = job.ray_submission_id or job.id
+        state = self.jobs.status(submission)
+        if state is None:
+            self._lost(job)
+            return
+        cancelling = job.status == JobStatus.CANCELLING.value
+        if cancelling and state in _RAY_ACTIVE and job.id not in self._stop_sent:
+            logger.info("job %s: stopping its Ray run %s", job.id, submission)
+            self.jobs.stop(submission)
+            self._stop_sent.add(job.id)
+        status = _read_status(job.output_path) or {}
+        progress = self._merge_progress(job, status.get("progress"))
+        if state in _RAY_ACTIVE:
+            self._write_progress(job, progress)
+        elif state == "SUCCEEDED":
+            self._end(job, JobStatus.SUCCEEDED, progress)
+        elif state == "STOPPED":
+            self._end(job, JobStatus.CANCELLED, progress)
+        elif state == "FAILED":
+            error = status.get("error") if status.get("state") == "failed" else None
+            if not error:
+                tail = self.jobs.failure(submission)
+                error = "the job driver ended with an error" + (f":\n{tail}" if tail else "")
+            self._end(job, JobStatus.FAILED, progress, error=error)
+        else:
+            logger.warning("job %s: unexpected Ray job status %s", job.id, state)
+
+    def _lost(self, job: Job) -> None:
+        if job.status == JobStatus.CANCELLING.value:
+            self._end(job, JobStatus.CANCELLED, None)
+            return
+        logger.warning(
+            "job %s: Ray does not know its run %s (the cluster was restarted); "
+            "queueing it again (the new run keeps the rows already written)",
+            job.id,
+            job.ray_submission_id,
+        )
+        rows_total = (job.progress or {}).get("rows_total")
+        self.store.requeue(job.id, progress=initial_progress(rows_total))
+
+    def _end(
+        self,
+        job: Job,
+        status: JobStatus,
+        progress: dict[str, Any] | None,
+        *,
+        error: str | None = None,
+    ) -> None:
+        if self.store.finish(job.id, status, progress=progress, error=error, from_statuses=ACTIVE):
+            logger.info("job %s %s", job.id, status.value)
+        self._last_write.pop(job.id, None)
+        self._stop_sent.discard(job.id)
+
+    @staticmethod
+    def _merge_progress(job: Job, snapshot: dict[str, Any] | None) -> dict[str, Any]:
+        base = initial_progress((job.progress or {}).get("rows_total"))
+        if snapshot:
+            base.update({k: v for k, v in snapshot.items() if v is not None or k not in base})
+        return base
+
+    def _write_progress(self, job: Job, progress: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if progress == job.progress:
+            return
+        if now - self._last_write.get(job.id, -1e9) < self.settings.progress_interval:
+            return
+        self._last_write[job.id] = now
+        self.store.set_progress(job.id, progress)
+
+    def _start_queued(self) -> None:
+        free = self.settings.max_running_jobs - len(self.store.active())
+        if free <= 0:
+            return
+        for job in self.store.next_queued(free):
+            if not self.store.claim(job.id, submission_id=job.id):
+                continue  # cancelled in between
+            try:
+                self._submit(job)
+            except ServiceUnavailable:
+                self.store.requeue(job.id, progress=job.progress)
+                raise
+            except LLMBatchError as e:
+                self.store.finish(job.id, JobStatus.FAILED, error=str(e))
+            except Exception as e:
+                logger.exception("job %s: could not be submitted to Ray", job.id)
+                self.store.finish(
+                    job.id, JobStatus.FAILED, error=f"could not start the job on Ray: {e}"
+                )
+
+    def _submit(self, job: Job) -> None:
+        spec = JobSpec.from_dict(job.spec, source=f"job {job.id}").with_output(job.output_path)
+        folder = self.settings.jobs_dir / job.id
+        folder.mkdir(parents=True, exist_ok=True)
+        spec_path = folder / "spec.json"
+        tmp = folder / ".spec.json.tmp"
+        tmp.write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
+        os.replace(tmp, spec_path)
+        if self.jobs.status(job.id) is None:
+            # The status file of an earlier run would show its progress as this run's.
+            _remove_status(job.output_path)
+        entrypoint = shlex.join([sys.executable, "-m", "llm_batch.pipeline.driver", str(spec_path)])
+        fresh = self.jobs.submit(
+            job.id,
+            entrypoint,
+            runtime_env={"env_vars": _engine_env()},
+            metadata={"llm_batch_job_id": job.id, "name": job.name[:100]},
+        )
+        if fresh:
+            logger.info("job %s: submitted to Ray (%s)", job.id, Path(spec_path))
+        else:
+            logger.info("job %s: Ray already runs this submission; following it", job.id)
+
+
+def _engine_env() -> dict[str, str]:
+    # Engine actors inherit these; vLLM's per-request INFO lines would bury the
+    # job's log, whose tail is what a failed job reports.
+    return {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}

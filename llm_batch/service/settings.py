@@ -1,0 +1,98 @@
+"""The service's settings: one pydantic-settings class, ``LLM_BATCH_`` environment variables.
+
+Command-line flags of ``llm-batch serve`` are passed as keyword arguments and
+win over the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LLM_BATCH_", extra="ignore", validate_by_name=True, frozen=True
+    )
+
+    host: str = Field(default="127.0.0.1", description="Address the HTTP server binds.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port the HTTP server binds.")
+    data_dir: Path = Field(
+        default=Path("data"),
+        description="Holds the SQLite database, each job's spec file and default outputs.",
+    )
+    db: str | None = Field(
+        default=None,
+        description="SQLAlchemy database URL (sqlite:///..., postgresql+psycopg://...); "
+        "default: a SQLite file <data_dir>/llm_batch.db.",
+    )
+    models: Path | None = Field(
+        default=None,
+        description="YAML file mapping model names to `model:` blocks of the job format; "
+        "a job may then say `model: <name>`.",
+    )
+    max_running_jobs: int = Field(default=1, ge=1, description="Jobs running on Ray at once.")
+    ray_address: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("LLM_BATCH_RAY_ADDRESS", "RAY_ADDRESS"),
+        description="An existing Ray cluster (dashboard URL http://head:8265, ray://head:10001 "
+        "or head:6379); unset: the service starts a local Ray head itself.",
+    )
+    ray_port: int = Field(default=6379, description="Local Ray head: GCS port.")
+    ray_dashboard_port: int = Field(
+        default=8265, description="Local Ray head: dashboard and Jobs API port."
+    )
+    ray_client_server_port: int = Field(default=10001, description="Local Ray head: client port.")
+    ray_dashboard_agent_port: int = Field(
+        default=52365, description="Local Ray head: dashboard agent HTTP port."
+    )
+    ray_num_cpus: int | None = Field(
+        default=None,
+        ge=1,
+        description="Logical CPUs of the local Ray head; default max(4, cores), because each "
+        "CPU engine actor holds one for its life and reading/writing need more beside them.",
+    )
+    stop_ray_on_exit: bool = Field(
+        default=True,
+        description="On a clean shutdown, stop the local Ray head this service runs when no "
+        "job is running on it (running jobs keep going and are followed again after a restart).",
+    )
+    poll_interval: float = Field(
+        default=0.5, gt=0, description="Seconds between two scheduler passes."
+    )
+    progress_interval: float = Field(
+        default=1.0, ge=0, description="Least seconds between two progress writes of one job."
+    )
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        # Jobs run in Ray's working directories, not the service's: every path
+        # handed to them must be absolute.
+        return v.expanduser().resolve()
+
+    @field_validator("models")
+    @classmethod
+    def _absolute_models(cls, v: Path | None) -> Path | None:
+        return None if v is None else v.expanduser().resolve()
+
+    @property
+    def database_url(self) -> str:
+        return self.db or f"sqlite:///{self.data_dir / 'llm_batch.db'}"
+
+    @property
+    def num_cpus(self) -> int:
+        return self.ray_num_cpus or max(4, os.cpu_count() or 1)
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.data_dir / "outputs"

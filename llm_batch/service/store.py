@@ -1,0 +1,363 @@
+"""The job store: one ``jobs`` table, SQLAlchemy 2.0, SQLite by default or PostgreSQL by URL.
+
+Every state change is a conditional ``UPDATE ... WHERE status IN (...)``, so the
+API threads and the scheduler thread never overwrite each other's transitions
+(a job cancelled while the scheduler picks it is either cancelled or picked,
+never both).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import logging
+import secrets
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, cast
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    inspect,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import CursorResult, Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from llm_batch.service.errors import JobConflict, JobNotFound
+
+__all__ = ["ACTIVE", "TERMINAL", "Job", "JobStatus", "JobStore", "new_job_id", "utcnow"]
+
+logger = logging.getLogger(__name__)
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+ACTIVE = (JobStatus.RUNNING.value, JobStatus.CANCELLING.value)
+TERMINAL = (JobStatus.CANCELLED.value, JobStatus.SUCCEEDED.value, JobStatus.FAILED.value)
+
+
+def new_job_id() -> str:
+    return "job_" + secrets.token_hex(12)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class Job(_Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    output_path: Mapped[str] = mapped_column(Text)
+    ray_submission_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True, default=None)
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+def _aware(value: dt.datetime | None) -> dt.datetime | None:
+    # SQLite hands back naive datetimes; everything this store writes is UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=dt.UTC)
+    return value
+
+
+@event.listens_for(Job, "load")
+def _on_load(job: Job, _context: Any) -> None:
+    for name in ("created_at", "started_at", "finished_at", "updated_at"):
+        setattr(job, name, _aware(getattr(job, name)))
+
+
+def _execute(session: Session, statement: Any) -> int:
+    """Run an UPDATE; returns how many rows it changed."""
+    return cast("CursorResult[Any]", session.execute(statement)).rowcount
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets the API read while the scheduler writes; the busy timeout makes
+    # a writer wait for the other instead of failing with "database is locked".
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+class JobStore:
+    """Jobs in a database; every method opens and closes its own session (thread safe)."""
+
+    def __init__(self, url: str, *, echo: bool = False):
+        kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": True}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 10}
+        self.url = url
+        self.engine: Engine = create_engine(url, **kwargs)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    # -- schema --------------------------------------------------------------------
+
+    def create_schema(self) -> None:
+        """Create the table, then add the columns a newer version defines (additive only)."""
+        _Base.metadata.create_all(self.engine)
+        table = _Base.metadata.tables[Job.__tablename__]
+        existing = {c["name"] for c in inspect(self.engine).get_columns(table.name)}
+        missing = [c for c in table.columns if c.name not in existing]
+        if not missing:
+            return
+        with self.engine.begin() as conn:
+            for column in missing:
+                ddl_type = column.type.compile(dialect=self.engine.dialect)
+                logger.info("adding column %s.%s (%s)", table.name, column.name, ddl_type)
+                conn.execute(
+                    text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {ddl_type}')
+                )
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        with self._sessions() as session, session.begin():
+            yield session
+
+    # -- the API's side ----------------------------------------------------------------
+
+    def create(
+        self,
+        *,
+        job_id: str,
+        name: str,
+        spec: dict[str, Any],
+        output_path: str,
+        priority: int = 0,
+        progress: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> tuple[Job, bool]:
+        """Insert a queued job; returns (job, created). With an idempotency key already
+        used, returns the job it made (``created`` False), or raises ``JobConflict``
+        when that job's spec differs."""
+        if idempotency_key is not None:
+            existing = self.get_by_idempotency_key(idempotency_key)
+            if existing is not None:
+                return self._replay(existing, spec), False
+        now = utcnow()
+        job = Job(
+            id=job_id,
+            name=name,
+            status=JobStatus.QUEUED.value,
+            priority=priority,
+            spec=spec,
+            output_path=output_path,
+            idempotency_key=idempotency_key,
+            progress=progress,
+            attempts=0,
+            created_at=now,
+            updated_at=now,
+        )
+        try:
+            with self._session() as s:
+                s.add(job)
+        except IntegrityError:
+            # Two requests with one key raced; the other one's insert won.
+            if idempotency_key is None:
+                raise
+            existing = self.get_by_idempotency_key(idempotency_key)
+            if existing is None:
+                raise
+            return self._replay(existing, spec), False
+        return job, True
+
+    @staticmethod
+    def _replay(existing: Job, spec: dict[str, Any]) -> Job:
+        if existing.spec != spec:
+            raise JobConflict(
+                f"Idempotency-Key {existing.idempotency_key!r} was already used for job "
+                f"{existing.id} with a different job spec; use a new key for a new job"
+            )
+        return existing
+
+    def get(self, job_id: str) -> Job:
+        with self._session() as s:
+            job = s.get(Job, job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+    def get_by_idempotency_key(self, key: str) -> Job | None:
+        with self._session() as s:
+            return s.scalars(select(Job).where(Job.idempotency_key == key)).first()
+
+    def page(
+        self, *, status: str | None = None, limit: int = 20, after: str | None = None
+    ) -> tuple[list[Job], bool]:
+        """Newest first; ``after`` is the id of the last job of the previous page."""
+        query = select(Job)
+        if status is not None:
+            query = query.where(Job.status == status)
+        if after is not None:
+            cursor = self.get(after)
+            query = query.where(
+                or_(
+                    Job.created_at < cursor.created_at,
+                    (Job.created_at == cursor.created_at) & (Job.id < cursor.id),
+                )
+            )
+        query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+        with self._session() as s:
+            jobs = list(s.scalars(query))
+        return jobs[:limit], len(jobs) > limit
+
+    def cancel(self, job_id: str) -> Job:
+        """Queued → cancelled at once; running → cancelling (the scheduler stops it)."""
+        now = utcnow()
+        with self._session() as s:
+            queued = _execute(
+                s,
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
+                .values(status=JobStatus.CANCELLED.value, finished_at=now, updated_at=now),
+            )
+            if not queued:
+                _execute(
+                    s,
+                    update(Job)
+                    .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
+                    .values(status=JobStatus.CANCELLING.value, updated_at=now),
+                )
+        job = self.get(job_id)
+        if job.status in (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value):
+            raise JobConflict(
+                f"job {job_id} already ended ({job.status}); there is nothing to cancel"
+            )
+        return job
+
+    # -- the scheduler's side ----------------------------------------------------------
+
+    def active(self) -> list[Job]:
+        with self._session() as s:
+            return list(
+                s.scalars(select(Job).where(Job.status.in_(ACTIVE)).order_by(Job.started_at))
+            )
+
+    def count_active(self) -> int:
+        return len(self.active())
+
+    def next_queued(self, limit: int) -> list[Job]:
+        """Queued jobs in run order: higher priority first, then oldest first."""
+        query = (
+            select(Job)
+            .where(Job.status == JobStatus.QUEUED.value)
+            .order_by(Job.priority.desc(), Job.created_at, Job.id)
+            .limit(limit)
+        )
+        with self._session() as s:
+            return list(s.scalars(query))
+
+    def claim(self, job_id: str, *, submission_id: str) -> bool:
+        """Queued → running, recording the Ray submission id before it is submitted, so a
+        crash between the two is recovered by asking Ray for that id."""
+        now = utcnow()
+        with self._session() as s:
+            claimed = _execute(
+                s,
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
+                .values(
+                    status=JobStatus.RUNNING.value,
+                    ray_submission_id=submission_id,
+                    started_at=now,
+                    updated_at=now,
+                    attempts=Job.attempts + 1,
+                ),
+            )
+        return bool(claimed)
+
+    def set_progress(self, job_id: str, progress: dict[str, Any]) -> None:
+        with self._session() as s:
+            _execute(
+                s,
+                update(Job)
+                .where(Job.id == job_id, Job.status.in_(ACTIVE))
+                .values(progress=progress, updated_at=utcnow()),
+            )
+
+    def requeue(self, job_id: str, *, progress: dict[str, Any] | None = None) -> bool:
+        """Running → queued (its Ray run is gone); it will run again from the start."""
+        with self._session() as s:
+            return bool(
+                _execute(
+                    s,
+                    update(Job)
+                    .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
+                    .values(
+                        status=JobStatus.QUEUED.value,
+                        started_at=None,
+                        ray_submission_id=None,
+                        progress=progress,
+                        updated_at=utcnow(),
+                    ),
+                )
+            )
+
+    def finish(
+        self,
+        job_id: str,
+        status: JobStatus,
+        *,
+        progress: dict[str, Any] | None = None,
+        error: str | None = None,
+        from_statuses: Sequence[str] = ACTIVE,
+    ) -> bool:
+        values: dict[str, Any] = {
+            "status": status.value,
+            "finished_at": utcnow(),
+            "updated_at": utcnow(),
+            "error": error,
+        }
+        if progress is not None:
+            values["progress"] = progress
+        with self._session() as s:
+            return bool(
+                _execute(
+                    s,
+                    update(Job)
+                    .where(Job.id == job_id, Job.status.in_(from_statuses))
+                    .values(**values),
+                )
+            )

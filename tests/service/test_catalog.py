@@ -1,0 +1,54 @@
+"""The models file of ``llm-batch serve --models``: names resolve to model blocks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llm_batch.errors import JobSpecError
+from llm_batch.service.catalog import ModelCatalog
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "models.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_names_resolve_and_relative_paths_follow_the_file(tmp_path):
+    (tmp_path / "local").mkdir()
+    catalog = ModelCatalog.from_file(
+        write(tmp_path, "a: {path: local, replicas: 2}\nb: {path: org/hub-model}\n")
+    )
+    assert catalog.names == ["a", "b"]
+    job = catalog.resolve({"model": "a", "name": "x"})
+    assert job == {"model": {"path": str(tmp_path / "local"), "replicas": 2}, "name": "x"}
+    multi = catalog.resolve({"models": ["b", {"name": "c", "path": "p"}]})
+    assert multi["models"] == [{"name": "b", "path": "org/hub-model"}, {"name": "c", "path": "p"}]
+
+
+def test_a_job_with_an_inline_model_is_unchanged():
+    job = {"model": {"path": "m"}}
+    assert ModelCatalog().resolve(job) == job
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("- a\n- b\n", "expected a mapping of model names"),
+        ("a: 3\n", "a: expected a model block"),
+        ("a: {path: m, batch_size: 0}\n", "a is invalid: batch_size: Input should be greater"),
+        ("a: {path: m, engin: {}}\n", "engin: unknown field"),
+        ("a: [unclosed\n", "cannot be read"),
+    ],
+)
+def test_bad_models_files_name_the_problem(tmp_path, text, needle):
+    with pytest.raises(JobSpecError, match="models file") as e:
+        ModelCatalog.from_file(write(tmp_path, text))
+    assert needle in str(e.value)
+
+
+def test_missing_models_file(tmp_path):
+    with pytest.raises(JobSpecError, match="does not exist"):
+        ModelCatalog.from_file(tmp_path / "nope.yaml")
