@@ -57,6 +57,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if not settings.keys():
+        # Without keys anyone who can reach the port could run jobs and read results.
+        if settings.host not in ("127.0.0.1", "localhost", "::1"):
+            logging.getLogger(__name__).warning(
+                "no API keys configured (LLM_BATCH_API_KEYS): binding 127.0.0.1 instead of %s",
+                settings.host,
+            )
+            settings = settings.model_copy(update={"host": "127.0.0.1"})
+        logging.getLogger(__name__).warning(
+            "no API keys configured: the service is open to anyone on this machine "
+            "(loopback only); set LLM_BATCH_API_KEYS to require keys"
+        )
     # One line per request is uvicorn's access log; the Jobs API client's would double it.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     app = create_app(settings)

@@ -69,6 +69,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = state
+    app.state.api_keys = settings.keys()  # read once; compared in api.deps.authenticate
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(jobs.router)

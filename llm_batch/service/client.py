@@ -8,6 +8,7 @@ service's one-line ``detail`` and the HTTP status; an unreachable service is
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -39,11 +40,15 @@ class JobsClient:
         *,
         timeout: float = 60.0,
         transport: httpx.BaseTransport | None = None,
+        api_key: str | None = None,
     ):
         self.server = server.rstrip("/")
+        # The key comes from the argument or LLM_BATCH_API_KEY, as the openai client does.
+        api_key = api_key or os.environ.get("LLM_BATCH_API_KEY")
         self._http = httpx.Client(
             base_url=self.server,
             timeout=timeout,
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
             # Retries only connection failures; submissions carry an Idempotency-Key.
             transport=transport or httpx.HTTPTransport(retries=2),
         )

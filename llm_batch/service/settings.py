@@ -37,6 +37,19 @@ class Settings(BaseSettings):
         "a job may then say `model: <name>`.",
     )
     max_running_jobs: int = Field(default=1, ge=1, description="Jobs running on Ray at once.")
+    api_keys: str | None = Field(
+        default=None,
+        description="Comma-separated API keys; when set (or api_keys_file), every route but "
+        "/healthz needs `Authorization: Bearer <key>`.",
+    )
+    admin_api_keys: str | None = Field(
+        default=None, description="Comma-separated API keys that see every key's jobs and files."
+    )
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="A file of API keys, one per line; `<key> admin` marks an admin key; "
+        "`#` starts a comment.",
+    )
     ray_address: str | None = Field(
         default=None,
         validation_alias=AliasChoices("LLM_BATCH_RAY_ADDRESS", "RAY_ADDRESS"),
@@ -80,6 +93,20 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute_models(cls, v: Path | None) -> Path | None:
         return None if v is None else v.expanduser().resolve()
+
+    def keys(self) -> dict[str, bool]:
+        """Configured API keys → whether each is an admin key (empty: no authentication)."""
+        keys: dict[str, bool] = {}
+        for raw, admin in ((self.api_keys, False), (self.admin_api_keys, True)):
+            for key in (raw or "").split(","):
+                if key.strip():
+                    keys[key.strip()] = admin or keys.get(key.strip(), False)
+        if self.api_keys_file is not None:
+            for line in self.api_keys_file.read_text(encoding="utf-8").splitlines():
+                parts = line.split("#", 1)[0].split()
+                if parts:
+                    keys[parts[0]] = keys.get(parts[0], False) or parts[1:2] == ["admin"]
+        return keys
 
     @property
     def database_url(self) -> str:

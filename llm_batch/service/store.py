@@ -77,6 +77,8 @@ class Job(_Base):
     output_path: Mapped[str] = mapped_column(Text)
     ray_submission_id: Mapped[str | None] = mapped_column(String(64), default=None)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True, default=None)
+    # Who submitted it: a digest of the API key (never the key), None without auth.
+    owner: Mapped[str | None] = mapped_column(String(64), index=True, default=None)
     progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -168,6 +170,7 @@ class JobStore:
         priority: int = 0,
         progress: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        owner: str | None = None,
     ) -> tuple[Job, bool]:
         """Insert a queued job; returns (job, created). With an idempotency key already
         used, returns the job it made (``created`` False), or raises ``JobConflict``
@@ -185,6 +188,7 @@ class JobStore:
             spec=spec,
             output_path=output_path,
             idempotency_key=idempotency_key,
+            owner=owner,
             progress=progress,
             attempts=0,
             created_at=now,
@@ -212,10 +216,11 @@ class JobStore:
             )
         return existing
 
-    def get(self, job_id: str) -> Job:
+    def get(self, job_id: str, *, owner: str | None = None, admin: bool = True) -> Job:
+        """The job; a non-admin caller sees only its own (others' are "not found")."""
         with self._session() as s:
             job = s.get(Job, job_id)
-        if job is None:
+        if job is None or (not admin and job.owner != owner):
             raise JobNotFound(job_id)
         return job
 
@@ -224,10 +229,18 @@ class JobStore:
             return s.scalars(select(Job).where(Job.idempotency_key == key)).first()
 
     def page(
-        self, *, status: str | None = None, limit: int = 20, after: str | None = None
+        self,
+        *,
+        status: str | None = None,
+        limit: int = 20,
+        after: str | None = None,
+        owner: str | None = None,
+        admin: bool = True,
     ) -> tuple[list[Job], bool]:
         """Newest first; ``after`` is the id of the last job of the previous page."""
         query = select(Job)
+        if not admin:
+            query = query.where(Job.owner == owner)
         if status is not None:
             query = query.where(Job.status == status)
         if after is not None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request
 
 from llm_batch.service.catalog import ModelCatalog
 from llm_batch.service.raycluster import RayCluster
@@ -16,6 +18,9 @@ from llm_batch.service.store import JobStore
 
 __all__ = [
     "CatalogDep",
+    "Principal",
+    "PrincipalDep",
+    "authenticate",
     "JobsAPIDep",
     "SchedulerDep",
     "ServiceState",
@@ -65,3 +70,46 @@ StoreDep = Annotated[JobStore, Depends(_store)]
 CatalogDep = Annotated[ModelCatalog, Depends(_catalog)]
 JobsAPIDep = Annotated[JobsAPI, Depends(_jobs)]
 SchedulerDep = Annotated[Scheduler, Depends(_scheduler)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Principal:
+    """Who is calling: ``owner`` is a digest of their API key (never the key itself)."""
+
+    owner: str | None
+    admin: bool
+
+
+_OPEN = Principal(owner=None, admin=True)
+
+
+def key_owner(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def authenticate(request: Request) -> Principal:
+    """The caller, from ``Authorization: Bearer <key>``; 401 without a valid key.
+
+    With no keys configured the service is open (and bound to loopback only).
+    Every configured key is compared, in constant time, so timing tells nothing.
+    """
+    keys: dict[str, bool] = getattr(request.app.state, "api_keys", None) or {}
+    if not keys:
+        return _OPEN
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    found: tuple[str, bool] | None = None
+    if scheme.lower() == "bearer" and given:
+        for key, admin in keys.items():
+            if hmac.compare_digest(key.encode(), given.strip().encode()):
+                found = (key, admin)
+    if found is None:
+        raise HTTPException(
+            status_code=401,
+            detail="a valid API key is required: send `Authorization: Bearer <key>`",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return Principal(owner=key_owner(found[0]), admin=found[1])
+
+
+PrincipalDep = Annotated[Principal, Depends(authenticate)]

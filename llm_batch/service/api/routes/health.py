@@ -7,7 +7,7 @@ import logging
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from llm_batch.service.api.deps import JobsAPIDep, StoreDep
+from llm_batch.service.api.deps import JobsAPIDep, PrincipalDep, StoreDep
 from llm_batch.service.errors import ServiceUnavailable
 from llm_batch.service.schemas import Health, Readiness
 
@@ -29,7 +29,7 @@ def healthz() -> Health:
     summary="Readiness: the database and Ray are reachable",
     responses={503: {"model": Readiness, "description": "The database or Ray is not reachable."}},
 )
-def readyz(store: StoreDep, jobs: JobsAPIDep) -> Readiness | JSONResponse:
+def readyz(store: StoreDep, jobs: JobsAPIDep, _: PrincipalDep) -> Readiness | JSONResponse:
     ready = True
     try:
         store.ping()

@@ -9,7 +9,13 @@ from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Resp
 from fastapi.responses import StreamingResponse
 
 from llm_batch.service import results
-from llm_batch.service.api.deps import CatalogDep, SchedulerDep, SettingsDep, StoreDep
+from llm_batch.service.api.deps import (
+    CatalogDep,
+    PrincipalDep,
+    SchedulerDep,
+    SettingsDep,
+    StoreDep,
+)
 from llm_batch.service.errors import JobConflict, JobNotFound
 from llm_batch.service.scheduler import initial_progress
 from llm_batch.service.schemas import JobList, JobPublic, to_public
@@ -46,6 +52,7 @@ def create_job(
     settings: SettingsDep,
     catalog: CatalogDep,
     scheduler: SchedulerDep,
+    principal: PrincipalDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -68,6 +75,7 @@ def create_job(
         priority=spec.priority,
         progress=initial_progress(submission.rows_total),
         idempotency_key=idempotency_key,
+        owner=principal.owner,
     )
     if created:
         scheduler.wake()
@@ -79,6 +87,7 @@ def create_job(
 @router.get("", response_model=JobList, summary="List jobs, newest first")
 def list_jobs(
     store: StoreDep,
+    principal: PrincipalDep,
     status: Annotated[
         Literal["queued", "running", "cancelling", "cancelled", "succeeded", "failed"] | None,
         Query(description="Only jobs in this status."),
@@ -89,7 +98,13 @@ def list_jobs(
     ] = None,
 ) -> JobList:
     try:
-        jobs, has_more = store.page(status=status, limit=limit, after=after)
+        jobs, has_more = store.page(
+            status=status,
+            limit=limit,
+            after=after,
+            owner=principal.owner,
+            admin=principal.admin,
+        )
     except JobNotFound:
         raise HTTPException(422, detail=f"after: no job with id {after!r}") from None
     return JobList(
@@ -100,8 +115,8 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=_ERRORS, summary="Get a job")
-def get_job(job_id: str, store: StoreDep) -> JobPublic:
-    return to_public(store.get(job_id))
+def get_job(job_id: str, store: StoreDep, principal: PrincipalDep) -> JobPublic:
+    return to_public(store.get(job_id, owner=principal.owner, admin=principal.admin))
 
 
 @router.post(
@@ -110,9 +125,12 @@ def get_job(job_id: str, store: StoreDep) -> JobPublic:
     summary="Cancel a job",
     responses={**_ERRORS, 409: {"description": "The job already succeeded or failed."}},
 )
-def cancel_job(job_id: str, store: StoreDep, scheduler: SchedulerDep) -> JobPublic:
+def cancel_job(
+    job_id: str, store: StoreDep, scheduler: SchedulerDep, principal: PrincipalDep
+) -> JobPublic:
     """A queued job is cancelled at once; a running one becomes `cancelling` until Ray has
     stopped it (its engines released), then `cancelled`. Rows already written stay readable."""
+    store.get(job_id, owner=principal.owner, admin=principal.admin)  # 404 for others' jobs
     job = store.cancel(job_id)
     scheduler.wake()
     return to_public(job)
@@ -131,9 +149,11 @@ def cancel_job(job_id: str, store: StoreDep, scheduler: SchedulerDep) -> JobPubl
         },
     },
 )
-def job_results(job_id: str, request: Request, store: StoreDep) -> StreamingResponse:
+def job_results(
+    job_id: str, request: Request, store: StoreDep, principal: PrincipalDep
+) -> StreamingResponse:
     """The rows written so far (all of them once the job has succeeded)."""
-    job = store.get(job_id)
+    job = store.get(job_id, owner=principal.owner, admin=principal.admin)
     files = [] if job.status == JobStatus.QUEUED.value else results.part_files(job.output_path)
     if not files:
         raise JobConflict(f"job {job_id} has written no rows yet (status: {job.status})")
