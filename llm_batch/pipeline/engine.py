@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -29,7 +30,13 @@ from llm_batch.errors import EngineUnavailable
 from llm_batch.job.jsonschema import arrow_type_for_schema, coerce
 from llm_batch.pipeline.accumulators import AccumulatorSet, BatchView, JobContext
 
-__all__ = ["EngineStage", "build_engine_args", "build_sampling_params", "output_schema"]
+__all__ = [
+    "EngineLoad",
+    "EngineStage",
+    "build_engine_args",
+    "build_sampling_params",
+    "output_schema",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +79,8 @@ def build_engine_args(model: dict[str, Any], *, on_cpu: bool) -> dict[str, Any]:
         "tensor_parallel_size": engine["tensor_parallel_size"],
         "pipeline_parallel_size": engine["pipeline_parallel_size"],
         "seed": engine["seed"],
-        # Stats cost a little per step and nobody reads vLLM's own logger here.
+        # No periodic stats lines in the job's log. The stage passes its own stat logger
+        # (EngineLoad), which turns the engine's stats collection on regardless.
         "disable_log_stats": True,
     }
     for key in ("max_model_len", "max_num_seqs", "gpu_memory_utilization"):
@@ -133,6 +141,19 @@ def _overrides(value: Any) -> dict[str, Any]:
     return {k: v for k, v in value.items() if v is not None}
 
 
+def _exit_with_parent() -> None:
+    """Make the processes vLLM spawns from here exit when this actor dies, even by SIGKILL.
+
+    Spawned children start a fresh interpreter, which imports ``sitecustomize``
+    from ``PYTHONPATH``: ours starts a thread that watches the parent.
+    """
+    guard = os.path.join(os.path.dirname(__file__), "_orphan_guard")
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if guard not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([guard, *filter(None, paths)])
+    os.environ["LLM_BATCH_EXIT_WITH_PARENT"] = "1"
+
+
 def _whereabouts() -> dict[str, Any]:
     """Which Ray node and actor this engine runs on (for placement checks and the dashboard)."""
     try:
@@ -142,6 +163,59 @@ def _whereabouts() -> dict[str, Any]:
         return {"node_id": ctx.get_node_id(), "actor_id": ctx.get_actor_id()}
     except Exception:  # noqa: BLE001 - outside Ray (unit tests)
         return {"node_id": None, "actor_id": None}
+
+
+class EngineLoad:
+    """What vLLM's stat loggers tell of the engine: requests running and waiting and KV-cache
+    use at its last step, and the time to first token of requests since the last ``take``.
+
+    The engine in an actor serves no metrics endpoint; these ride along with the stage's
+    progress reports instead.
+    """
+
+    def __init__(self) -> None:
+        self.running = self.waiting = 0
+        self.kv_cache_usage = 0.0
+        self._ttft: list[float] = []
+
+    def stat_logger(self) -> Any:
+        """A vLLM ``StatLoggerFactory`` that records into this object."""
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        load = self
+
+        class _Recorder(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0):
+                pass
+
+            def record(
+                self,
+                scheduler_stats: Any,
+                iteration_stats: Any,
+                mm_cache_stats: Any = None,
+                engine_idx: int = 0,
+            ) -> None:
+                if scheduler_stats is not None:
+                    load.running = scheduler_stats.num_running_reqs
+                    load.waiting = scheduler_stats.num_waiting_reqs
+                    load.kv_cache_usage = scheduler_stats.kv_cache_usage
+                if iteration_stats is not None:
+                    load._ttft.extend(iteration_stats.time_to_first_tokens_iter)
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return _Recorder
+
+    def take(self) -> dict[str, Any]:
+        ttft, self._ttft = self._ttft, []
+        return {
+            "running": self.running,
+            "waiting": self.waiting,
+            "kv_cache_usage": round(self.kv_cache_usage, 4),
+            "ttft_sum": round(sum(ttft), 6),
+            "ttft_count": len(ttft),
+        }
 
 
 class EngineStage:
@@ -195,9 +269,13 @@ class EngineStage:
         )
         self._want_logprobs = sampling.get("logprobs") is not None
         args = build_engine_args(model, on_cpu=current_platform.is_cpu())
+        _exit_with_parent()
         started = time.monotonic()
+        self._load = EngineLoad()
         try:
-            self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+            self._engine = AsyncLLM.from_engine_args(
+                AsyncEngineArgs(**args), stat_loggers=[self._load.stat_logger()]
+            )
         except Exception as e:
             # Ray wraps this in an ActorDiedError; run_job digs the message back out.
             reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
@@ -401,7 +479,7 @@ class EngineStage:
             )
             self._progress.report.remote(
                 model=self._model_name,
-                engine=self._where,
+                engine={**self._where, **self._load.take()},
                 rows=n,
                 failed=sum(1 for e in errors if e is not None),
                 input_tokens=sum(r[1] or 0 for r in results),

@@ -21,8 +21,20 @@ pytestmark = [pytest.mark.e2e, pytest.mark.fault]
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def engine_cores() -> set[int]:
+    import psutil
+
+    found = set()
+    for p in psutil.process_iter(["name", "cmdline"]):
+        text = (p.info["name"] or "") + " ".join(p.info["cmdline"] or [])
+        if "EngineCore" in text or "VLLM::Worker" in text:
+            found.add(p.pid)
+    return found
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, tiny_model):
+    before = engine_cores()
     out = tmp_path_factory.mktemp("multinode")
     proc = subprocess.run(
         [sys.executable, "-m", "tests.e2e.multinode", str(tiny_model), str(out)],
@@ -34,7 +46,15 @@ def report(tmp_path_factory, tiny_model):
     )
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("MULTINODE-REPORT ")), None)
     assert proc.returncode == 0 and line, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return json.loads(line.removeprefix("MULTINODE-REPORT "))
+    result = json.loads(line.removeprefix("MULTINODE-REPORT "))
+    # Engines of the removed node and of the shut-down cluster must not linger.
+    import time
+
+    deadline = time.time() + 30
+    while engine_cores() - before and time.time() < deadline:
+        time.sleep(1)
+    result["leftover_engines"] = sorted(engine_cores() - before)
+    return result
 
 
 def test_engines_only_on_nodes_with_the_accelerator(report):
@@ -53,3 +73,7 @@ def test_node_removed_mid_job_output_exactly_once(report):
     assert report["ids"] == list(range(ROWS))
     assert report["rows"] == ROWS
     assert report["errors"] == 0
+
+
+def test_no_engine_process_outlives_its_node(report):
+    assert report["leftover_engines"] == [], "orphaned vLLM engine processes"
