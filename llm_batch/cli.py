@@ -2,6 +2,7 @@
 
     llm-batch run JOB.yaml            run a job here (a local Ray, or RAY_ADDRESS)
     llm-batch tiny-model DIR          write a small deterministic model for tests and demos
+    llm-batch bench                   raw vLLM vs ray.data.llm vs this pipeline, one run
     llm-batch serve | submit | status | cancel | demo
                                       the job service and its client (``cli_service``)
 
@@ -162,9 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_cmd_tiny_model)
 
+    from llm_batch.bench.cli import add_bench_parser
     from llm_batch.cli_service import add_service_commands
 
     add_service_commands(sub)
+    add_bench_parser(sub)
     return parser
 
 

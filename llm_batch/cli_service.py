@@ -254,7 +254,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     data = load_job_file(job_file)
     # A fresh data folder: a job left from an interrupted demo would run first.
     shutil.rmtree(DEMO_DATA, ignore_errors=True)
-    service = ServiceProcess(DEMO_DATA, env={"VLLM_LOGGING_LEVEL": "WARNING"})
+    service = ServiceProcess(
+        DEMO_DATA,
+        # The service takes paths only under its storage roots: allow exactly what the
+        # demo job reads and writes (the repository's prompts/ is not allowed by default).
+        env={"VLLM_LOGGING_LEVEL": "WARNING", "LLM_BATCH_STORAGE_ROOTS": _job_paths(data)},
+    )
     print(f"1. starting the service on {service.url} (data in {DEMO_DATA}/, a local Ray head)…")
     started = time.monotonic()
     try:
@@ -279,6 +284,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         service.stop()
         service.stop_ray()
     return 0
+
+
+def _job_paths(data: dict[str, Any]) -> str:
+    """The local paths and URIs a job file names (input, output, models), comma-separated."""
+    blocks = [data.get("input"), data.get("output"), data.get("model"), *(data.get("models") or [])]
+    paths = [b["path"] for b in blocks if isinstance(b, dict) and isinstance(b.get("path"), str)]
+    return ",".join(p for p in paths if "://" in p or Path(p).is_absolute())
 
 
 def _shorten(row: dict[str, Any], width: int = 60) -> dict[str, Any]:

@@ -86,14 +86,31 @@ class PromptSpec(_Strict):
         description="Chat messages whose contents are Jinja templates; rendered with the "
         "model's own chat template.",
     )
+    messages_column: str | None = Field(
+        default=None,
+        min_length=1,
+        description="A column holding each row's whole conversation (a list of "
+        "{role, content} structs, or its JSON text), taken as is (no Jinja) and rendered "
+        "with the model's own chat template.",
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> PromptSpec:
-        if (self.template is None) == (self.messages is None):
-            raise ValueError("set exactly one of prompt.template or prompt.messages")
+        kinds = [self.template, self.messages, self.messages_column]
+        if sum(kind is not None for kind in kinds) != 1:
+            raise ValueError(
+                "set exactly one of prompt.template or prompt.messages (or prompt.messages_column)"
+            )
         if self.messages is not None and not self.messages:
             raise ValueError("prompt.messages must hold at least one message")
         return self
+
+    @property
+    def field(self) -> str:
+        """The field that names the prompt's columns, for messages that point at it."""
+        if self.template is not None:
+            return "prompt.template"
+        return "prompt.messages" if self.messages is not None else "prompt.messages_column"
 
 
 class EngineSpec(_Strict):
@@ -121,6 +138,9 @@ class EngineSpec(_Strict):
         description="CPU engine only: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE).",
     )
     seed: int = Field(default=0, description="Engine seed.")
+    cpu_threads: int | None = Field(
+        default=None, ge=1, description="CPU engine only: compute threads (default: all cores)."
+    )
     extra_args: dict[str, Any] = Field(
         default_factory=dict, description="Other vllm.EngineArgs fields, passed unchanged."
     )

@@ -16,7 +16,11 @@ What it does:
    the chat template of :mod:`llm_batch.models.tiny`).
 3. Trains a small ``LlamaForCausalLM`` (head_dim 64, as vLLM's CPU attention
    requires) on ``"Review: {text}\\nSentiment:"`` followed by ``" {label}"`` and
-   EOS, with the loss on the target and EOS only.
+   EOS. The main loss is on the target and EOS only; an auxiliary
+   language-model loss on the whole sequence, weighted ``--text-weight``
+   (0.2), makes the model learn the words and clauses far faster: with the
+   label loss alone, 1,500 steps reached only about 0.89-0.94
+   held-out accuracy (mixed and contrast reviews lagging), with it 0.99.
 4. Also trains the answer vLLM's constrained decoding asks for. With
    ``StructuredOutputsParams(choice=["positive", "negative", "neutral"])`` the
    grammar admits only tokens that spell a prefix of a bare choice ("positive",
@@ -24,6 +28,10 @@ What it does:
    write. So at the same position an auxiliary cross-entropy, restricted to
    those tokens, makes the bare label word win among them. The training
    examples themselves stay exactly in the prompt format above.
+   ``--gen-every N`` also trains the one-sentence generation task of
+   :func:`~llm_batch.models.reviews.make_generation_examples` on every Nth
+   step. It is off by default: in this step budget it cost label accuracy
+   (0.91 with N=5) and the reviews it wrote ignored the product.
 5. Saves the model in bfloat16 (``save_pretrained``) with the tokenizer, checks
    the held-out accuracy of the saved bf16 weights in both modes, and writes
    the held-out rows to ``reviews.jsonl`` and ``reviews.parquet``.
@@ -295,8 +303,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(args.seed)
     pad = tokenizer.pad_token_id
     classify_batches = _forever(examples, args.batch_size, generator, pad)
-    gen_examples = _encode_generation(tokenizer, gen_rows)
-    gen_batches = _forever(gen_examples, args.batch_size, generator, pad) if gen_rows else None
+    gen_batches = None
+    if gen_rows:
+        gen_examples = _encode_generation(tokenizer, gen_rows)
+        gen_batches = _forever(gen_examples, args.batch_size, generator, pad)
     t_train = time.perf_counter()
     for step in range(args.steps):
         for group in optimizer.param_groups:
@@ -394,19 +404,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heldout-size", type=int, default=200)
     p.add_argument("--vocab-size", type=int, default=1024)
     p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--intermediate-size", type=int, default=384)
-    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--intermediate-size", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=1)
     p.add_argument("--max-positions", type=int, default=512)
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--choice-weight", type=float, default=0.5)
     p.add_argument(
         "--text-weight",
         type=float,
-        default=0.0,
-        help="weight of a language-model loss on the prompt",
+        default=0.2,
+        help="weight of an auxiliary language-model loss on the whole sequence (0: label only)",
     )
     p.add_argument("--gen-size", type=int, default=4000, help="generation-task examples")
     p.add_argument(

@@ -141,6 +141,16 @@ def _overrides(value: Any) -> dict[str, Any]:
     return {k: v for k, v in value.items() if v is not None}
 
 
+def _cpu_threads(wanted: int | None) -> None:
+    """Give the CPU engine's worker (spawned from here) the machine's cores.
+
+    Ray sets OMP_NUM_THREADS to the actor's logical CPUs (1), and vLLM's CPU
+    worker inherits it: the engine, which does nearly all the work, would use
+    one core of many. Measured here: 0.68x raw vLLM throughput before.
+    """
+    os.environ["OMP_NUM_THREADS"] = str(wanted or len(os.sched_getaffinity(0)))
+
+
 def _exit_with_parent() -> None:
     """Make the processes vLLM spawns from here exit when this actor dies, even by SIGKILL.
 
@@ -269,6 +279,8 @@ class EngineStage:
         )
         self._want_logprobs = sampling.get("logprobs") is not None
         args = build_engine_args(model, on_cpu=current_platform.is_cpu())
+        if current_platform.is_cpu():
+            _cpu_threads(model["engine"].get("cpu_threads"))
         _exit_with_parent()
         started = time.monotonic()
         self._load = EngineLoad()

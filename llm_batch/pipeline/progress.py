@@ -64,6 +64,14 @@ class ProgressTracker:
                 key, {"model": model, "node_id": engine.get("node_id"), "rows": 0}
             )
             seen["rows"] += rows
+            # The engine's load at this report (EngineLoad.take): levels replace, the
+            # time-to-first-token sums add up.
+            for level in ("running", "waiting", "kv_cache_usage"):
+                if level in engine:
+                    seen[level] = engine[level]
+            for total in ("ttft_sum", "ttft_count"):
+                if total in engine:
+                    seen[total] = seen.get(total, 0) + engine[total]
         if metrics is not None:
             self._metrics[model] = self._accumulators.merge(self._metrics.get(model), metrics)
         counts = self._models.setdefault(model, self._zero())

@@ -9,6 +9,7 @@ turned into Python values; the carryover columns stay Arrow buffers.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pyarrow as pa
@@ -18,9 +19,10 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from llm_batch import columns
 from llm_batch.errors import JobSpecError
 
-__all__ = ["PromptRenderer", "template_variables"]
+__all__ = ["PromptRenderer", "conversation", "template_variables"]
 
 _MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+_ROLES = ("system", "user", "assistant")
 
 
 def _environment() -> ImmutableSandboxedEnvironment:
@@ -42,6 +44,29 @@ def template_variables(source: str, *, field: str = "prompt.template") -> set[st
     return set(meta.find_undeclared_variables(ast)) - set(env.globals)
 
 
+def conversation(value: Any) -> list[dict[str, str]]:
+    """A row's whole conversation from a ``prompt.messages_column`` value: a list of
+    ``{role, content}`` mappings or its JSON text. Raises ValueError saying what is wrong."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise ValueError(f"not a JSON list of messages: {e}") from None
+    if not isinstance(value, list) or not value:
+        raise ValueError("expected a non-empty list of {role, content} messages")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise ValueError(f"message {i}: expected an object with role and content")
+        role, content = message.get("role"), message.get("content")
+        if role not in _ROLES:
+            raise ValueError(f"message {i}: role must be one of {', '.join(_ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise ValueError(f"message {i}: content must be a string")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
 class PromptRenderer:
     """Appends the rendered prompt (or chat messages) to a batch.
 
@@ -49,13 +74,18 @@ class PromptRenderer:
     tasks. A row whose template fails to render (an undefined attribute, a
     sandbox refusal, a null where a value is needed) gets a render error and no
     prompt; the engine turns it into an error row instead of failing the job.
+    With ``messages_column`` each row's conversation is taken from that column as
+    it is: no template runs over it (its text is data, not a template).
     """
 
     def __init__(self, prompt: dict[str, Any]):
         self._prompt = prompt
         env = _environment()
+        self._messages_column: str | None = prompt.get("messages_column")
         if prompt.get("template") is not None:
             self._fields = {"prompt.template": prompt["template"]}
+        elif self._messages_column is not None:
+            self._fields = {}
         else:
             self._fields = {
                 f"prompt.messages[{i}].content": m["content"]
@@ -64,9 +94,11 @@ class PromptRenderer:
         self.variables: set[str] = set()
         for field, source in self._fields.items():
             self.variables |= template_variables(source, field=field)
+        if self._messages_column is not None:
+            self.variables.add(self._messages_column)
         self._templates = [env.from_string(source) for source in self._fields.values()]
         self._roles = [m["role"] for m in prompt.get("messages") or []]
-        self._chat = prompt.get("messages") is not None
+        self._chat = prompt.get("messages") is not None or self._messages_column is not None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         names = sorted(self.variables & set(batch.column_names))
@@ -82,6 +114,14 @@ class PromptRenderer:
             if input_errors is not None and input_errors[i] is not None:
                 rendered.append(None)
                 errors.append(input_errors[i])
+                continue
+            if self._messages_column is not None:
+                try:
+                    rendered.append(conversation(values[self._messages_column][i]))
+                    errors.append(None)
+                except ValueError as e:
+                    rendered.append(None)
+                    errors.append(f"prompt.messages_column {self._messages_column!r}: {e}")
                 continue
             row = {name: values[name][i] for name in names}
             try:

@@ -254,15 +254,17 @@ class _ReadFn:
         options = pajson.ParseOptions(
             explicit_schema=self.schema, unexpected_field_behavior="ignore"
         )
+        data = b"\n".join(b for _, b in lines) + b"\n"
         try:
-            table = pajson.read_json(
-                pa.BufferReader(b"\n".join(b for _, b in lines) + b"\n"), parse_options=options
-            )
+            # Arrow's JSON reader does not check UTF-8: a bad byte must take the slow path,
+            # where its line becomes an error row.
+            data.decode("utf-8")
+            table = pajson.read_json(pa.BufferReader(data), parse_options=options)
             if table.num_rows == len(lines):
                 return _with_ids(
                     table.select(self.columns), self.index, first_row, [None] * len(lines)
                 )
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, UnicodeDecodeError):
             pass
         # Slow path, only for a block with a bad line: each line on its own.
         rows: list[dict[str, Any]] = []
@@ -276,6 +278,10 @@ class _ReadFn:
             except UnicodeDecodeError as e:
                 rows.append({})
                 errors.append(f"input line {number}: not UTF-8 text ({e.reason} at byte {e.start})")
+                continue
+            except RecursionError:
+                rows.append({})
+                errors.append(f"input line {number}: JSON nested too deeply")
                 continue
             except (ValueError, pa.ArrowInvalid, pa.ArrowTypeError) as e:
                 rows.append({})

@@ -86,9 +86,7 @@ def plan_job(spec: JobSpec) -> JobPlan:
     check_columns(
         info.schema,
         {
-            "prompt.template" if spec.prompt.template is not None else "prompt.messages": (
-                renderer.variables
-            ),
+            spec.prompt.field: renderer.variables,
             "carryover": set(spec.carryover),
             "input.columns": set(spec.input.columns or []),
             "metrics.label_column": {spec.metrics.label_column} - {None},

@@ -14,13 +14,19 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi.staticfiles import StaticFiles
 
 from llm_batch.job.spec import JobSpec
-from llm_batch.service.api.deps import ServiceState
+from llm_batch.service.api.deps import OpenAIState, ServiceState
 from llm_batch.service.api.errors import install_error_handlers
-from llm_batch.service.api.routes import health, jobs
+from llm_batch.service.api.limits import RequestLimits
+from llm_batch.service.api.routes import batches, dashboard, files, health, jobs
+from llm_batch.service.api.routes import metrics as metrics_routes
 from llm_batch.service.catalog import ModelCatalog
 from llm_batch.service.errors import ServiceUnavailable
+from llm_batch.service.metrics import RequestTimer, ServiceMetrics
+from llm_batch.service.openai.runner import BatchRunner
+from llm_batch.service.openai.store import BatchStore
 from llm_batch.service.raycluster import RayCluster
 from llm_batch.service.rayjobs import JobsAPI, RayJobs
 from llm_batch.service.scheduler import Scheduler
@@ -30,6 +36,9 @@ from llm_batch.service.store import JobStore
 __all__ = ["create_app"]
 
 logger = logging.getLogger(__name__)
+
+# Room for a multipart upload's boundaries, part headers and text fields around the file.
+_UPLOAD_FORM_SLACK = 2 * 1024 * 1024
 
 
 def create_app(
@@ -47,17 +56,30 @@ def create_app(
     catalog = ModelCatalog.from_file(settings.models)
     cluster = RayCluster(settings) if jobs_api is None else None
     jobs_api = jobs_api or RayJobs(cluster.jobs_address)  # type: ignore[union-attr]
-    scheduler = Scheduler(store=store, settings=settings, jobs=jobs_api, cluster=cluster)
+    metrics = ServiceMetrics(store, finished_window=settings.metrics_finished_window)
+    scheduler = Scheduler(
+        store=store,
+        settings=settings,
+        jobs=jobs_api,
+        cluster=cluster,
+        on_job_end=metrics.job_ended,
+    )
     state = ServiceState(settings, store, catalog, jobs_api, cluster, scheduler)
+    batch_store = BatchStore(store)
+    runner = BatchRunner(
+        store=store, batches=batch_store, settings=settings, catalog=catalog, scheduler=scheduler
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if run_scheduler:
             scheduler.start()
+            runner.start()
         try:
             yield
         finally:
             if run_scheduler:
+                runner.stop()
                 scheduler.stop()
                 _maybe_stop_ray(state)
             store.close()
@@ -70,9 +92,27 @@ def create_app(
     )
     app.state.service = state
     app.state.api_keys = settings.keys()  # read once; compared in api.deps.authenticate
+    app.state.openai = OpenAIState(batch_store, runner)
     install_error_handlers(app)
+    # Body size and JSON nesting, before any route parses a body (api/limits.py). Uploads
+    # stream to their route, which cuts them at max_upload_bytes; this backs it up.
+    app.add_middleware(
+        RequestLimits,
+        max_bytes=settings.max_request_bytes,
+        max_depth=settings.max_json_depth,
+        upload_limits={"/v1/files": settings.max_upload_bytes + _UPLOAD_FORM_SLACK},
+        openai_paths=("/v1/files", "/v1/batches"),
+    )
+    # Outermost: times every request, refused ones included.
+    app.add_middleware(RequestTimer, histogram=metrics.requests)
+    app.state.metrics = metrics
     app.include_router(health.router)
+    app.include_router(metrics_routes.router)
+    app.include_router(dashboard.router)
+    app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
     app.include_router(jobs.router)
+    app.include_router(files.router)
+    app.include_router(batches.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -48,11 +48,22 @@ def part_files(output_path: str) -> list[str]:
 
 
 def _batches(
-    output_path: str, files: list[str], batch_rows: int
+    output_path: str, files: list[str], batch_rows: int, limit: int | None = None
 ) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
     fs, _ = _filesystem(output_path)
     dataset = pads.dataset(files, filesystem=fs, format="parquet")
-    return dataset.schema, dataset.to_batches(batch_size=batch_rows)
+    batches = dataset.to_batches(batch_size=batch_rows)
+    return dataset.schema, batches if limit is None else _first(batches, limit)
+
+
+def _first(batches: Iterator[pa.RecordBatch], limit: int) -> Iterator[pa.RecordBatch]:
+    left = limit
+    for batch in batches:
+        if left <= 0:
+            return
+        batch = batch.slice(0, left)
+        left -= batch.num_rows
+        yield batch
 
 
 def _json_default(value: Any) -> Any:
@@ -67,9 +78,10 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def iter_jsonl(output_path: str, files: list[str]) -> Iterator[bytes]:
-    """One JSON object per row (binary as base64, timestamps as ISO 8601, decimals as strings)."""
-    _, batches = _batches(output_path, files, _JSONL_BATCH_ROWS)
+def iter_jsonl(output_path: str, files: list[str], *, limit: int | None = None) -> Iterator[bytes]:
+    """One JSON object per row (binary as base64, timestamps as ISO 8601, decimals as strings);
+    the first ``limit`` rows only, when given."""
+    _, batches = _batches(output_path, files, _JSONL_BATCH_ROWS, limit)
     for batch in batches:
         lines = [
             json.dumps(row, default=_json_default, ensure_ascii=False) for row in batch.to_pylist()
@@ -106,9 +118,12 @@ class _Chunks:
         return out
 
 
-def iter_parquet(output_path: str, files: list[str]) -> Iterator[bytes]:
-    """All rows as one Parquet file, one row group per batch, sent as each is written."""
-    schema, batches = _batches(output_path, files, _PARQUET_BATCH_ROWS)
+def iter_parquet(
+    output_path: str, files: list[str], *, limit: int | None = None
+) -> Iterator[bytes]:
+    """All rows (or the first ``limit``) as one Parquet file, one row group per batch, sent
+    as each is written."""
+    schema, batches = _batches(output_path, files, _PARQUET_BATCH_ROWS, limit)
     sink = _Chunks()
     with pq.ParquetWriter(sink, schema, compression="zstd") as writer:
         for batch in batches:

@@ -29,6 +29,7 @@ import shlex
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +86,12 @@ class Scheduler:
         settings: Settings,
         jobs: JobsAPI,
         cluster: RayCluster | None = None,
+        on_job_end: Callable[[Job, JobStatus], None] | None = None,
     ):
+        """``on_job_end(job, status)`` is called once for each job this scheduler ends (the
+        job as it was followed, before it ended): the service's metrics observe durations."""
         self.store = store
+        self._on_job_end = on_job_end
         self.settings = settings
         self.jobs = jobs
         self.cluster = cluster
@@ -202,6 +207,11 @@ class Scheduler:
     ) -> None:
         if self.store.finish(job.id, status, progress=progress, error=error, from_statuses=ACTIVE):
             logger.info("job %s %s", job.id, status.value)
+            if self._on_job_end is not None:
+                try:
+                    self._on_job_end(job, status)
+                except Exception:  # noqa: BLE001 - an observer must not stop the scheduler
+                    logger.exception("job %s: on_job_end failed", job.id)
         self._last_write.pop(job.id, None)
         self._stop_sent.discard(job.id)
 

@@ -81,6 +81,45 @@ class Settings(BaseSettings):
     progress_interval: float = Field(
         default=1.0, ge=0, description="Least seconds between two progress writes of one job."
     )
+    metrics_finished_window: float = Field(
+        default=900.0,
+        ge=0,
+        description="Seconds an ended job's own series stay in /metrics (running jobs always "
+        "do); keeps the label cardinality to running and recently ended jobs.",
+    )
+    storage_roots: str | None = Field(
+        default=None,
+        description="Comma-separated local folders and URI prefixes (s3://bucket/prefix) "
+        "that submitted jobs may read from and write to, besides the data directory (always "
+        "allowed); any other input, output or local model path is refused with 422.",
+    )
+    allowed_accumulators: str | None = Field(
+        default=None,
+        description="Comma-separated import paths (package.module:Class) of custom "
+        "accumulators that submitted jobs may name; others are refused before anything "
+        "is imported.",
+    )
+    max_request_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="Largest request body (uploads to /v1/files aside: max_upload_bytes); "
+        "a larger one is answered with 413 as soon as the limit is passed.",
+    )
+    max_json_depth: int = Field(
+        default=64,
+        ge=2,
+        description="Deepest nesting of arrays and objects in a JSON request body; deeper "
+        "is answered with 422 before it is parsed.",
+    )
+    max_upload_bytes: int = Field(
+        default=200 * 1024 * 1024,
+        ge=1,
+        description="Largest file `POST /v1/files` takes (OpenAI's batch limit: 200 MiB); "
+        "a larger upload is cut off while it streams in and answered with 413.",
+    )
+    max_batch_requests: int = Field(
+        default=50_000, ge=1, description="Most requests (lines) in one batch input file."
+    )
 
     @field_validator("data_dir")
     @classmethod
@@ -93,6 +132,25 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute_models(cls, v: Path | None) -> Path | None:
         return None if v is None else v.expanduser().resolve()
+
+    @field_validator("storage_roots")
+    @classmethod
+    def _normalized_roots(cls, v: str | None) -> str | None:
+        # Relative folders are taken from the directory the service starts in, now,
+        # like data_dir; a bad entry stops the start with its name.
+        from llm_batch.service.storage import parse_roots
+
+        return ",".join(parse_roots(v)) or None
+
+    def roots(self) -> list[str]:
+        """Where submitted jobs may read and write: the data directory, then storage_roots."""
+        from llm_batch.service.storage import parse_roots
+
+        return [str(self.data_dir), *parse_roots(self.storage_roots)]
+
+    def accumulators(self) -> set[str]:
+        """The custom accumulators submitted jobs may name."""
+        return {a.strip() for a in (self.allowed_accumulators or "").split(",") if a.strip()}
 
     def keys(self) -> dict[str, bool]:
         """Configured API keys → whether each is an admin key (empty: no authentication)."""
@@ -123,3 +181,13 @@ class Settings(BaseSettings):
     @property
     def outputs_dir(self) -> Path:
         return self.data_dir / "outputs"
+
+    @property
+    def files_dir(self) -> Path:
+        """The bytes of the Files API's files, one file per id."""
+        return self.data_dir / "files"
+
+    @property
+    def batches_dir(self) -> Path:
+        """Each batch's converted input (Parquet), one folder per batch."""
+        return self.data_dir / "batches"

@@ -18,12 +18,14 @@ from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     Integer,
     String,
     Text,
     create_engine,
     event,
+    func,
     inspect,
     or_,
     select,
@@ -36,7 +38,17 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from llm_batch.service.errors import JobConflict, JobNotFound
 
-__all__ = ["ACTIVE", "TERMINAL", "Job", "JobStatus", "JobStore", "new_job_id", "utcnow"]
+__all__ = [
+    "ACTIVE",
+    "TERMINAL",
+    "Batch",
+    "Job",
+    "JobStatus",
+    "JobStore",
+    "StoredFile",
+    "new_job_id",
+    "utcnow",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +113,59 @@ def _on_load(job: Job, _context: Any) -> None:
         setattr(job, name, _aware(getattr(job, name)))
 
 
+class StoredFile(_Base):
+    """A file of the OpenAI Files API; its bytes live at ``<data_dir>/files/<id>``, never here."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(64), index=True, default=None)
+    filename: Mapped[str] = mapped_column(String(255))
+    purpose: Mapped[str] = mapped_column(String(32), index=True)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class Batch(_Base):
+    """A batch of the OpenAI Batch API: one job per group of its requests (``jobs``)."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(64), index=True, default=None)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    endpoint: Mapped[str] = mapped_column(String(64))
+    input_file_id: Mapped[str] = mapped_column(String(40))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    # "metadata" is taken by SQLAlchemy's declarative base; the column keeps the API's name.
+    meta: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON, default=None)
+    model: Mapped[str | None] = mapped_column(String(255), default=None)
+    errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=None)
+    # [{"job_id", "model", "requests"}], one per group of requests that share a job.
+    jobs: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=None)
+    output_file_id: Mapped[str | None] = mapped_column(String(40), default=None)
+    error_file_id: Mapped[str | None] = mapped_column(String(40), default=None)
+    request_counts: Mapped[dict[str, int] | None] = mapped_column(JSON, default=None)
+    usage: Mapped[dict[str, int] | None] = mapped_column(JSON, default=None)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    in_progress_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    finalizing_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    failed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelling_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelled_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+@event.listens_for(StoredFile, "load")
+@event.listens_for(Batch, "load")
+def _on_load_aware(row: Any, _context: Any) -> None:
+    for column in row.__table__.columns:
+        if isinstance(column.type, DateTime):
+            attr = row.__mapper__.get_property_by_column(column).key
+            setattr(row, attr, _aware(getattr(row, attr)))
+
+
 def _execute(session: Session, statement: Any) -> int:
     """Run an UPDATE; returns how many rows it changed."""
     return cast("CursorResult[Any]", session.execute(statement)).rowcount
@@ -131,20 +196,20 @@ class JobStore:
     # -- schema --------------------------------------------------------------------
 
     def create_schema(self) -> None:
-        """Create the table, then add the columns a newer version defines (additive only)."""
+        """Create the tables, then add the columns a newer version defines (additive only)."""
         _Base.metadata.create_all(self.engine)
-        table = _Base.metadata.tables[Job.__tablename__]
-        existing = {c["name"] for c in inspect(self.engine).get_columns(table.name)}
-        missing = [c for c in table.columns if c.name not in existing]
-        if not missing:
-            return
-        with self.engine.begin() as conn:
-            for column in missing:
-                ddl_type = column.type.compile(dialect=self.engine.dialect)
-                logger.info("adding column %s.%s (%s)", table.name, column.name, ddl_type)
-                conn.execute(
-                    text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {ddl_type}')
-                )
+        for table in _Base.metadata.sorted_tables:
+            existing = {c["name"] for c in inspect(self.engine).get_columns(table.name)}
+            missing = [c for c in table.columns if c.name not in existing]
+            if not missing:
+                continue
+            with self.engine.begin() as conn:
+                for column in missing:
+                    ddl_type = column.type.compile(dialect=self.engine.dialect)
+                    logger.info("adding column %s.%s (%s)", table.name, column.name, ddl_type)
+                    conn.execute(
+                        text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {ddl_type}')
+                    )
 
     def close(self) -> None:
         self.engine.dispose()
@@ -279,6 +344,28 @@ class JobStore:
                 f"job {job_id} already ended ({job.status}); there is nothing to cancel"
             )
         return job
+
+    # -- the metrics' side (read at each scrape) -----------------------------------------
+
+    def status_counts(self) -> dict[str, int]:
+        """How many jobs are in each status (a status no job is in is left out)."""
+        with self._session() as s:
+            rows = s.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+        return {status: int(n) for status, n in rows}
+
+    def watched(self, *, finished_since: dt.datetime, limit: int) -> list[Job]:
+        """Running and cancelling jobs, then at most ``limit`` jobs that ended since
+        ``finished_since``, most recent first."""
+        ended = (
+            select(Job)
+            .where(Job.status.in_(TERMINAL), Job.finished_at >= finished_since)
+            .order_by(Job.finished_at.desc(), Job.id)
+            .limit(limit)
+        )
+        with self._session() as s:
+            return list(s.scalars(select(Job).where(Job.status.in_(ACTIVE)))) + list(
+                s.scalars(ended)
+            )
 
     # -- the scheduler's side ----------------------------------------------------------
 

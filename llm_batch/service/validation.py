@@ -1,23 +1,28 @@
 """Admission of a submitted job: everything checked before ``201``, nothing that needs an engine.
 
 The body is resolved (model names from the catalog, relative paths against the
-service's directory, since jobs run in Ray's working directories), validated
-as a ``JobSpec`` and planned (``plan_job``: the input exists, the columns the
-template and carryover name are there). Every refusal is a ``JobSpecError`` or
+service's directory, since jobs run in Ray's working directories), confined to
+the service's storage roots (``storage.py``), validated as a ``JobSpec`` and
+planned (``plan_job``: the input exists, the columns the template and carryover
+name are there). Every refusal is a ``JobSpecError`` or
 ``InputError`` whose message names the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from llm_batch.errors import JobSpecError
+import pyarrow as pa
+
+from llm_batch.errors import InputError, JobSpecError
 from llm_batch.job.spec import JobSpec
 from llm_batch.service.catalog import ModelCatalog
+from llm_batch.service.storage import StorageRoots
 
-__all__ = ["Submission", "absolute_paths", "prepare_submission"]
+__all__ = ["Submission", "absolute_paths", "parse_job_text", "prepare_submission"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,15 +62,88 @@ def absolute_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     return {k: v for k, v in out.items() if k in data}
 
 
-def prepare_submission(body: Any, *, catalog: ModelCatalog, base: Path) -> Submission:
-    """Validate and plan a submitted job; raises ``JobSpecError`` / ``InputError``."""
+def prepare_submission(
+    body: Any,
+    *,
+    catalog: ModelCatalog,
+    base: Path,
+    roots: StorageRoots | None = None,
+    accumulators: Collection[str] | None = None,
+) -> Submission:
+    """Validate and plan a submitted job; raises ``JobSpecError`` / ``InputError``.
+
+    With ``roots``, every input, output and local model path must lie under them
+    (``storage.StorageRoots``; the catalog's models are allowed wherever they are)
+    and the job keeps the resolved paths. With ``accumulators``, custom accumulators
+    must be among them: naming one imports it in this process.
+    """
     from llm_batch.pipeline.run import plan_job
 
     if not isinstance(body, dict):
         raise JobSpecError(
             f"request body: expected a JSON object of job fields, got {type(body).__name__}"
         )
-    data = absolute_paths(catalog.resolve(body), base)
+    data = catalog.resolve(body)
+    if roots is not None:  # on the paths as sent, so that refusals quote them
+        offered = [catalog.block(name, field="model").get("path", "") for name in catalog.names]
+        roots = roots.with_models(offered)
+        data = roots.confine_job(data, base=str(base))
+    data = absolute_paths(data, base)
     spec = JobSpec.from_dict(data, source="job")
-    plan = plan_job(spec)
+    if accumulators is not None:
+        for path in spec.metrics.accumulators:
+            if path not in accumulators:
+                allowed = ", ".join(sorted(accumulators)) or "none"
+                raise JobSpecError(
+                    f"metrics.accumulators: {path!r} is not an accumulator this service "
+                    f"allows (allowed: {allowed}; the operator lists them in "
+                    "LLM_BATCH_ALLOWED_ACCUMULATORS)"
+                )
+    try:
+        plan = plan_job(spec)
+    except (pa.ArrowException, RecursionError, UnicodeDecodeError) as e:
+        # What the reader does not expect of a hostile file (a value whose type changes
+        # between lines, a line nested thousands deep) is still the input's fault: 422.
+        raise InputError(
+            f"input.path: {spec.input.path!r} cannot be read: {type(e).__name__}: {str(e)[:200]}"
+        ) from None
+    if roots is not None and _is_local(spec.input.path):
+        roots.check_files(plan.input_info.files, field="input.path")
     return Submission(spec, plan.input_info.rows_total)
+
+
+def parse_job_text(raw: bytes, *, max_depth: int) -> Any:
+    """A job file's text (YAML, or JSON, which is YAML too) as submitted in a request body.
+
+    Safe YAML without anchors and aliases (a few bytes of aliases can stand for billions
+    of nodes) and nested at most ``max_depth`` levels, like a JSON body.
+    """
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                raise JobSpecError("request body: YAML aliases (*name) are not accepted")
+            self.depth += 1
+            if self.depth > max_depth:
+                raise JobSpecError(
+                    f"request body: the job nests deeper than {max_depth} levels (max_json_depth)"
+                )
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise JobSpecError(f"request body is not UTF-8 text: {e.reason}") from None
+    loader = Loader(text)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        raise JobSpecError(f"request body is not valid YAML or JSON: {e}") from None
+    finally:
+        loader.dispose()

@@ -2,7 +2,7 @@
 
 ``db_url`` runs a test on SQLite, and again on PostgreSQL when
 ``LLM_BATCH_TEST_POSTGRES_URL`` names a database (``.ci/run`` starts one); the
-PostgreSQL run starts from an empty ``jobs`` table.
+PostgreSQL run starts from empty tables.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
     engine = create_engine(url)
     with engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS jobs"))
+        for table in ("jobs", "batches", "files"):
+            conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
     engine.dispose()
     yield url
 
@@ -59,17 +60,30 @@ def job_body(reviews: Path) -> dict:
 
 
 @pytest.fixture(scope="session")
-def service(tmp_path_factory: pytest.TempPathFactory):
+def service(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
     """ONE real service for the session's end-to-end service tests: ``llm-batch serve`` as a
     subprocess on a free loopback port, its own data folder, its own local Ray head on free
-    ports. At the end the service and the head are stopped, with every process that worked
-    for the head (workers, vLLM engine cores), orphaned or not."""
+    ports, and the tiny model offered as ``tiny`` (its models file). At the end the service
+    and the head are stopped, with every process that worked for the head (workers, vLLM
+    engine cores), orphaned or not."""
     import psutil
 
     from llm_batch.service.process import ServiceProcess
 
+    folder = tmp_path_factory.mktemp("service")
+    models = folder / "models.yaml"
+    models.write_text(
+        f"tiny:\n  path: {tiny_model}\n"
+        "  engine: {max_model_len: 2048, enforce_eager: true, dtype: bfloat16}\n"
+    )
     svc = ServiceProcess(
-        tmp_path_factory.mktemp("service") / "data", env={"VLLM_LOGGING_LEVEL": "WARNING"}
+        folder / "data",
+        env={
+            "VLLM_LOGGING_LEVEL": "WARNING",
+            "LLM_BATCH_MODELS": str(models),
+            # The tests' inputs, outputs and models live in pytest's temporary folders.
+            "LLM_BATCH_STORAGE_ROOTS": str(tmp_path_factory.getbasetemp()),
+        },
     )
     try:
         svc.start()

@@ -19,7 +19,9 @@ from llm_batch.service.settings import Settings
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[str]:
-    settings = Settings(data_dir=tmp_path / "data", ray_dashboard_port=free_port())
+    settings = Settings(
+        data_dir=tmp_path / "data", ray_dashboard_port=free_port(), storage_roots=str(tmp_path)
+    )
     port = free_port()
     config = uvicorn.Config(
         create_app(settings, run_scheduler=False), host="127.0.0.1", port=port, log_level="warning"

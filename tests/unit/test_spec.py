@@ -123,3 +123,23 @@ def test_bad_files(tmp_path):
     scalar.write_text("just a string\n")
     with pytest.raises(JobSpecError, match="expected a mapping"):
         JobSpec.from_file(scalar)
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        {"template": "a", "messages_column": "conversation"},
+        {"messages": [{"role": "user", "content": "b"}], "messages_column": "conversation"},
+        {},
+    ],
+)
+def test_messages_column_is_one_kind_of_prompt(prompt):
+    with pytest.raises(JobSpecError, match="set exactly one of prompt.template or prompt.messages"):
+        JobSpec.from_dict(with_(prompt=prompt))
+
+
+def test_messages_column_names_its_field():
+    spec = JobSpec.from_dict(with_(prompt={"messages_column": "conversation"}))
+    assert spec.prompt.messages_column == "conversation"
+    assert spec.prompt.field == "prompt.messages_column"
+    assert JobSpec.from_dict(BASE).prompt.field == "prompt.template"

@@ -10,6 +10,9 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 
 from llm_batch.service.catalog import ModelCatalog
+from llm_batch.service.metrics import ServiceMetrics
+from llm_batch.service.openai.runner import BatchRunner
+from llm_batch.service.openai.store import BatchStore
 from llm_batch.service.raycluster import RayCluster
 from llm_batch.service.rayjobs import JobsAPI
 from llm_batch.service.scheduler import Scheduler
@@ -17,11 +20,15 @@ from llm_batch.service.settings import Settings
 from llm_batch.service.store import JobStore
 
 __all__ = [
+    "BatchRunnerDep",
+    "BatchStoreDep",
     "CatalogDep",
+    "OpenAIState",
     "Principal",
     "PrincipalDep",
     "authenticate",
     "JobsAPIDep",
+    "MetricsDep",
     "SchedulerDep",
     "ServiceState",
     "SettingsDep",
@@ -70,6 +77,37 @@ StoreDep = Annotated[JobStore, Depends(_store)]
 CatalogDep = Annotated[ModelCatalog, Depends(_catalog)]
 JobsAPIDep = Annotated[JobsAPI, Depends(_jobs)]
 SchedulerDep = Annotated[Scheduler, Depends(_scheduler)]
+
+
+def _metrics(request: Request) -> ServiceMetrics:
+    return request.app.state.metrics  # type: ignore[no-any-return]
+
+
+MetricsDep = Annotated[ServiceMetrics, Depends(_metrics)]
+
+
+@dataclasses.dataclass
+class OpenAIState:
+    """What the OpenAI-compatible routes hold; lives on ``app.state.openai``."""
+
+    batches: BatchStore
+    runner: BatchRunner
+
+
+def _openai(request: Request) -> OpenAIState:
+    return request.app.state.openai  # type: ignore[no-any-return]
+
+
+def _batch_store(request: Request) -> BatchStore:
+    return _openai(request).batches
+
+
+def _batch_runner(request: Request) -> BatchRunner:
+    return _openai(request).runner
+
+
+BatchStoreDep = Annotated[BatchStore, Depends(_batch_store)]
+BatchRunnerDep = Annotated[BatchRunner, Depends(_batch_runner)]
 
 
 @dataclasses.dataclass(frozen=True)

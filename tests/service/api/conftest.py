@@ -16,8 +16,14 @@ from llm_batch.service.settings import Settings
 
 @pytest.fixture
 def settings(tmp_path: Path, db_url: str) -> Settings:
-    # A dashboard port nothing listens on: Ray is "unreachable" for /readyz.
-    return Settings(data_dir=tmp_path / "data", db=db_url, ray_dashboard_port=free_port())
+    # A dashboard port nothing listens on: Ray is "unreachable" for /readyz. The test's
+    # folder is a storage root: the inputs the tests write live there.
+    return Settings(
+        data_dir=tmp_path / "data",
+        db=db_url,
+        ray_dashboard_port=free_port(),
+        storage_roots=str(tmp_path),
+    )
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ def client(tmp_path, db_url):
         api_keys="key-alice, key-bob",
         api_keys_file=keys,
         ray_dashboard_port=free_port(),
+        storage_roots=str(tmp_path),
     )
     with TestClient(create_app(settings, run_scheduler=False)) as c:
         yield c

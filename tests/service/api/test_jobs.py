@@ -66,7 +66,9 @@ def test_relative_input_path_is_resolved_against_the_service_directory(
     [
         ({"temprature": 0.5}, "temprature", "unknown field"),
         ({"sampling": {"temprature": 0.5}}, "sampling.temprature", "unknown field"),
-        ({"input": {"path": "/nowhere/in.parquet"}}, "input.path", "does not exist"),
+        # Outside the storage roots: refused before anything looks at it (no existence
+        # oracle); a missing file inside a root is in tests/service/test_hostile.py.
+        ({"input": {"path": "/nowhere/in.parquet"}}, "input.path", "outside the storage roots"),
         ({"input": None}, "input", ""),
         ({"prompt": {"template": "{{ body }}"}}, "prompt.template", "'body'"),
         ({"carryover": ["id", "label"]}, "carryover", "'label'"),
@@ -257,7 +259,9 @@ def test_named_models_from_the_models_file(tmp_path: Path, db_url, job_body):
     (tmp_path / "m1").mkdir()
     (tmp_path / "m1" / "config.json").write_text("{}")
     models.write_text("small:\n  path: m1\n  engine: {max_model_len: 128}\n")
-    settings = Settings(data_dir=tmp_path / "data", db=db_url, models=models)
+    settings = Settings(
+        data_dir=tmp_path / "data", db=db_url, models=models, storage_roots=str(tmp_path)
+    )
     with TestClient(create_app(settings, run_scheduler=False)) as client:
         job = submit(client, {**job_body, "model": "small"}).json()
         assert job["spec"]["model"]["path"] == str(tmp_path / "m1")

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from llm_batch.service.api.routes import health, jobs
+from llm_batch.service.api.routes import batches, files, health, jobs
 
-__all__ = ["health", "jobs"]
+__all__ = ["batches", "files", "health", "jobs"]

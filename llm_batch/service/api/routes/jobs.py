@@ -19,8 +19,9 @@ from llm_batch.service.api.deps import (
 from llm_batch.service.errors import JobConflict, JobNotFound
 from llm_batch.service.scheduler import initial_progress
 from llm_batch.service.schemas import JobList, JobPublic, to_public
+from llm_batch.service.storage import StorageRoots
 from llm_batch.service.store import JobStatus, new_job_id
-from llm_batch.service.validation import prepare_submission
+from llm_batch.service.validation import parse_job_text, prepare_submission
 
 __all__ = ["router"]
 
@@ -40,6 +41,7 @@ _JSONL_MEDIA_TYPE = "application/x-ndjson"
     responses={
         422: {"description": "The job is invalid; `detail` names the field."},
         409: {"description": "The Idempotency-Key was used for a different job."},
+        413: {"description": "The body is larger than the service's `max_request_bytes`."},
     },
 )
 def create_job(
@@ -62,8 +64,19 @@ def create_job(
         ),
     ] = None,
 ) -> JobPublic:
-    """Validate the job (fields, input, template columns, sampling) and queue it."""
-    submission = prepare_submission(body, catalog=catalog, base=Path.cwd())
+    """Validate the job (fields, input, template columns, sampling) and queue it.
+
+    The body is the job as JSON, or a YAML job file with any other Content-Type
+    (`application/yaml`); relative paths are resolved on the service."""
+    if isinstance(body, bytes):  # not JSON: FastAPI leaves the bytes as they came
+        body = parse_job_text(body, max_depth=settings.max_json_depth)
+    submission = prepare_submission(
+        body,
+        catalog=catalog,
+        base=Path.cwd(),
+        roots=StorageRoots.of(settings.roots()),
+        accumulators=settings.accumulators(),
+    )
     spec = submission.spec
     job_id = new_job_id()
     output = spec.output.path if spec.output is not None else str(settings.outputs_dir / job_id)
@@ -150,7 +163,13 @@ def cancel_job(
     },
 )
 def job_results(
-    job_id: str, request: Request, store: StoreDep, principal: PrincipalDep
+    job_id: str,
+    request: Request,
+    store: StoreDep,
+    principal: PrincipalDep,
+    limit: Annotated[
+        int | None, Query(ge=1, description="At most this many rows (the first ones written).")
+    ] = None,
 ) -> StreamingResponse:
     """The rows written so far (all of them once the job has succeeded)."""
     job = store.get(job_id, owner=principal.owner, admin=principal.admin)
@@ -161,10 +180,12 @@ def job_results(
     if results.PARQUET_MEDIA_TYPE in request.headers.get("accept", ""):
         headers["Content-Disposition"] = f'attachment; filename="{job_id}.parquet"'
         return StreamingResponse(
-            results.iter_parquet(job.output_path, files),
+            results.iter_parquet(job.output_path, files, limit=limit),
             media_type=results.PARQUET_MEDIA_TYPE,
             headers=headers,
         )
     return StreamingResponse(
-        results.iter_jsonl(job.output_path, files), media_type=_JSONL_MEDIA_TYPE, headers=headers
+        results.iter_jsonl(job.output_path, files, limit=limit),
+        media_type=_JSONL_MEDIA_TYPE,
+        headers=headers,
     )

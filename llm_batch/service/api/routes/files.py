@@ -1,0 +1,175 @@
+"""``/v1/files``: OpenAI's Files API, for batch input files and batch output files.
+
+Uploads are streamed to ``<data_dir>/files/<id>`` as they arrive (never held in
+memory, never stored in the database) and cut off with ``413`` once they pass
+``max_upload_bytes``. A key sees only the files it uploaded (and the output files
+of its batches); an admin key sees all.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+
+from llm_batch.service.api.deps import BatchStoreDep, PrincipalDep, SettingsDep
+from llm_batch.service.api.errors import OpenAIError
+from llm_batch.service.openai.schemas import FileDeleted, FileList, FileObject, file_object
+from llm_batch.service.openai.store import new_file_id
+from llm_batch.service.openai.upload import UploadInvalid, UploadTooLarge, receive_upload
+from llm_batch.service.store import StoredFile
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"description": "No file with this id (for this key)."}
+}
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "purpose"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "purpose": {"type": "string", "enum": ["batch"]},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def _file(store: BatchStoreDep, principal: PrincipalDep, file_id: str) -> StoredFile:
+    row = store.get_file(file_id, owner=principal.owner, admin=principal.admin)
+    if row is None:
+        raise OpenAIError(404, f"No such File object: {file_id}", param="file_id")
+    return row
+
+
+@router.post(
+    "",
+    response_model=FileObject,
+    summary="Upload a file",
+    openapi_extra=_UPLOAD_BODY,
+    responses={
+        400: {"description": "Not a multipart upload, no `file`, or a purpose other than batch."},
+        413: {"description": "The file is larger than `max_upload_bytes`."},
+    },
+)
+async def create_file(
+    request: Request, settings: SettingsDep, store: BatchStoreDep, principal: PrincipalDep
+) -> FileObject:
+    """Multipart fields `file` (the JSONL batch input) and `purpose` (`batch`)."""
+    folder = settings.files_dir
+    try:
+        upload = await receive_upload(request, folder, max_bytes=settings.max_upload_bytes)
+    except UploadTooLarge as e:
+        raise OpenAIError(413, str(e), param="file", code="file_too_large") from None
+    except UploadInvalid as e:
+        raise OpenAIError(400, str(e)) from None
+    try:
+        purpose = upload.fields.get("purpose")
+        if upload.path is None:
+            raise OpenAIError(
+                400, "send the file as the multipart field `file`", param="file",
+                code="missing_required_parameter",
+            )  # fmt: skip
+        if purpose is None:
+            raise OpenAIError(
+                400, "purpose is required", param="purpose", code="missing_required_parameter"
+            )
+        if purpose != "batch":
+            raise OpenAIError(
+                400,
+                f"purpose {purpose!r} is not supported: this service takes batch input files "
+                "(purpose `batch`)",
+                param="purpose",
+                code="invalid_value",
+            )
+        file_id = new_file_id()
+        os.replace(upload.path, folder / file_id)
+    except BaseException:
+        if upload.path is not None:
+            upload.path.unlink(missing_ok=True)
+        raise
+    row = await run_in_threadpool(
+        store.add_file,
+        file_id=file_id,
+        filename=upload.filename or "upload",
+        purpose=purpose,
+        size=upload.size,
+        owner=principal.owner,
+    )
+    return file_object(row)
+
+
+@router.get("", response_model=FileList, summary="List files")
+def list_files(
+    store: BatchStoreDep,
+    principal: PrincipalDep,
+    after: Annotated[str | None, Query(description="The last id of the previous page.")] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000, description="Files per page.")] = 10_000,
+    order: Annotated[Literal["asc", "desc"], Query(description="By creation time.")] = "desc",
+    purpose: Annotated[str | None, Query(description="Only files with this purpose.")] = None,
+) -> FileList:
+    page = store.page_files(
+        owner=principal.owner,
+        admin=principal.admin,
+        limit=limit,
+        after=after,
+        order=order,
+        purpose=purpose,
+    )
+    if page is None:
+        raise OpenAIError(400, f"after: no file with id {after!r}", param="after")
+    rows, has_more = page
+    return FileList(
+        data=[file_object(r) for r in rows],
+        first_id=rows[0].id if rows else None,
+        last_id=rows[-1].id if rows else None,
+        has_more=has_more,
+    )
+
+
+@router.get("/{file_id}", response_model=FileObject, responses=_NOT_FOUND, summary="Get a file")
+def get_file(file_id: str, store: BatchStoreDep, principal: PrincipalDep) -> FileObject:
+    return file_object(_file(store, principal, file_id))
+
+
+@router.get(
+    "/{file_id}/content",
+    response_class=FileResponse,
+    responses=_NOT_FOUND,
+    summary="Download a file's content",
+)
+def file_content(
+    file_id: str, store: BatchStoreDep, principal: PrincipalDep, settings: SettingsDep
+) -> FileResponse:
+    row = _file(store, principal, file_id)
+    path = settings.files_dir / row.id
+    if not path.is_file():
+        raise OpenAIError(404, f"the content of {file_id} is gone", param="file_id")
+    return FileResponse(path, media_type="application/octet-stream", filename=row.filename)
+
+
+@router.delete(
+    "/{file_id}", response_model=FileDeleted, responses=_NOT_FOUND, summary="Delete a file"
+)
+def delete_file(
+    file_id: str, store: BatchStoreDep, principal: PrincipalDep, settings: SettingsDep
+) -> FileDeleted:
+    """The file and its bytes; a batch already validated keeps running (its input was
+    converted when it was validated)."""
+    row = _file(store, principal, file_id)
+    deleted = store.delete_file(row.id)
+    (settings.files_dir / row.id).unlink(missing_ok=True)
+    return FileDeleted(id=row.id, deleted=deleted)

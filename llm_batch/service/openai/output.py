@@ -1,0 +1,311 @@
+"""Finalizing a batch: its jobs' Parquet outputs into OpenAI output and error files.
+
+One line per request, streamed part file by part file (memory: one record batch):
+
+    output file  {"id", "custom_id", "response": {"status_code": 200, "request_id",
+                  "body": <chat.completion | text_completion>}, "error": null}
+    error file   {"id", "custom_id", "response": {"status_code": 400 | 500, "request_id",
+                  "body": {"error": {...}}}, "error": {"code", "message"}}
+
+A request with ``n > 1`` is ``n`` consecutive output rows (its samples, written
+together); it is one line with ``n`` choices, or an error line when any sample
+failed. The files' ids derive from the batch's id, so finalizing again after a
+restart rewrites the same files instead of leaving orphans.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pyarrow.dataset as pads
+
+from llm_batch import columns
+from llm_batch.service import results
+from llm_batch.service.openai.convert import CHAT
+from llm_batch.service.store import Job, StoredFile, utcnow
+
+__all__ = ["BatchResults", "error_code", "write_results"]
+
+_BATCH_ROWS = 1024
+_LOWEST_LOGPROB = -9999.0  # what OpenAI reports for a token whose log-probability underflows
+
+
+@dataclasses.dataclass
+class BatchResults:
+    files: list[StoredFile]  # to register with the batch's final status
+    output_file_id: str | None
+    error_file_id: str | None
+    completed: int
+    failed: int
+    input_tokens: int
+    output_tokens: int
+
+    @property
+    def usage(self) -> dict[str, int]:
+        return {
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "total_tokens": self.input_tokens + self.output_tokens,
+        }
+
+
+def _file_id(batch_id: str, kind: str) -> str:
+    return "file-" + hashlib.sha256(f"{batch_id}:{kind}".encode()).hexdigest()[:24]
+
+
+def error_code(message: str) -> tuple[int, str]:
+    """(HTTP status, OpenAI error code) for a row's ``error`` text."""
+    lowered = message.lower()
+    if any(
+        words in lowered
+        for words in ("maximum model length", "maximum context length", "max_model_len")
+    ):
+        return 400, "context_length_exceeded"
+    if message.startswith(
+        ("sampling override", "prompt.messages_column", "prompt rendering", "chat template")
+    ):
+        return 400, "invalid_request"
+    if "does not parse as the schema" in message:
+        return 500, "invalid_response_format"
+    return 500, "server_error"
+
+
+def _finish_reason(reason: str | None) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def _chat_logprobs(steps: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    if steps is None:
+        return None
+
+    def entry(token: str | None, logprob: float | None) -> dict[str, Any]:
+        text = token or ""
+        return {
+            "token": text,
+            "logprob": _LOWEST_LOGPROB if logprob is None else max(logprob, _LOWEST_LOGPROB),
+            "bytes": list(text.encode("utf-8")),
+        }
+
+    return {
+        "content": [
+            {
+                **entry(step["token"], step["logprob"]),
+                "top_logprobs": [entry(t["token"], t["logprob"]) for t in step["top_logprobs"]],
+            }
+            for step in steps
+        ],
+        "refusal": None,
+    }
+
+
+def _completion_logprobs(steps: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    if steps is None:
+        return None
+    tokens = [step["token"] or "" for step in steps]
+    offsets, at = [], 0
+    for token in tokens:
+        offsets.append(at)
+        at += len(token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [step["logprob"] for step in steps],
+        "top_logprobs": [
+            {t["token"] or "": t["logprob"] for t in step["top_logprobs"]} for step in steps
+        ],
+        "text_offset": offsets,
+    }
+
+
+class _Lines:
+    """A JSONL file written under a hidden name, renamed into place by ``close``."""
+
+    def __init__(self, folder: Path, file_id: str):
+        self.file_id = file_id
+        self.final = folder / file_id
+        self.partial = folder / f".{file_id}.partial"
+        self.lines = 0
+        self._f: IO[bytes] | None = None
+
+    def write(self, line: dict[str, Any]) -> None:
+        if self._f is None:
+            self._f = open(self.partial, "wb")  # noqa: SIM115 - closed in close()
+        self._f.write(json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n")
+        self.lines += 1
+
+    def close(self) -> int | None:
+        """Bytes written, or None when there was no line (no file then)."""
+        if self._f is None:
+            self.final.unlink(missing_ok=True)  # from an earlier attempt that had lines
+            return None
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        size = self._f.tell()
+        self._f.close()
+        os.replace(self.partial, self.final)
+        return size
+
+    def discard(self) -> None:
+        if self._f is not None:
+            self._f.close()
+        self.partial.unlink(missing_ok=True)
+
+
+def _requests(job: Job) -> Iterator[list[dict[str, Any]]]:
+    """The job's written output rows, grouped per request (its samples, consecutive)."""
+    from llm_batch.pipeline.write import open_filesystem
+
+    files = results.part_files(job.output_path)
+    if not files:
+        return
+    fs, _ = open_filesystem(job.output_path)
+    dataset = pads.dataset(files, filesystem=fs, format="parquet")
+    wanted = [
+        columns.ROW_ID,
+        "custom_id",
+        columns.SAMPLE_INDEX,
+        columns.GENERATED_TEXT,
+        columns.NUM_INPUT_TOKENS,
+        columns.NUM_OUTPUT_TOKENS,
+        columns.FINISH_REASON,
+        columns.ERROR,
+        columns.LOGPROBS,
+    ]
+    names = [c for c in wanted if c in dataset.schema.names]
+    current: list[dict[str, Any]] = []
+    for batch in dataset.to_batches(columns=names, batch_size=_BATCH_ROWS):
+        for row in batch.to_pylist():
+            if current and row[columns.ROW_ID] != current[0][columns.ROW_ID]:
+                yield current
+                current = []
+            current.append(row)
+    if current:
+        yield current
+
+
+def _body(
+    samples: list[dict[str, Any]], *, endpoint: str, model: str, created: int
+) -> dict[str, Any]:
+    prompt_tokens = samples[0][columns.NUM_INPUT_TOKENS] or 0
+    completion_tokens = sum(s[columns.NUM_OUTPUT_TOKENS] or 0 for s in samples)
+    choices = []
+    for s in sorted(samples, key=lambda s: s.get(columns.SAMPLE_INDEX) or 0):
+        index = s.get(columns.SAMPLE_INDEX) or 0
+        reason = _finish_reason(s[columns.FINISH_REASON])
+        if endpoint == CHAT:
+            choices.append(
+                {
+                    "index": index,
+                    "message": {
+                        "role": "assistant",
+                        "content": s[columns.GENERATED_TEXT],
+                        "refusal": None,
+                    },
+                    "logprobs": _chat_logprobs(s.get(columns.LOGPROBS)),
+                    "finish_reason": reason,
+                }
+            )
+        else:
+            choices.append(
+                {
+                    "index": index,
+                    "text": s[columns.GENERATED_TEXT],
+                    "logprobs": _completion_logprobs(s.get(columns.LOGPROBS)),
+                    "finish_reason": reason,
+                }
+            )
+    chat = endpoint == CHAT
+    return {
+        "id": ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12),
+        "object": "chat.completion" if chat else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+        "system_fingerprint": None,
+    }
+
+
+def _line(custom_id: str, response: dict[str, Any], error: dict[str, str] | None) -> dict[str, Any]:
+    return {
+        "id": "batch_req_" + secrets.token_hex(12),
+        "custom_id": custom_id,
+        "response": response,
+        "error": error,
+    }
+
+
+def write_results(
+    *,
+    batch_id: str,
+    endpoint: str,
+    runs: list[tuple[Job, str]],
+    folder: Path,
+    owner: str | None,
+) -> BatchResults:
+    """Write the output and error files of a batch whose jobs (with their model names)
+    have ended, from the rows they wrote. Files with no line are not made."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = _Lines(folder, _file_id(batch_id, "output"))
+    err = _Lines(folder, _file_id(batch_id, "error"))
+    counts = BatchResults([], None, None, 0, 0, 0, 0)
+    try:
+        for job, model in runs:
+            created = int((job.finished_at or utcnow()).timestamp())
+            for samples in _requests(job):
+                custom_id = samples[0]["custom_id"]
+                counts.input_tokens += samples[0][columns.NUM_INPUT_TOKENS] or 0
+                counts.output_tokens += sum(s[columns.NUM_OUTPUT_TOKENS] or 0 for s in samples)
+                failed = next((s[columns.ERROR] for s in samples if s[columns.ERROR]), None)
+                request_id = "req_" + secrets.token_hex(12)
+                if failed is None:
+                    body = _body(samples, endpoint=endpoint, model=model, created=created)
+                    response = {"status_code": 200, "request_id": request_id, "body": body}
+                    out.write(_line(custom_id, response, None))
+                    counts.completed += 1
+                    continue
+                status, code = error_code(failed)
+                kind = "invalid_request_error" if status == 400 else "server_error"
+                error = {"message": failed, "type": kind, "param": None, "code": code}
+                response = {
+                    "status_code": status,
+                    "request_id": request_id,
+                    "body": {"error": error},
+                }
+                err.write(_line(custom_id, response, {"code": code, "message": failed}))
+                counts.failed += 1
+        sizes = {"output": out.close(), "error": err.close()}
+    except BaseException:
+        out.discard()
+        err.discard()
+        raise
+    now = utcnow()
+    for kind, lines in (("output", out), ("error", err)):
+        size = sizes[kind]
+        if size is None:
+            continue
+        counts.files.append(
+            StoredFile(
+                id=lines.file_id,
+                owner=owner,
+                filename=f"{batch_id}_{kind}.jsonl",
+                purpose="batch_output",
+                bytes=size,
+                created_at=now,
+            )
+        )
+        if kind == "output":
+            counts.output_file_id = lines.file_id
+        else:
+            counts.error_file_id = lines.file_id
+    return counts
