@@ -279,11 +279,40 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 if i >= args.rows:
                     break
                 print("   " + json.dumps(_shorten(row), ensure_ascii=False))
+            _print_metrics(client.get(job["id"]))
     finally:
         print("5. stopping the service and its Ray head")
         service.stop()
         service.stop_ray()
     return 0
+
+
+def _print_metrics(job: dict[str, Any]) -> None:
+    """The accumulators of a finished job, from its ``_metrics.json`` (the job's output)."""
+    path = Path(job["output"]["path"]) / "_metrics.json"
+    if not path.exists():
+        return
+    metrics = json.loads(path.read_text()).get("metrics", {})
+    for model, values in metrics.items():
+        usage = values.get("token_usage", {})
+        print(
+            f"   metrics ({model}): {usage.get('rows', 0)} rows, {usage.get('input_tokens', 0)} "
+            f"input and {usage.get('output_tokens', 0)} output tokens, "
+            f"finish reasons {values.get('finish_reasons', {})}"
+        )
+        labels = values.get("labels")
+        if not labels:
+            continue
+        print(
+            f"   accuracy against the label column: {labels['accuracy']:.3f} "
+            f"({labels['rows']} labeled rows, macro F1 {labels['macro_f1']:.3f})"
+        )
+        cm = labels["confusion_matrix"]
+        width = max(len(x) for x in cm["labels"] + cm["predicted"]) + 2
+        print("   confusion matrix (rows: truth, columns: predicted)")
+        print("   " + " " * width + "".join(p.rjust(width) for p in cm["predicted"]))
+        for truth, row in zip(cm["labels"], cm["matrix"], strict=True):
+            print("   " + truth.rjust(width) + "".join(str(v).rjust(width) for v in row))
 
 
 def _job_paths(data: dict[str, Any]) -> str:

@@ -272,15 +272,16 @@ def _add_job(f: dict[str, Any], job: Job, progress: dict[str, Any]) -> None:
         if value is not None:
             f[key].add_metric([jid], value)
 
-    for model, counts in _items(progress.get("models")):
+    for model, counts in _mappings(progress.get("models")):
         for key in ("rows_done", "rows_failed", "input_tokens", "output_tokens"):
             value = _number(counts.get(key))
             if value is not None:
                 f[key].add_metric([jid, model], value)
 
-    for model, results in _items(progress.get("metrics")):
-        for reason, n in _items(results.get("finish_reasons"), scalar=True):
-            f["finish"].add_metric([jid, model, reason], n)
+    for model, results in _mappings(progress.get("metrics")):
+        for reason, n in (results.get("finish_reasons") or {}).items():
+            if _number(n) is not None:
+                f["finish"].add_metric([jid, model, str(reason)], n)
         accuracy = _number((results.get("labels") or {}).get("accuracy"))
         if accuracy is not None:
             f["accuracy"].add_metric([jid, model], accuracy)
@@ -290,16 +291,13 @@ def _add_job(f: dict[str, Any], job: Job, progress: dict[str, Any]) -> None:
         _add_engines(f, jid, progress.get("engines") or [])
 
 
-def _items(value: Any, *, scalar: bool = False) -> Iterator[tuple[str, Any]]:
-    """A snapshot mapping's entries, skipping what has the wrong shape (snapshots come
-    from a file another process wrote, possibly by another version)."""
-    if not isinstance(value, dict):
-        return
-    for key, item in value.items():
-        if scalar and _number(item) is not None:
-            yield str(key), _number(item)
-        elif not scalar and isinstance(item, dict):
-            yield str(key), item
+def _mappings(value: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The per-model entries of a snapshot mapping, skipping any of another shape (the
+    snapshot is a file another process wrote, possibly another version of it)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, dict):
+                yield str(key), item
 
 
 def _add_latency(family: Metric, labels: list[str], latency: dict[str, Any]) -> None:
@@ -324,10 +322,14 @@ def _add_engines(f: dict[str, Any], jid: str, engines: list[Any]) -> None:
         model = str(engine.get("model"))
         per_model[model] = per_model.get(model, 0) + 1
         labels = [jid, model, str(engine.get("actor_id")), str(engine.get("node_id"))]
-        for key in ("running", "waiting", "kv_cache"):
-            value = _number(engine.get("kv_cache_usage" if key == "kv_cache" else key))
+        for family, key in (
+            ("running", "running"),
+            ("waiting", "waiting"),
+            ("kv_cache", "kv_cache_usage"),
+        ):
+            value = _number(engine.get(key))
             if value is not None:
-                f[key].add_metric(labels, value)
+                f[family].add_metric(labels, value)
         count, total = _number(engine.get("ttft_count")), _number(engine.get("ttft_sum"))
         if count is not None and total is not None:
             sums = ttft.setdefault(model, [0.0, 0.0])

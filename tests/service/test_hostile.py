@@ -3,7 +3,7 @@ goes on serving.
 
 Three tables:
 
-- ``SUBMISSION``: refused (or, for the one marked, accepted) when the job is
+- ``SUBMISSION``: refused (or, for the two marked, accepted) when the job is
   submitted: the API on a real SQLite store through FastAPI's TestClient, with
   storage roots ``<world>/root`` and ``s3://llm-batch-test/allowed``, a catalog
   offering ``tiny``, and ``max_upload_bytes`` of 1 MiB. Each row: the request,
@@ -12,8 +12,7 @@ Three tables:
 - ``RUN_TIME``: rows of ONE job on the session's real service (real Ray, real
   vLLM CPU engine) whose input mixes them with good rows: each becomes an error
   row saying why, every other row succeeds, and a normal job succeeds after it.
-- ``READER``: what the reader does with a line on its own (no engine); the rows
-  marked xfail are known gaps of ``llm_batch/pipeline/read.py``.
+- ``READER``: what the reader does with a bad line among good ones (no engine).
 """
 
 from __future__ import annotations
@@ -162,11 +161,6 @@ def nested(depth: int) -> Any:
     return value
 
 
-ACCEPTED_AT_SUBMISSION = "refused per row at run time by the sandbox: RUN_TIME 'sandbox-*'"
-READ_PY_UTF8 = (
-    "llm_batch/pipeline/read.py: Arrow's JSON reader does not validate UTF-8, so a non-UTF-8 "
-    "file is accepted and its rows' invalid strings crash the renderer at run time"
-)
 TOO_DEEP = "deeper than this service's limit of 64 levels (max_json_depth)"
 OUTSIDE = "is outside the storage roots"
 
@@ -175,8 +169,9 @@ SUBMISSION = [
     # -- the input's data
     ("jsonl-every-line-malformed", job(input={"path": "{root}/bad-lines.jsonl"}), 422,
      "input.path: '{root}/bad-lines.jsonl' holds no JSON object lines"),
-    pytest.param("jsonl-file-not-utf8", job(input={"path": "{root}/latin1.jsonl"}), 422,
-                 "UTF-8", marks=pytest.mark.xfail(strict=True, reason=READ_PY_UTF8)),
+    # Accepted: Arrow infers the schema without checking UTF-8; at run time each line
+    # becomes an error row ("not UTF-8 text"): READER and RUN_TIME 'non-utf8-*'.
+    ("jsonl-file-not-utf8", job(input={"path": "{root}/latin1.jsonl"}), 201, ""),
     ("parquet-garbage-bytes", job(input={"path": "{root}/garbage.parquet"}), 422,
      "input.path: '{root}/garbage.parquet' cannot be read as parquet"),
     ("empty-file", job(input={"path": "{root}/empty.jsonl"}), 422,
@@ -209,6 +204,7 @@ SUBMISSION = [
     ("chat-message-syntax-error",
      job(prompt={"messages": [{"role": "user", "content": "{% if %}"}]}), 422,
      "prompt.messages[0].content: template syntax error"),
+    # Accepted: the sandbox refuses it row by row at run time (RUN_TIME 'sandbox-*').
     ("template-python-internals", job(prompt={"template": "{{ ''.__class__.__mro__ }}{{ text }}"}),
      201, ""),
     ("template-10-mib", job(prompt={"template": "{{ text }}" + "x" * (10 * MIB)}), 413,
@@ -508,19 +504,13 @@ def test_run_time_cases_become_error_rows_and_the_rest_succeeds(service, tmp_pat
 
 # -- the reader on one line (no engine) -------------------------------------------------
 
-READ_PY_DEEP = (
-    "llm_batch/pipeline/read.py: the per-line slow path catches ValueError and Arrow's errors "
-    "but not RecursionError, so a line nested thousands deep fails the read task (the job)"
-)
-
 READER = [
     # id, the lines of a JSONL file, the row that should be an error, a substring of it
-    pytest.param("non-utf8-line-among-good-lines",
-                 [b'{"id": 1, "text": "a"}', b'{"id": 2, "text": "caf\xe9"}'], 1, "not UTF-8"),
-    pytest.param("line-nested-5000-deep-after-a-bad-line",
-                 [b'{"id": 1, "text": "a"}', b"{oops", b'{"id": 3, "text": "b"}',
-                  b'{"id": 4, "text": ' + b"[" * 5000 + b"]" * 5000 + b"}"],
-                 3, "input line 4"),
+    ("non-utf8-line-among-good-lines",
+     [b'{"id": 1, "text": "a"}', b'{"id": 2, "text": "caf\xe9"}'], 1, "input line 2: not UTF-8"),
+    ("line-nested-5000-deep", [b'{"id": 1, "text": "a"}', b"{oops", b'{"id": 3, "text": "b"}',
+                               b'{"id": 4, "text": ' + b"[" * 5000 + b"]" * 5000 + b"}"],
+     3, "input line 4: JSON nested too deeply"),
     ("value-of-the-wrong-type", [b'{"id": 1, "text": "a"}', b"{oops", b'{"id": 3, "text": {}}'],
      2, "input line 3"),
 ]  # fmt: skip

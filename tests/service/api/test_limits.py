@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -198,3 +199,47 @@ def test_the_check_costs_little_on_a_normal_job_body():
     per_body = (time.perf_counter() - started) / runs
     print(f"\nlimit check on a {len(body)}-byte job body: {per_body * 1e6:.1f} µs")
     assert per_body < 1e-3  # generous: it is a couple of microseconds
+
+
+def test_over_a_real_socket_the_rest_of_a_big_body_is_never_read(settings):
+    """uvicorn on loopback: a 50 MiB chunked body is answered 413 after about the limit
+    was sent, and the service goes on serving."""
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from llm_batch.service.app import create_app
+    from llm_batch.service.process import free_port
+
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings, run_scheduler=False),
+            host="127.0.0.1",
+            port=free_port(),
+            log_level="warning",
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{server.config.port}"
+    sent = 0
+
+    def chunks() -> Iterator[bytes]:
+        nonlocal sent
+        for _ in range(800):  # 50 MiB
+            sent += CHUNK
+            yield b" " * CHUNK
+
+    try:
+        r = httpx.post(f"{url}/v1/jobs", content=chunks(), timeout=30)
+        assert r.status_code == 413
+        assert "max_request_bytes" in r.json()["detail"]
+        assert sent < 8 * 1024 * 1024  # the limit and what the socket buffers held
+        assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(10)
