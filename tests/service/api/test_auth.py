@@ -87,3 +87,19 @@ def test_keys_never_stored(client, job_body, tmp_path):
         if f.is_file():
             assert b"key-alice" not in f.read_bytes(), f
     assert "key-alice" not in str(client.get(f"/v1/jobs/{job}", headers=auth("key-alice")).json())
+
+
+def test_a_key_cannot_point_a_job_at_the_service_data(client, job_body, tmp_path):
+    alice = submit(client, "key-alice", job_body)
+    theirs = tmp_path / "data" / "outputs" / alice
+    theirs.mkdir(parents=True, exist_ok=True)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": [1], "text": ["secret"]}), theirs / "x.parquet")
+    for field in ("input", "output"):
+        body = {**job_body, field: {"path": str(theirs / "x.parquet")}}
+        r = client.post("/v1/jobs", json=body, headers=auth("key-bob"))
+        assert r.status_code == 422, r.text
+        assert f"{field}.path" in r.json()["detail"]
+        assert "data directory" in r.json()["detail"]

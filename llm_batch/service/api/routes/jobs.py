@@ -77,6 +77,8 @@ def create_job(
         roots=StorageRoots.of(settings.roots()),
         accumulators=settings.accumulators(),
     )
+    if not principal.admin:
+        _outside_service_data(submission.spec, settings.data_dir)
     spec = submission.spec
     job_id = new_job_id()
     output = spec.output.path if spec.output is not None else str(settings.outputs_dir / job_id)
@@ -95,6 +97,29 @@ def create_job(
     else:
         response.headers["Idempotent-Replayed"] = "true"
     return to_public(job)
+
+
+def _outside_service_data(spec: Any, data_dir: Path) -> None:
+    """A key's job may not name paths in the service's data directory: other keys' outputs,
+    uploads and job files live there. (Its own default output is placed there by the service.)"""
+    import os
+
+    from llm_batch.errors import JobSpecError
+
+    data = os.path.realpath(data_dir)
+    named = [("input.path", spec.input.path)]
+    if spec.output is not None:
+        named.append(("output.path", spec.output.path))
+    for field, path in named:
+        if "://" in path and not path.startswith("file://"):
+            continue
+        real = os.path.realpath(path.removeprefix("file://"))
+        if os.path.commonpath([real, data]) == data:
+            raise JobSpecError(
+                f"{field}: {path!r} is inside the service's data directory, which holds other "
+                "keys' jobs and files; name a path in another storage root (or leave "
+                "output unset: the service then chooses a folder of your own)"
+            )
 
 
 @router.get("", response_model=JobList, summary="List jobs, newest first")
