@@ -83,9 +83,7 @@ def iter_jsonl(output_path: str, files: list[str], *, limit: int | None = None) 
     the first ``limit`` rows only, when given."""
     _, batches = _batches(output_path, files, _JSONL_BATCH_ROWS, limit)
     for batch in batches:
-        lines = [
-            json.dumps(row, default=_json_default, ensure_ascii=False) for row in batch.to_pylist()
-        ]
+        lines = [json.dumps(row, default=_json_default) for row in batch.to_pylist()]
         if lines:
             yield ("\n".join(lines) + "\n").encode("utf-8")
 

@@ -136,7 +136,9 @@ class _Lines:
     def write(self, line: dict[str, Any]) -> None:
         if self._f is None:
             self._f = open(self.partial, "wb")  # noqa: SIM115 - closed in close()
-        self._f.write(json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n")
+        # ASCII-only: generated text may hold U+2028/U+0085, which `str.splitlines()`
+        # (what clients read JSONL with) would take for line breaks inside a string.
+        self._f.write(json.dumps(line).encode("ascii") + b"\n")
         self.lines += 1
 
     def close(self) -> int | None:
