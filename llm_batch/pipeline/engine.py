@@ -274,6 +274,8 @@ class EngineStage:
             metrics.get("accumulators") or (),
         )
         self._schema = output_schema(model_name, sampling)
+        # The same columns without the model prefix: what accumulators read.
+        self._plain_names = [c for c, _ in output_schema(None, sampling)]
         self._parsed_type = (
             arrow_type_for_schema(structured["json_schema"]) if structured.get("parse") else None
         )
@@ -483,7 +485,7 @@ class EngineStage:
             out = out.append_column(name, arr)
 
         if self._progress is not None:
-            view = pa.Table.from_arrays(arrays, names=[c for c, _ in self._plain_schema()])
+            view = pa.Table.from_arrays(arrays, names=self._plain_names)
             if self._label_column is not None:
                 view = view.append_column(self._label_column, batch.column(self._label_column))
             partial = self._accumulators.update(
@@ -500,6 +502,3 @@ class EngineStage:
                 metrics=partial,
             )
         yield out
-
-    def _plain_schema(self) -> list[tuple[str, pa.DataType]]:
-        return output_schema(None, self._sampling_spec)

@@ -74,11 +74,7 @@ class ProgressTracker:
                     seen[total] = seen.get(total, 0) + engine[total]
         if metrics is not None:
             self._metrics[model] = self._accumulators.merge(self._metrics.get(model), metrics)
-        counts = self._models.setdefault(model, self._zero())
-        counts["rows_done"] += rows
-        counts["rows_failed"] += failed
-        counts["input_tokens"] += input_tokens
-        counts["output_tokens"] += output_tokens
+        self._add(model, rows, failed, input_tokens, output_tokens)
         self._record()
 
     def preload(
@@ -95,12 +91,15 @@ class ProgressTracker:
         self._metrics[model] = self._accumulators.merge(
             self._metrics.get(model), self._accumulators.update(view)
         )
+        self._add(model, rows, failed, input_tokens, output_tokens)
+        self._resumed_rows = int(min(m["rows_done"] for m in self._models.values()))
+
+    def _add(self, model: str | None, rows: int, failed: int, inp: int, out: int) -> None:
         counts = self._models.setdefault(model, self._zero())
         counts["rows_done"] += rows
         counts["rows_failed"] += failed
-        counts["input_tokens"] += input_tokens
-        counts["output_tokens"] += output_tokens
-        self._resumed_rows = int(min(m["rows_done"] for m in self._models.values()))
+        counts["input_tokens"] += inp
+        counts["output_tokens"] += out
 
     def _record(self) -> None:
         now = time.time() - self._started
