@@ -42,8 +42,10 @@ def _server_default() -> str:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from pydantic import ValidationError
 
     from llm_batch.service.app import create_app
+    from llm_batch.service.errors import SettingsError
     from llm_batch.service.settings import Settings
 
     flags = {
@@ -53,7 +55,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "db": args.db,
         "models": args.models,
     }
-    settings = Settings(**{k: v for k, v in flags.items() if v is not None})
+    try:
+        settings = Settings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as e:
+        problems = "; ".join(
+            f"LLM_BATCH_{'_'.join(str(p) for p in err['loc']).upper()}: "
+            + err["msg"].removeprefix("Value error, ")
+            for err in e.errors()
+        )
+        raise SettingsError(f"the service's settings are invalid: {problems}") from None
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -48,8 +48,10 @@ def create_app(
     jobs_api: JobsAPI | None = None,
 ) -> FastAPI:
     """The app, its database schema created or migrated. ``run_scheduler=False`` serves the
-    API only (jobs stay queued): for tests of the API."""
+    API only (jobs stay queued): for tests of the API. Raises ``SettingsError`` for settings
+    it cannot run with (in cluster mode, a data directory that is not shared)."""
     settings = settings or Settings()
+    settings.check_cluster_storage()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = JobStore(settings.database_url)
     store.create_schema()

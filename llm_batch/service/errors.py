@@ -4,7 +4,9 @@
     ├── JobNotFound          no job has this id                         → 404
     ├── JobConflict          the request contradicts the job's state    → 409
     │                        (cancel a finished job, reuse an Idempotency-Key)
-    └── ServiceUnavailable   the database or Ray cannot be reached      → 503
+    ├── ServiceUnavailable   the database or Ray cannot be reached      → 503
+    └── SettingsError        the service cannot start with these settings
+                             (the message names the variable)
 
 Only the API layer turns these into HTTP status codes.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 from llm_batch.errors import LLMBatchError
 
-__all__ = ["JobConflict", "JobNotFound", "ServiceUnavailable"]
+__all__ = ["JobConflict", "JobNotFound", "ServiceUnavailable", "SettingsError"]
 
 
 class JobNotFound(LLMBatchError, LookupError):
@@ -27,4 +29,8 @@ class JobConflict(LLMBatchError):
 
 
 class ServiceUnavailable(LLMBatchError):
+    pass
+
+
+class SettingsError(LLMBatchError):
     pass

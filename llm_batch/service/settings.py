@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from llm_batch.service.storage import SharedStorage
 
 __all__ = ["Settings"]
 
@@ -54,7 +58,9 @@ class Settings(BaseSettings):
         default=None,
         validation_alias=AliasChoices("LLM_BATCH_RAY_ADDRESS", "RAY_ADDRESS"),
         description="An existing Ray cluster (dashboard URL http://head:8265, ray://head:10001 "
-        "or head:6379); unset: the service starts a local Ray head itself.",
+        "or head:6379); unset: the service starts a local Ray head itself. Set, the service "
+        "is in cluster mode: jobs' paths must be on storage every node reaches "
+        "(shared_roots).",
     )
     ray_port: int = Field(default=6379, description="Local Ray head: GCS port.")
     ray_dashboard_port: int = Field(
@@ -92,6 +98,16 @@ class Settings(BaseSettings):
         description="Comma-separated local folders and URI prefixes (s3://bucket/prefix) "
         "that submitted jobs may read from and write to, besides the data directory (always "
         "allowed); any other input, output or local model path is refused with 422.",
+    )
+    shared_roots: str | None = Field(
+        default=None,
+        description="Comma-separated local folders every node of the Ray cluster mounts at "
+        "the same path (NFS, a ReadWriteMany volume). In cluster mode (ray_address set) a "
+        "job's input, output and local model paths must be object storage URIs (s3://, "
+        "gs://, abfs://...) or lie under one of these, else the job is refused with 422; "
+        "and the data directory must lie under one (the drivers read job specs there), "
+        "else the service does not start. `/` declares everything shared (a cluster on "
+        "one machine).",
     )
     allowed_accumulators: str | None = Field(
         default=None,
@@ -141,6 +157,49 @@ class Settings(BaseSettings):
         from llm_batch.service.storage import parse_roots
 
         return ",".join(parse_roots(v)) or None
+
+    @field_validator("shared_roots")
+    @classmethod
+    def _normalized_shared_roots(cls, v: str | None) -> str | None:
+        from llm_batch.service.storage import parse_local_roots
+
+        return ",".join(parse_local_roots(v)) or None
+
+    @property
+    def cluster_mode(self) -> bool:
+        """Jobs run on a Ray cluster named by address, whose nodes may be other machines
+        (rather than on the local head this service starts itself)."""
+        return bool(self.ray_address)
+
+    def shared_storage(self) -> SharedStorage | None:
+        """In cluster mode, where a job's paths must be; None when jobs run on this machine."""
+        from llm_batch.service.storage import SharedStorage, parse_local_roots
+
+        if not self.cluster_mode:
+            return None
+        return SharedStorage.of(
+            parse_local_roots(self.shared_roots),
+            cluster=str(self.ray_address),
+        )
+
+    def check_cluster_storage(self) -> None:
+        """Raises ``SettingsError`` when, in cluster mode, the data directory is not on a
+        shared folder: the cluster's job drivers read each job's spec from it, and jobs
+        without an output path and OpenAI batches (their inputs and outputs) live in it."""
+        shared = self.shared_storage()
+        if shared is None or shared.covers(str(self.data_dir)):
+            return
+        from llm_batch.service.errors import SettingsError
+
+        raise SettingsError(
+            f"LLM_BATCH_DATA_DIR {str(self.data_dir)!r} is not under a folder of "
+            f"LLM_BATCH_SHARED_ROOTS ({', '.join(shared.folders) or 'unset'}), but jobs run "
+            f"on the Ray cluster at {self.ray_address}, whose job drivers read each job's "
+            "spec from the data directory and write the default outputs and OpenAI batches "
+            "there: mount it at the same path on every Ray node and list it (or a folder "
+            "above it) in LLM_BATCH_SHARED_ROOTS, or unset RAY_ADDRESS to run jobs on a "
+            "local Ray head"
+        )
 
     def roots(self) -> list[str]:
         """Where submitted jobs may read and write: the data directory, then storage_roots."""

@@ -20,6 +20,14 @@ roots: its data directory, always, and the folders and URI prefixes of
 - A model path that reads as a Hugging Face hub id (``org/name``) is not a path
   and is not checked; models offered by the service's catalog (``--models``)
   are the operator's choice and are allowed wherever they live.
+
+In cluster mode (the service's ``RAY_ADDRESS`` names a Ray cluster) a job's paths
+must also be where every node of that cluster can reach them (``SharedStorage``):
+a URI of any scheme but ``file://`` (object storage: ``s3://``, ``gs://``,
+``abfs://``...), or a local path under one of ``LLM_BATCH_SHARED_ROOTS``, the
+folders the operator declares mounted at the same path on every node. A path on
+the service's own disk would be opened by a driver or an engine on another machine,
+which finds nothing there (or writes where nobody reads).
 """
 
 from __future__ import annotations
@@ -28,12 +36,12 @@ import dataclasses
 import os
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from llm_batch.errors import JobSpecError
 
-__all__ = ["StorageRoots", "is_hub_id", "parse_roots"]
+__all__ = ["SharedStorage", "StorageRoots", "is_hub_id", "parse_local_roots", "parse_roots"]
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # Hugging Face repo ids: `name` or `namespace/name`, word characters, dots and dashes.
@@ -100,6 +108,26 @@ def parse_roots(raw: str | None) -> list[str]:
         scheme, netloc, segments = _uri_parts(entry)
         roots.append("/".join([f"{scheme}://{netloc}", *segments]))
     return roots
+
+
+def parse_local_roots(raw: str | None) -> list[str]:
+    """Comma-separated local folders (or ``file://`` URIs), each resolved (``realpath``).
+    Raises ValueError naming an entry that is a URI of another scheme."""
+    roots: list[str] = []
+    for entry in (raw or "").split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        scheme = _scheme(entry)
+        if scheme == "file":
+            entry = _file_uri_path(entry)
+        elif scheme is not None:
+            raise ValueError(
+                f"{entry!r} is a URI; list local folders here (object storage URIs are "
+                "reachable from every node anyway)"
+            )
+        roots.append(_realpath(entry))
+    return list(dict.fromkeys(roots))
 
 
 def _under(path: str, root: str) -> bool:
@@ -207,3 +235,63 @@ class StorageRoots:
                 fix(m, f"models[{i}]", model=True) for i, m in enumerate(out["models"])
             ]
         return out
+
+
+_NODES_CANNOT = {"read": "read it", "write": "write there", "load": "load it"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedStorage:
+    """Where every node of the Ray cluster the service runs jobs on sees the same files:
+    object storage (any URI but ``file://``) and the local ``folders`` the operator
+    declares shared (``LLM_BATCH_SHARED_ROOTS``). ``check`` raises ``JobSpecError``."""
+
+    folders: tuple[str, ...]
+    cluster: str  # the cluster's address, for messages
+
+    @classmethod
+    def of(cls, folders: Iterable[str], *, cluster: str) -> SharedStorage:
+        return cls(tuple(dict.fromkeys(_realpath(f) for f in folders)), cluster)
+
+    def covers(self, path: str) -> bool:
+        """Whether a local path (resolved here) lies under a shared folder."""
+        real = _realpath(path)
+        return any(_under(real, root) for root in self.folders)
+
+    def check(
+        self, path: str, *, field: str, use: Literal["read", "write", "load"] = "read"
+    ) -> None:
+        """Nothing when ``path`` is object storage or under a shared folder; else
+        ``JobSpecError`` naming ``field``. ``use`` (read, write, load) says what the
+        nodes would fail to do with it."""
+        scheme = _scheme(path)
+        if scheme is not None and scheme != "file":
+            return
+        try:
+            local = _file_uri_path(path) if scheme == "file" else path
+            if self.covers(local):
+                return
+        except ValueError as e:
+            raise JobSpecError(f"{field}: {e}") from None
+        raise self._refuse(field, f"{path!r} is", use)
+
+    def check_files(self, files: Iterable[str], *, field: str) -> None:
+        """The files found in a shared input folder: a symlink among them may point to a
+        folder that is not shared."""
+        for name in files:
+            if _scheme(name) is None and os.path.isabs(name) and not self.covers(name):
+                raise self._refuse(
+                    field, f"{name!r} links to {_realpath(name)!r}, which is", "read"
+                )
+
+    def _refuse(
+        self, field: str, shown: str, use: Literal["read", "write", "load"]
+    ) -> JobSpecError:
+        shared = ", ".join(self.folders) or "none declared"
+        return JobSpecError(
+            f"{field}: {shown} on the service's machine only, but jobs run on the Ray cluster "
+            f"at {self.cluster}, whose nodes cannot {_NODES_CANNOT[use]}; use an object "
+            "storage URI (s3://, gs://, abfs://...) or a path under a folder every node "
+            f"mounts (shared folders: {shared}; the service's operator declares them in "
+            "LLM_BATCH_SHARED_ROOTS)"
+        )

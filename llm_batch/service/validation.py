@@ -4,13 +4,16 @@ The body is resolved (model names from the catalog, relative paths against the
 service's directory, since jobs run in Ray's working directories), confined to
 the service's storage roots (``storage.py``), validated as a ``JobSpec`` and
 planned (``plan_job``: the input exists, the columns the template and carryover
-name are there). Every refusal is a ``JobSpecError`` or
+name are there). In cluster mode the paths must also be on storage every node of
+the cluster reaches (``storage.SharedStorage``), checked before the input is read.
+Every refusal is a ``JobSpecError`` or
 ``InputError`` whose message names the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ import pyarrow as pa
 from llm_batch.errors import InputError, JobSpecError
 from llm_batch.job.spec import JobSpec
 from llm_batch.service.catalog import ModelCatalog
-from llm_batch.service.storage import StorageRoots
+from llm_batch.service.storage import SharedStorage, StorageRoots, is_hub_id
 
 __all__ = ["Submission", "absolute_paths", "parse_job_text", "prepare_submission"]
 
@@ -68,14 +71,17 @@ def prepare_submission(
     catalog: ModelCatalog,
     base: Path,
     roots: StorageRoots | None = None,
+    shared: SharedStorage | None = None,
     accumulators: Collection[str] | None = None,
 ) -> Submission:
     """Validate and plan a submitted job; raises ``JobSpecError`` / ``InputError``.
 
     With ``roots``, every input, output and local model path must lie under them
     (``storage.StorageRoots``; the catalog's models are allowed wherever they are)
-    and the job keeps the resolved paths. With ``accumulators``, custom accumulators
-    must be among them: naming one imports it in this process.
+    and the job keeps the resolved paths. With ``shared`` (cluster mode), its input,
+    output and local model paths must be object storage or under a shared folder
+    (the catalog's models are the operator's: not checked). With ``accumulators``,
+    custom accumulators must be among them: naming one imports it in this process.
     """
     from llm_batch.pipeline.run import plan_job
 
@@ -90,6 +96,8 @@ def prepare_submission(
         data = roots.confine_job(data, base=str(base))
     data = absolute_paths(data, base)
     spec = JobSpec.from_dict(data, source="job")
+    if shared is not None:
+        _check_shared(spec, shared, catalog)
     if accumulators is not None:
         for path in spec.metrics.accumulators:
             if path not in accumulators:
@@ -109,7 +117,26 @@ def prepare_submission(
         ) from None
     if roots is not None and _is_local(spec.input.path):
         roots.check_files(plan.input_info.files, field="input.path")
+    if shared is not None and _is_local(spec.input.path):
+        shared.check_files(plan.input_info.files, field="input.path")
     return Submission(spec, plan.input_info.rows_total)
+
+
+def _check_shared(spec: JobSpec, shared: SharedStorage, catalog: ModelCatalog) -> None:
+    shared.check(spec.input.path, field="input.path", use="read")
+    if spec.output is not None:  # else the service's data directory, shared by its settings
+        shared.check(spec.output.path, field="output.path", use="write")
+    # Confinement to the storage roots resolved the catalog's paths too: compare resolved.
+    offered = {
+        os.path.realpath(str(catalog.block(name, field="model").get("path", "")))
+        for name in catalog.names
+    }
+    for field, model in spec.named_models():
+        if is_hub_id(model.path) and not Path(model.path).exists():
+            continue  # engines download it
+        if _is_local(model.path) and os.path.realpath(model.path) in offered:
+            continue
+        shared.check(model.path, field=f"{field}.path", use="load")
 
 
 def parse_job_text(raw: bytes, *, max_depth: int) -> Any:

@@ -709,6 +709,28 @@ def service_cluster(settings: Settings) -> Cluster:
     return found[0]
 
 
+def test_shared_roots_are_the_volume_every_ray_pod_mounts(service_settings: Settings):
+    """With RAY_ADDRESS the service is in cluster mode: it takes local job paths only under
+    LLM_BATCH_SHARED_ROOTS and does not start unless its data directory is under one. Each
+    shared root must be on the claim mounted at the data directory on every pod."""
+    from llm_batch.service.errors import SettingsError
+
+    container = service_container()
+    where = service_pod().container_at(container, "env LLM_BATCH_SHARED_ROOTS")
+    try:
+        service_settings.check_cluster_storage()
+    except SettingsError as e:
+        pytest.fail(f"{where}: the service would not start: {e}")
+    data_dir = service_path(service_settings, "LLM_BATCH_DATA_DIR")
+    raw = literal_env(container).get("LLM_BATCH_SHARED_ROOTS", "")
+    problems = [
+        f"{where}: {root!r} is not on the shared volume mounted at {data_dir} on every pod"
+        for root in (r.strip() for r in raw.split(","))
+        if root and not (PurePosixPath(root) == data_dir or data_dir in PurePosixPath(root).parents)
+    ]
+    assert not problems, "\n".join(problems)
+
+
 def test_ray_address_is_the_head_dashboard(service_settings: Settings):
     where = service_pod().container_at(service_container(), "env RAY_ADDRESS")
     cluster = service_cluster(service_settings)

@@ -144,8 +144,13 @@ class BatchRunner:
                     groups=len(conversion.groups),
                     output_path=folder / f"output-{group.index}",
                 )
+                # In cluster mode the batch's files are in the data directory, which the
+                # settings declare shared (the service does not start otherwise).
                 submission = prepare_submission(
-                    body, catalog=self.catalog, base=self.settings.data_dir
+                    body,
+                    catalog=self.catalog,
+                    base=self.settings.data_dir,
+                    shared=self.settings.shared_storage(),
                 )
                 spec = submission.spec
                 job, _ = self.store.create(

@@ -75,6 +75,7 @@ def create_job(
         catalog=catalog,
         base=Path.cwd(),
         roots=StorageRoots.of(settings.roots()),
+        shared=settings.shared_storage(),
         accumulators=settings.accumulators(),
     )
     if not principal.admin:
