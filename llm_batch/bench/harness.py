@@ -360,7 +360,7 @@ def _measure(run: _Run, workload: Workload) -> dict[str, Any]:
         "metric": sampler.metric if sampler else None,
         "peak_at_s": round(sampler.peak.at - t0, 2) if sampler and sampler.peak.bytes else None,
         "peak_processes": sampler.peak.processes[:10] if sampler else [],
-        "series": [(round(t - t0, 2), b) for t, b, _ in sampler.series] if sampler else [],
+        "series": [(round(t - t0, 2), b) for t, b, _, _ in sampler.series] if sampler else [],
     }
     base: dict[str, Any] = {
         "status": "failed" if run.error else "ok",
@@ -395,6 +395,7 @@ def _measure(run: _Run, workload: Workload) -> dict[str, Any]:
             if steady is None
             else [round(steady.start, 3), round(steady.end, 3)],
             "steady_window_tokens": None if steady is None else steady.tokens,
+            "steady_cpu_s_per_1k_tokens": _cpu_per_1k(sampler, steady, t0),
             "timeline_events": len(events),
             "timeline": [(round(t, 3), n) for t, n in sorted(events)],
             "notes": r.get("notes", []),
@@ -403,6 +404,17 @@ def _measure(run: _Run, workload: Workload) -> dict[str, Any]:
     if "progress" in r:
         base["progress"] = r["progress"]
     return base
+
+
+def _cpu_per_1k(sampler: MemorySampler | None, steady: Any, t0: float) -> float | None:
+    """CPU seconds all the run's processes spent per 1,000 output tokens in the steady window."""
+    if sampler is None or steady is None or not steady.tokens:
+        return None
+    points = [(t - t0, cpu) for t, _, _, cpu in sampler.series]
+    inside = [cpu for t, cpu in points if steady.start <= t <= steady.end]
+    if len(inside) < 2:
+        return None
+    return round((inside[-1] - inside[0]) / steady.tokens * 1000, 4)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -535,6 +547,10 @@ def _report(
                         ours.get("steady_tokens_per_s"), systems[other].get("steady_tokens_per_s")
                     ),
                     "wall_s": _ratio(ours.get("wall_s"), systems[other].get("wall_s")),
+                    "steady_cpu_s_per_1k_tokens": _ratio(
+                        ours.get("steady_cpu_s_per_1k_tokens"),
+                        systems[other].get("steady_cpu_s_per_1k_tokens"),
+                    ),
                 }
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return {

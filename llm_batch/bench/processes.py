@@ -77,7 +77,7 @@ class _Peak:
 
 
 class MemorySampler:
-    """Samples the summed memory of a run's processes every ``interval`` seconds.
+    """Samples the summed memory and CPU time of a run's processes every ``interval`` seconds.
 
     The measure is PSS (proportional set size): shared pages are counted once
     across the group, where RSS would count them in every process that maps
@@ -88,6 +88,11 @@ class MemorySampler:
     by the process's PSS/RSS ratio, which is read when the process is first
     seen and again every ``pss_every`` seconds. A process whose PSS cannot be
     read counts by its RSS, and ``metric`` says so.
+
+    CPU time (user + system) is summed over every process seen, a process that
+    has ended counting with its last reading. CPU seconds per output token hold
+    steadier than tokens per second on a shared machine: other work there slows
+    a run down, but barely changes what the run itself spends per token.
     """
 
     def __init__(
@@ -101,9 +106,11 @@ class MemorySampler:
         self._members: dict[tuple[int, float], psutil.Process] = {}
         self._ratio: dict[tuple[int, float], float] = {}
         self._checked: set[tuple[int, float]] = set()
+        self._cpu: dict[tuple[int, float], float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="bench-memory")
-        self.series: list[tuple[float, int, int]] = []  # (monotonic, bytes, processes)
+        # (monotonic, bytes, processes, CPU seconds so far)
+        self.series: list[tuple[float, int, int, float]] = []
         self.peak = _Peak()
         self.rss_fallbacks = 0
 
@@ -159,6 +166,8 @@ class MemorySampler:
                 rss = proc.memory_info().rss
                 if full or key not in self._ratio:
                     self._read_ratio(key, proc, rss)
+                cpu = proc.cpu_times()
+                self._cpu[key] = cpu.user + cpu.system
             except (psutil.NoSuchProcess, psutil.ZombieProcess):
                 del self._members[key]
                 self._ratio.pop(key, None)
@@ -166,7 +175,7 @@ class MemorySampler:
             size = int(rss * self._ratio[key])
             total += size
             sizes.append((size, proc))
-        self.series.append((now, total, len(sizes)))
+        self.series.append((now, total, len(sizes), sum(self._cpu.values())))
         if total > self.peak.bytes:
             sizes.sort(key=lambda s: -s[0])
             self.peak = _Peak(

@@ -64,6 +64,11 @@ def render_table(report: dict[str, Any]) -> Any:
         "steady_tokens_per_s",
     )
     row(
+        "CPU s per 1k steady tokens",
+        lambda m: _num(m.get("steady_cpu_s_per_1k_tokens"), "{:.3f}"),
+        "steady_cpu_s_per_1k_tokens",
+    )
+    row(
         "peak memory, GiB",
         lambda m: _num(
             None if not m["memory"]["peak_bytes"] else m["memory"]["peak_bytes"] / _GIB, "{:.2f}"
