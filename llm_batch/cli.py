@@ -1,6 +1,7 @@
 """The ``llm-batch`` command line.
 
-    llm-batch run JOB.yaml            run a job here (a local Ray, or RAY_ADDRESS)
+    llm-batch run JOB.yaml            run a job on a local Ray, or as a Ray job on the
+                                      cluster of --address / RAY_ADDRESS (``cli_cluster``)
     llm-batch tiny-model DIR          write a small deterministic model for tests and demos
     llm-batch bench                   raw vLLM vs ray.data.llm vs this pipeline, one run
     llm-batch serve | submit | status | cancel | demo
@@ -110,7 +111,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     plan = plan_job(spec)  # fails fast, before Ray or an engine starts
     _quiet_engines()
     if args.address:
+        # Ray's Jobs API client takes RAY_ADDRESS over the address it is given.
         os.environ["RAY_ADDRESS"] = args.address
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        from llm_batch.cli_cluster import run_on_cluster
+
+        code = run_on_cluster(spec, address=address)
+        if code == 0 and args.show:
+            _print_rows(spec.output_path, args.show)
+        return code
     with ProgressView(spec.name) as view:
         result = run_job(spec, plan=plan, on_progress=view.update)
     snap = result.progress
@@ -151,10 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-batch", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a job file (YAML or JSON) here")
+    run = sub.add_parser(
+        "run", help="run a job file (YAML or JSON) on a local Ray, or on a Ray cluster"
+    )
     run.add_argument("job", help="the job file")
     run.add_argument("--output", help="override output.path")
-    run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    run.add_argument(
+        "--address",
+        help="Ray cluster to run on as a Ray job: dashboard URL http://head:8265, "
+        "ray://head:10001 or head:6379 (default: RAY_ADDRESS; unset: a local Ray here)",
+    )
     run.add_argument("--show", type=int, default=0, metavar="N", help="print N output rows")
     run.set_defaults(func=_cmd_run)
 

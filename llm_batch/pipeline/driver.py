@@ -9,6 +9,9 @@ can read whether the driver runs beside it or on a cluster) up to date:
     {"state": "running" | "succeeded" | "failed", "progress": {...}, "error": str | null,
      "updated_at": float}
 
+The service's scheduler and ``llm-batch run`` on a cluster submit it the same way
+(``entrypoint``, ``driver_env``) and follow it through that file.
+
 Exit codes: 0 succeeded, 2 the job is invalid (bad spec, unreadable input),
 1 anything else.
 """
@@ -16,8 +19,11 @@ Exit codes: 0 succeeded, 2 the job is invalid (bad spec, unreadable input),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
+import shlex
 import sys
 import time
 from typing import Any
@@ -26,7 +32,15 @@ from llm_batch.errors import LLMBatchError
 from llm_batch.job.spec import JobSpec
 from llm_batch.pipeline.write import open_filesystem
 
-__all__ = ["StatusFile", "main", "read_status"]
+__all__ = [
+    "StatusFile",
+    "default_status_uri",
+    "driver_env",
+    "entrypoint",
+    "main",
+    "read_status",
+    "remove_status",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +49,19 @@ STATUS_NAME = "_status.json"
 
 def default_status_uri(spec: JobSpec) -> str:
     return spec.output_path.rstrip("/") + "/" + STATUS_NAME
+
+
+def entrypoint(spec_path: str, *, python: str | None = None) -> str:
+    """The shell command that runs this driver on ``spec_path`` as a Ray job, with
+    ``python`` (default: this interpreter)."""
+    return shlex.join([python or sys.executable, "-m", "llm_batch.pipeline.driver", spec_path])
+
+
+def driver_env() -> dict[str, str]:
+    """Environment variables for a driver submitted to Ray (its engine actors inherit them):
+    vLLM's per-request INFO lines would bury the job's log, whose tail is what a failed
+    job reports."""
+    return {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
 
 
 class StatusFile:
@@ -77,6 +104,13 @@ def read_status(uri: str) -> dict[str, Any] | None:
             return json.loads(f.read())
     except (FileNotFoundError, OSError, ValueError):
         return None
+
+
+def remove_status(uri: str) -> None:
+    """Delete a status file (an earlier run's would show its progress as the next one's)."""
+    fs, path = open_filesystem(uri)
+    with contextlib.suppress(FileNotFoundError, OSError):
+        fs.delete_file(path)
 
 
 def main(argv: list[str] | None = None) -> int:

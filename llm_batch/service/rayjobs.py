@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from llm_batch.service.errors import ServiceUnavailable
 
-__all__ = ["JobsAPI", "RayJobs"]
+__all__ = ["JobsAPI", "RayJobs", "driver_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,17 @@ class JobsAPI(Protocol):
     def failure(self, submission_id: str, *, lines: int = 20) -> str: ...
     def version(self) -> str: ...
     def unfinished(self) -> list[str]: ...
+
+
+def driver_error(jobs: JobsAPI, submission_id: str, status: dict[str, Any] | None) -> str:
+    """Why a job driver that Ray reports FAILED failed: the error it wrote to its status
+    file (``llm_batch.pipeline.driver``), else the last lines of its log."""
+    status = status or {}
+    error = status.get("error") if status.get("state") == "failed" else None
+    if error:
+        return str(error)
+    tail = jobs.failure(submission_id)
+    return "the job driver ended with an error" + (f":\n{tail}" if tail else "")
 
 
 class RayJobs:
@@ -121,11 +132,16 @@ class RayJobs:
 
     def unfinished(self) -> list[str]:
         """Submission ids of the cluster's jobs that have not ended."""
-        return [
-            str(j.submission_id)
+        return list(self.unfinished_metadata())
+
+    def unfinished_metadata(self) -> dict[str, dict[str, str]]:
+        """The cluster's jobs that have not ended: submission id → the metadata they were
+        submitted with."""
+        return {
+            str(j.submission_id): dict(j.metadata or {})
             for j in self._call("list_jobs")
             if j.submission_id and not j.status.is_terminal()
-        ]
+        }
 
     def version(self) -> str:
         # A cheap round trip to the dashboard (GET /api/version).

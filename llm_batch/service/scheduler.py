@@ -21,12 +21,9 @@ none, starts over on a cleared output folder: either way each row once.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import shlex
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -37,7 +34,7 @@ from llm_batch.errors import LLMBatchError
 from llm_batch.job.spec import JobSpec
 from llm_batch.service.errors import ServiceUnavailable
 from llm_batch.service.raycluster import RayCluster
-from llm_batch.service.rayjobs import JobsAPI
+from llm_batch.service.rayjobs import JobsAPI, driver_error
 from llm_batch.service.settings import Settings
 from llm_batch.service.store import ACTIVE, Job, JobStatus, JobStore
 
@@ -71,11 +68,9 @@ def _read_status(output_path: str) -> dict[str, Any] | None:
 
 
 def _remove_status(output_path: str) -> None:
-    from llm_batch.pipeline.write import open_filesystem
+    from llm_batch.pipeline.driver import remove_status
 
-    fs, path = open_filesystem(status_uri(output_path))
-    with contextlib.suppress(FileNotFoundError, OSError):
-        fs.delete_file(path)
+    remove_status(status_uri(output_path))
 
 
 class Scheduler:
@@ -176,11 +171,9 @@ class Scheduler:
         elif state == "STOPPED":
             self._end(job, JobStatus.CANCELLED, progress)
         elif state == "FAILED":
-            error = status.get("error") if status.get("state") == "failed" else None
-            if not error:
-                tail = self.jobs.failure(submission)
-                error = "the job driver ended with an error" + (f":\n{tail}" if tail else "")
-            self._end(job, JobStatus.FAILED, progress, error=error)
+            self._end(
+                job, JobStatus.FAILED, progress, error=driver_error(self.jobs, submission, status)
+            )
         else:
             logger.warning("job %s: unexpected Ray job status %s", job.id, state)
 
@@ -262,20 +255,15 @@ class Scheduler:
         if self.jobs.status(job.id) is None:
             # The status file of an earlier run would show its progress as this run's.
             _remove_status(job.output_path)
-        entrypoint = shlex.join([sys.executable, "-m", "llm_batch.pipeline.driver", str(spec_path)])
+        from llm_batch.pipeline.driver import driver_env, entrypoint
+
         fresh = self.jobs.submit(
             job.id,
-            entrypoint,
-            runtime_env={"env_vars": _engine_env()},
+            entrypoint(str(spec_path)),
+            runtime_env={"env_vars": driver_env()},
             metadata={"llm_batch_job_id": job.id, "name": job.name[:100]},
         )
         if fresh:
             logger.info("job %s: submitted to Ray (%s)", job.id, Path(spec_path))
         else:
             logger.info("job %s: Ray already runs this submission; following it", job.id)
-
-
-def _engine_env() -> dict[str, str]:
-    # Engine actors inherit these; vLLM's per-request INFO lines would bury the
-    # job's log, whose tail is what a failed job reports.
-    return {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
