@@ -189,8 +189,8 @@ class ModelSpec(_Strict):
         default=10,
         ge=0,
         description="Times a batch is retried when its engine actor dies or is unreachable "
-        "(Ray restarts the actor; a lost node costs a few); a batch that keeps killing its "
-        "engine then fails the job.",
+        "(Ray restarts the actor; a lost node costs a few). A retried batch runs alone on "
+        "its engine; one that keeps killing it then becomes error rows, and the job goes on.",
     )
     max_batches_in_flight: int = Field(
         default=2,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -189,14 +190,19 @@ class EngineLoad:
         self._ttft: list[float] = []
 
     def stat_logger(self) -> Any:
-        """A vLLM ``StatLoggerFactory`` that records into this object."""
-        from vllm.v1.metrics.loggers import StatLoggerBase
+        """A vLLM stat logger factory that records into this object.
+
+        It stands in for vLLM's Prometheus logger, which vLLM otherwise adds to every
+        engine: in an actor nothing serves its registry, and updating it costs the
+        frontend several percent of a core on every step.
+        """
+        from vllm.v1.metrics.loggers import PrometheusStatLogger
 
         load = self
 
-        class _Recorder(StatLoggerBase):
-            def __init__(self, vllm_config: Any, engine_index: int = 0):
-                pass
+        class _Recorder(PrometheusStatLogger):
+            def __init__(self, vllm_config: Any, engine_indexes: Any = None):
+                pass  # none of the Prometheus logger's metrics
 
             def record(
                 self,
@@ -212,7 +218,16 @@ class EngineLoad:
                 if iteration_stats is not None:
                     load._ttft.extend(iteration_stats.time_to_first_tokens_iter)
 
+            def record_sleep_state(self, *args: Any, **kwargs: Any) -> None:
+                pass
+
+            def record_admission_rejection(self, reason: str) -> None:
+                pass
+
             def log_engine_initialized(self) -> None:
+                pass
+
+            def log(self) -> None:
                 pass
 
         return _Recorder
@@ -250,6 +265,7 @@ class EngineStage:
         try:
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.platforms import current_platform
+            from vllm.usage.usage_lib import UsageContext
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as e:  # pragma: no cover - depends on the install
             raise EngineUnavailable(
@@ -259,6 +275,9 @@ class EngineStage:
 
         self._model_name = model_name
         self._progress = progress
+        self._max_retries = int(model.get("max_batch_retries", 10))
+        self._gate = _BatchGate()
+        self._watchdog: asyncio.Future[None] | None = None
         self._sampling_spec = sampling
         self._sampling = build_sampling_params(sampling)
         self._params_cache: dict[tuple[str, int], Any] = {}
@@ -288,7 +307,12 @@ class EngineStage:
         self._load = EngineLoad()
         try:
             self._engine = AsyncLLM.from_engine_args(
-                AsyncEngineArgs(**args), stat_loggers=[self._load.stat_logger()]
+                AsyncEngineArgs(**args),
+                stat_loggers=[self._load.stat_logger()],
+                # vLLM sizes its batches by who asks: an API server gets small ones
+                # for latency (on the CPU engine 128 sequences, 2048 tokens a step),
+                # offline `LLM` large ones for throughput (256, 4096). We are offline.
+                usage_context=UsageContext.LLM_CLASS,
             )
         except Exception as e:
             # Ray wraps this in an ActorDiedError; run_job digs the message back out.
@@ -297,6 +321,11 @@ class EngineStage:
                 f"the engine for {model['path']!r} failed to start: {type(e).__name__}: {reason}"
             ) from e
         self._tokenizer = self._engine.get_tokenizer()
+        # vLLM reads its settings from the environment on every request unless told they
+        # are final, as its API server and engine core do once they are up.
+        import vllm.envs
+
+        vllm.envs.enable_envs_cache()
         self._where = _whereabouts()
         logger.info("engine for %s ready in %.1fs", model["path"], time.monotonic() - started)
 
@@ -338,7 +367,7 @@ class EngineStage:
                 final = out
         except Exception as e:  # noqa: BLE001 - a row's failure is data, not a crash
             if self._engine.errored:
-                raise  # the engine itself died: let Ray retry the batch elsewhere
+                _engine_died(e)
             cause = e.__cause__ if e.__cause__ is not None else e
             return None, None, None, None, f"{type(cause).__name__}: {cause}", None, None
         assert final is not None
@@ -403,6 +432,49 @@ class EngineStage:
 
     async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:
         started = time.monotonic()
+        if self._watchdog is None:
+            self._watchdog = asyncio.ensure_future(self._watch_engine())
+        key, deaths = await self._deaths(batch)
+        if deaths > self._max_retries:
+            # The engine died each time this batch was in it, alone in it after the first
+            # time (see below): it is the cause. Its rows become error rows; the job goes on.
+            reason = (
+                f"the engine died {deaths} times while generating this batch "
+                f"(model.max_batch_retries={self._max_retries}); its rows were given up"
+            )
+            logger.warning("%s: %d rows", reason, batch.num_rows)
+            failed = [(None, None, None, None, reason, None, None)] * batch.num_rows
+            yield self._finish(batch, failed, started, key)
+            return
+        # A batch that was in the engine when it died may be what killed it: its retry runs
+        # with nothing beside it, so another death is charged to it alone.
+        async with self._gate.hold(exclusive=deaths > 0):
+            if key is not None:
+                await self._progress.enter_batch.remote(key)
+            results = await self._generate_batch(batch)
+        yield self._finish(batch, results, started, key)
+
+    async def _watch_engine(self) -> None:
+        """End the actor once its engine is dead. A request sent to an engine that has just
+        died can wait forever instead of failing, so its failure alone cannot be relied on."""
+        while True:
+            await asyncio.sleep(1.0)
+            if self._engine.errored:
+                _engine_died(RuntimeError("the engine core process is gone"))
+
+    async def _deaths(self, batch: pa.Table) -> tuple[str | None, int]:
+        """This batch's key, and how many times it was in an engine that died (0, or
+        (None, 0) without a tracker to count on)."""
+        if self._progress is None or columns.ROW_ID not in batch.column_names:
+            return None, 0
+        # Row ids are stable across retries (and unique but for a prompt's n samples).
+        ids = batch.column(columns.ROW_ID).to_numpy()
+        digest = hashlib.blake2b(ids.tobytes(), digest_size=12)
+        digest.update(str(self._model_name).encode())
+        key = digest.hexdigest()
+        return key, int(await self._progress.batch_deaths.remote(key))
+
+    async def _generate_batch(self, batch: pa.Table) -> list[tuple[Any, ...]]:
         n = batch.num_rows
         names = batch.column_names
         render_errors = batch.column(columns.RENDER_ERROR).to_pylist()
@@ -456,7 +528,14 @@ class EngineStage:
                 )
             return await self._generate_one(prompt, params)
 
-        results = await asyncio.gather(*(row(i) for i in range(n)))
+        return await asyncio.gather(*(row(i) for i in range(n)))
+
+    def _finish(
+        self, batch: pa.Table, results: list[tuple[Any, ...]], started: float, key: str | None
+    ) -> pa.Table:
+        """Append this model's columns to the batch and report it to the tracker."""
+        n = batch.num_rows
+        names = batch.column_names
         texts = [r[0] for r in results]
         finishes = [r[3] for r in results]
         errors = [r[4] for r in results]
@@ -500,5 +579,55 @@ class EngineStage:
                 output_tokens=sum(r[2] or 0 for r in results),
                 seconds=time.monotonic() - started,
                 metrics=partial,
+                batch_key=key,
             )
-        yield out
+        return out
+
+
+def _engine_died(cause: BaseException) -> None:
+    """End this actor when its engine is dead: Ray restarts it with a new engine and retries
+    its in-flight batches. Raising instead would fail the batch as an application error,
+    which Ray does not retry, and leave an actor with no engine taking more batches."""
+    logger.error(
+        "the engine died (%s: %s); ending the actor for Ray to restart it",
+        type(cause).__name__,
+        cause,
+    )
+    logging.shutdown()
+    os._exit(1)
+
+
+class _BatchGate:
+    """Batches share the engine; an exclusive holder (a retried batch) runs alone."""
+
+    def __init__(self) -> None:
+        self._shared = 0
+        self._exclusive = False
+        self._waiting_exclusive = 0
+        self._cond: asyncio.Condition | None = None  # made in the actor's event loop
+
+    @contextlib.asynccontextmanager
+    async def hold(self, *, exclusive: bool) -> AsyncIterator[None]:
+        if self._cond is None:
+            self._cond = asyncio.Condition()
+        cond = self._cond
+        async with cond:
+            if exclusive:
+                self._waiting_exclusive += 1
+                try:
+                    await cond.wait_for(lambda: not self._exclusive and self._shared == 0)
+                finally:
+                    self._waiting_exclusive -= 1
+                self._exclusive = True
+            else:
+                await cond.wait_for(lambda: not self._exclusive and self._waiting_exclusive == 0)
+                self._shared += 1
+        try:
+            yield
+        finally:
+            async with cond:
+                if exclusive:
+                    self._exclusive = False
+                else:
+                    self._shared -= 1
+                cond.notify_all()

@@ -40,10 +40,21 @@ class ProgressTracker:
         self._interval = 1.0
         self._resumed_rows = 0
         self._engines: dict[str, dict[str, Any]] = {}
+        # Times each batch in flight entered an engine (by EngineStage's batch key); a
+        # batch leaves when its report arrives, so an entry past 1 counts engine deaths.
+        self._entered: dict[str, int] = {}
 
     @staticmethod
     def _zero() -> dict[str, float]:
         return {"rows_done": 0, "rows_failed": 0, "input_tokens": 0, "output_tokens": 0}
+
+    def enter_batch(self, key: str) -> None:
+        """A batch's rows are going into an engine."""
+        self._entered[key] = self._entered.get(key, 0) + 1
+
+    def batch_deaths(self, key: str) -> int:
+        """How many times this batch was in an engine that died before it reported."""
+        return self._entered.get(key, 0)
 
     def report(
         self,
@@ -56,7 +67,10 @@ class ProgressTracker:
         seconds: float,
         metrics: dict[str, Any] | None = None,
         engine: dict[str, Any] | None = None,
+        batch_key: str | None = None,
     ) -> None:
+        if batch_key is not None:
+            self._entered.pop(batch_key, None)
         if engine is not None:
             # A restarted actor keeps its id but may come back on another node.
             key = f"{engine.get('actor_id')}@{engine.get('node_id')}"

@@ -154,7 +154,10 @@ def _preload(tracker: Any, spec: JobSpec) -> int:
     table = pads.dataset(files, filesystem=fs, format="parquet").to_table()
     label = spec.metrics.label_column
     for name in spec.model_names:
-        plain = {columns.model_column(name, c): c for c in columns.OUTPUT_COLUMNS}
+        outputs = list(columns.OUTPUT_COLUMNS)
+        if spec.sampling.logprobs is not None:  # the label's probability is scored from them
+            outputs.append(columns.LOGPROBS)
+        plain = {columns.model_column(name, c): c for c in outputs}
         view = table.select(list(plain)).rename_columns(list(plain.values()))
         if label:
             view = view.append_column(label, table.column(label))
@@ -243,7 +246,9 @@ def run_job(
     )
     # Resume when an earlier run of this job left a checkpoint: Ray Data skips
     # the input rows whose output is committed and deletes uncommitted files.
-    checkpoint = spec.output_path.rstrip("/") + "/" + CHECKPOINT_NAME
+    # Ray Data takes a URI or an absolute path; job files name relative ones (out/<name>).
+    output = spec.output_path if "://" in spec.output_path else os.path.abspath(spec.output_path)
+    checkpoint = output.rstrip("/") + "/" + CHECKPOINT_NAME
     fs, cp_path = open_filesystem(checkpoint)
     resuming = resume and fs.get_file_info(cp_path).type != pafs.FileType.NotFound
     if resuming:
@@ -295,9 +300,10 @@ def run_job(
             # checkpointed) together.
             batch_size=-(-model.batch_size // spec.sampling.n) * spec.sampling.n,
             zero_copy_batch=True,
-            # Ray restarts a dead engine actor; its in-flight batches are retried.
+            # Ray restarts a dead engine actor; its in-flight batches are retried. The
+            # stage counts attempts: the one past max_batch_retries writes error rows.
             max_restarts=-1,
-            max_task_retries=model.max_batch_retries,
+            max_task_retries=model.max_batch_retries + 1,
             **placed,
         )
 

@@ -162,3 +162,69 @@ def _kill_leftovers(group: int) -> None:
                 p.kill()
         except (ProcessLookupError, psutil.Error):
             continue
+
+
+POISON = "POISON"
+
+
+class PoisonedEngineStage:
+    """Mixed into the real engine stage: a row whose prompt holds POISON SIGKILLs the
+    engine's core process each time it reaches the engine, as the kernel's OOM killer
+    would. Everything else (the engine, its death, Ray's restart and retries) is real."""
+
+    async def _generate_one(self, prompt, params):  # noqa: ANN001, ANN201
+        if POISON in (prompt.get("prompt") or ""):
+            for child in psutil.Process().children(recursive=True):
+                if "EngineCore" in " ".join([child.name(), *child.cmdline()]):
+                    child.kill()
+        return await super()._generate_one(prompt, params)
+
+
+def test_batch_that_keeps_killing_its_engine_becomes_error_rows(
+    tmp_path, tiny_model, ray_local, monkeypatch
+):
+    import ray.cloudpickle
+
+    import llm_batch.pipeline.run as pipeline_run
+    from llm_batch.pipeline.engine import EngineStage
+
+    rows, poisoned = 96, 40  # batches of 32: the poisoned row is in rows 32..63
+    table = pa.table(
+        {
+            "id": [f"r{i:05d}" for i in range(rows)],
+            "text": [f"row {i}" + (f" {POISON}" if i == poisoned else "") for i in range(rows)],
+        }
+    )
+    job = job_dict(tmp_path, tiny_model)
+    pq.write_table(table, tmp_path / "poisoned.parquet")
+    job["input"]["path"] = str(tmp_path / "poisoned.parquet")
+    job["model"]["max_batch_retries"] = 1  # each retry restarts an engine (~25 s)
+    spec = JobSpec.from_dict(job)
+
+    stage = type("PoisonedStage", (PoisonedEngineStage, EngineStage), {})
+    stage.__module__ = __name__
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setattr(pipeline_run, "EngineStage", stage)
+    before = engine_core_pids()
+    try:
+        result = pipeline_run.run_job(spec)
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+    out = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().sort_by("id")
+    ids = out.column("id").to_pylist()
+    assert ids == [f"r{i:05d}" for i in range(rows)], "a row lost or duplicated"
+    errors = out.column("error").to_pylist()
+    given_up = {i for i, e in enumerate(errors) if e is not None}
+    # The poisoned row's batch, and only it, was given up after 1 retry.
+    assert given_up == set(range(32, 64)), sorted(given_up)
+    assert all("the engine died 2 times" in errors[i] for i in given_up), errors[poisoned]
+    assert all(t is None for t in out.column("generated_text").to_pylist()[32:64])
+    texts = out.column("generated_text").to_pylist()
+    assert all(texts[i] for i in range(rows) if i not in given_up)
+    assert result.progress["rows_failed"] == 32
+    assert result.progress["rows_done"] == rows
+    deadline = time.time() + 30
+    while time.time() < deadline and (engine_core_pids() - before):
+        time.sleep(1)
+    assert not (engine_core_pids() - before), "orphaned VLLM::EngineCore processes"
