@@ -11,8 +11,9 @@ Write your own by subclassing :class:`Accumulator` and naming it in the job
 file (``metrics.accumulators: ["mypkg.metrics:MyAccumulator"]``).
 
 An accumulator sees a :class:`BatchView`: one model's output for one batch,
-with the plain column names (``generated_text``, ``finish_reason``, ...), the
-label column when the job names one, and each row's generation latency.
+with the plain column names (``generated_text``, ``finish_reason``, ...,
+``logprobs`` when the job asks for them), the label column when the job names
+one, and each row's generation latency.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import dataclasses
 import importlib
 import math
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any, ClassVar, Generic, TypeVar
 
 import pyarrow as pa
@@ -40,6 +42,7 @@ __all__ = [
     "LabelMetrics",
     "Latency",
     "TokenUsage",
+    "label_probabilities",
     "load_accumulator",
     "predicted_label",
 ]
@@ -232,24 +235,224 @@ def predicted_label(generated: pa.ChunkedArray | pa.Array) -> pa.Array:
     return pc.utf8_trim_whitespace(generated)
 
 
-class LabelMetrics(Accumulator[dict[str, int]]):
-    """Accuracy, per-class precision/recall/F1 and the confusion matrix against the label column.
+def _alternatives(step: dict[str, Any]) -> list[tuple[str, float]]:
+    """(token, probability) of one generated step's listed tokens: its top k, and the
+    generated token, which vLLM reports even when it is outside the top k."""
+    listed = [(e["token"], e["logprob"]) for e in step.get("top_logprobs") or ()]
+    generated = (step.get("token"), step.get("logprob"))
+    if generated not in listed:
+        listed.append(generated)
+    # -inf: a token the grammar masked out; NaN compares false and is dropped too.
+    return [
+        (t, math.exp(lp)) for t, lp in listed if t is not None and lp is not None and lp > -math.inf
+    ]
 
-    The state is the confusion matrix itself (``"true\\x1fpredicted" -> count``);
-    everything else is derived from it. Rows without a label are not counted;
-    rows with an error count as predicting null (a miss).
+
+def _split(
+    steps: list[dict[str, Any]], i: int, prefix: str, candidates: list[str]
+) -> dict[str, float] | None:
+    """How step ``i`` (spelled ``prefix`` so far) shares its probability among the
+    candidate choices that begin with ``prefix``; None when no listed token fits one."""
+    if i >= len(steps) or steps[i] is None:
+        return None
+    mass = dict.fromkeys(candidates, 0.0)
+    seen = 0.0
+    generated = steps[i].get("token")
+    for token, p in _alternatives(steps[i]):
+        spelled = (prefix + token).lstrip()
+        fits = [c for c in candidates if c.startswith(spelled)]
+        if not fits:
+            if prefix not in mass:
+                continue
+            # The grammar lets only the end of the sequence follow a whole choice
+            # ("no" when "none" is a choice too): that token is the shorter choice's.
+            fits = [prefix]
+        seen += p
+        if len(fits) == 1:
+            mass[fits[0]] += p
+            continue
+        # A token that begins several choices ("ne" of negative and neutral): the next
+        # step splits it when the model took it; a path not taken has no next step to
+        # read, so it is split evenly.
+        share = _split(steps, i + 1, spelled, fits) if token == generated else None
+        for c in fits:
+            mass[c] += p * (share[c] if share is not None else 1 / len(fits))
+    if seen == 0.0:
+        return None
+    return {c: m / seen for c, m in mass.items()}
+
+
+def label_probabilities(
+    logprobs: list[dict[str, Any]] | None, choices: Sequence[str]
+) -> dict[str, float] | None:
+    """Each choice's probability for one row, from its ``logprobs`` column (OpenAI's shape).
+
+    vLLM's default ``logprobs_mode`` (``raw_logprobs``) reports the log-softmax of
+    the logits after the structured-output grammar has masked them and before
+    temperature and top-p: at the first generated step, the tokens listed are the
+    model's own probabilities of the ways to begin an allowed choice. A listed
+    token that begins one choice only gives it its probability; one that begins
+    several is split by the next step when it is the token generated, evenly when
+    not. The sums are renormalised over the choices, which spreads the mass of the
+    tokens beyond the top k in proportion (and gives the same numbers from
+    ``raw_logits``); a choice none of whose tokens is listed gets 0. Text is
+    compared without leading whitespace, as :func:`predicted_label` strips it.
+
+    None when no listed token begins a choice (an error row, logprobs missing).
+    """
+    if not logprobs or not choices:
+        return None
+    return _split(logprobs, 0, "", list(choices))
+
+
+class _LabelScores:
+    """Cross-entropy and one-vs-rest ROC-AUC of the label's probability (a part of
+    :class:`LabelMetrics` for choice-constrained jobs that ask for logprobs).
+
+    The state is bounded whatever the number of rows: the cross-entropy sum is an
+    integer of 2**-52 nats (integer sums come out the same in any order, float sums
+    do not), and ROC-AUC keeps, per choice, how many rows of that label and of any
+    other fall on each point of a grid of the choice's log-odds (``STEP`` nats wide
+    between the log-odds of ``FLOOR`` and ``1 - FLOOR``: at most 27,633 points).
+    Scores on one grid point are ties, so the AUC is the exact AUC of the scores
+    rounded to the grid; ``max_rounding_error`` bounds its distance from the AUC
+    of the unrounded scores (it counts every tie, true ties included).
+    """
+
+    FLOOR = 1e-6  # p(true label) is clipped to at least this (cross-entropy <= 13.8 nats)
+    STEP = 1e-3  # the ROC-AUC score grid, in nats of log-odds
+    _UNIT = 2**52  # the cross-entropy sum is kept in these integer units per nat
+
+    def __init__(self, choices: Sequence[str]):
+        self.choices = tuple(choices)
+        # Steps read per row: a token spells at least one character, and one more
+        # step tells a whole choice from a longer one.
+        self._depth = max(len(c) for c in self.choices) + 1
+        self._top = round(math.log((1 - self.FLOOR) / self.FLOOR) / self.STEP)
+
+    def empty(self) -> dict[str, Any]:
+        return {
+            "rows": 0,
+            "unscored": 0,
+            "at_floor": 0,
+            "nll": 0,
+            "positive": {c: {} for c in self.choices},
+            "negative": {c: {} for c in self.choices},
+        }
+
+    def _point(self, p: float) -> int:
+        """The grid point of a probability: its log-odds over ``STEP``, rounded."""
+        if p <= self.FLOOR:
+            return -self._top
+        if p >= 1 - self.FLOOR:
+            return self._top
+        return round((math.log(p) - math.log1p(-p)) / self.STEP)
+
+    def update(
+        self, state: dict[str, Any], truth: list[str | None], logprobs: pa.ChunkedArray
+    ) -> dict[str, Any]:
+        part = self.empty()
+        positive = {c: Counter[int]() for c in self.choices}
+        negative = {c: Counter[int]() for c in self.choices}
+        steps = pc.list_slice(logprobs, 0, self._depth).to_pylist()
+        for label, row in zip(truth, steps, strict=True):
+            if label is None:
+                continue
+            probs = label_probabilities(row, self.choices)
+            if probs is None:
+                part["unscored"] += 1
+                continue
+            part["rows"] += 1
+            p = probs.get(label, 0.0)  # a label outside the choices: the model cannot say it
+            if p < self.FLOOR:
+                part["at_floor"] += 1
+            part["nll"] += round(-math.log(max(p, self.FLOOR)) * self._UNIT)
+            for c, prob in probs.items():
+                (positive if c == label else negative)[c][self._point(prob)] += 1
+        part["positive"] = {c: dict(v) for c, v in positive.items()}
+        part["negative"] = {c: dict(v) for c, v in negative.items()}
+        return self.merge(state, part)
+
+    def merge(self, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        out = {k: a[k] + b[k] for k in ("rows", "unscored", "at_floor", "nll")}
+        for side in ("positive", "negative"):
+            out[side] = {c: _add(a[side][c], b[side][c]) for c in self.choices}
+        return out
+
+    @staticmethod
+    def _auc(positive: dict[int, int], negative: dict[int, int]) -> tuple[float, float] | None:
+        """(AUC, bound on its rounding error) from grid counts; None without both sides.
+
+        AUC = P(score of a positive > score of a negative) + P(tie) / 2, counted in
+        integers over the grid points in order, so it is exact.
+        """
+        n_pos, n_neg = sum(positive.values()), sum(negative.values())
+        if not n_pos or not n_neg:
+            return None
+        below = twice_wins = ties = 0
+        for point in sorted(positive.keys() | negative.keys()):
+            pos, neg = positive.get(point, 0), negative.get(point, 0)
+            twice_wins += pos * (2 * below + neg)
+            ties += pos * neg
+            below += neg
+        pairs = n_pos * n_neg
+        return twice_wins / (2 * pairs), ties / (2 * pairs)
+
+    def result(self, state: dict[str, Any]) -> dict[str, Any]:
+        n = state["rows"]
+        per_class: dict[str, float | None] = {}
+        error = 0.0
+        for c in sorted(self.choices):
+            auc = self._auc(state["positive"][c], state["negative"][c])
+            per_class[c] = None if auc is None else round(auc[0], 6)
+            if auc is not None:
+                error = max(error, auc[1])
+        scored = [v for v in per_class.values() if v is not None]
+        return {
+            "rows": n,
+            "rows_unscored": state["unscored"],
+            "cross_entropy": round(state["nll"] / self._UNIT / n, 6) if n else None,
+            "roc_auc": {
+                "per_class": per_class,
+                "macro": round(sum(scored) / len(scored), 6) if scored else None,
+                "score_step": self.STEP,
+                "max_rounding_error": round(error, 6),
+            },
+            "floor": self.FLOOR,
+            "rows_at_floor": state["at_floor"],
+            "source": "first generated tokens' logprobs, renormalized over the choices",
+        }
+
+
+class LabelMetrics(Accumulator[dict[str, Any]]):
+    """Accuracy, per-class precision/recall/F1 and the confusion matrix against the label column;
+    with a choice list and ``sampling.logprobs``, cross-entropy and ROC-AUC of the label's
+    probability too (``probability``; see :func:`label_probabilities` and :class:`_LabelScores`).
+
+    The state is the confusion matrix itself (``"true\\x1fpredicted" -> count``),
+    from which everything else but the probability part is derived, and that
+    part's own state. Rows without a label are not counted; rows with an error
+    count as predicting null (a miss) and, having no logprobs, are not scored.
     """
 
     name = "labels"
     _SEP = "\x1f"
 
+    def __init__(self, job: JobContext):
+        super().__init__(job)
+        self._scores = _LabelScores(job.choices) if job.choices else None
+
     def enabled(self) -> bool:
         return self.job.label_column is not None
 
-    def empty(self) -> dict[str, int]:
-        return {}
+    def empty(self) -> dict[str, Any]:
+        return {
+            "confusion": {},
+            "probability": self._scores.empty() if self._scores is not None else None,
+        }
 
-    def update(self, state: dict[str, int], batch: BatchView) -> dict[str, int]:
+    def update(self, state: dict[str, Any], batch: BatchView) -> dict[str, Any]:
+        assert self.job.label_column is not None
         truth = batch.table.column(self.job.label_column).cast(pa.string())
         pred = predicted_label(batch.table.column(columns.GENERATED_TEXT))
         pairs = pa.table({"t": truth, "p": pred}).filter(pc.is_valid(truth))
@@ -263,19 +466,31 @@ class LabelMetrics(Accumulator[dict[str, int]]):
                 strict=True,
             )
         }
-        return _add(state, part)
+        probability = state["probability"]
+        # No logprobs column: a job without sampling.logprobs, or rows read back on resume.
+        if self._scores is not None and columns.LOGPROBS in batch.table.column_names:
+            probability = self._scores.update(
+                probability, truth.to_pylist(), batch.table.column(columns.LOGPROBS)
+            )
+        return {"confusion": _add(state["confusion"], part), "probability": probability}
 
-    def merge(self, a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
-        return _add(a, b)
+    def merge(self, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "confusion": _add(a["confusion"], b["confusion"]),
+            "probability": self._scores.merge(a["probability"], b["probability"])
+            if self._scores is not None
+            else None,
+        }
 
-    def result(self, state: dict[str, int]) -> dict[str, Any]:
-        cells = {tuple(k.split(self._SEP, 1)): v for k, v in state.items()}
+    def result(self, state: dict[str, Any]) -> dict[str, Any]:
+        confusion: dict[str, int] = state["confusion"]
+        cells = {tuple(k.split(self._SEP, 1)): v for k, v in confusion.items()}
         truths = {t for t, _ in cells}
         preds = {p for _, p in cells}
         classes = sorted(truths | (set(self.job.choices or ()) & preds) | (truths & preds))
         # Predictions outside the classes (free text, errors) get their own column.
         other = sorted(p for p in preds if p not in classes)
-        total = sum(state.values())
+        total = sum(confusion.values())
         correct = sum(v for (t, p), v in cells.items() if t == p)
         per_class = {}
         for c in classes:
@@ -292,7 +507,7 @@ class LabelMetrics(Accumulator[dict[str, int]]):
                 "support": tp + fn,
             }
         columns_ = classes + other
-        return {
+        out: dict[str, Any] = {
             "rows": total,
             "accuracy": round(correct / total, 6) if total else None,
             "macro_f1": round(sum(m["f1"] for m in per_class.values()) / len(per_class), 6)
@@ -305,6 +520,10 @@ class LabelMetrics(Accumulator[dict[str, int]]):
                 "matrix": [[cells.get((t, p), 0) for p in columns_] for t in classes],
             },
         }
+        probability = state["probability"]
+        if self._scores is not None and probability["rows"] + probability["unscored"]:
+            out["probability"] = self._scores.result(probability)
+        return out
 
 
 BUILTIN: tuple[type[Accumulator[Any]], ...] = (
