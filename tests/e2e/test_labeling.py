@@ -1,9 +1,11 @@
 """Labeling and synthetic data end to end, on the real vLLM CPU engine.
 
 Two jobs, each run once for the module:
-- a two-model labeling job (choice-constrained, with a label column), whose
-  per-model columns must equal each model's own ``LLM.generate`` output and
-  whose merged accumulators must equal the metrics recomputed from the file;
+- a two-model labeling job (choice-constrained, with a label column and
+  logprobs), whose per-model columns must equal each model's own
+  ``LLM.generate`` output and whose merged accumulators (cross-entropy and
+  ROC-AUC of the label's probability included) must equal the metrics
+  recomputed from the file;
 - a synthetic-data job: chat messages, a JSON schema parsed into a struct
   column, ``n=3`` samples per prompt, per-row sampling overrides, logprobs.
 """
@@ -15,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 import jsonschema
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
@@ -22,6 +25,8 @@ import pytest
 
 from llm_batch import columns
 from llm_batch.job.spec import JobSpec
+from llm_batch.pipeline.accumulators import label_probabilities
+from tests.unit.test_accumulators import grid_point, pairwise_auc
 
 pytestmark = pytest.mark.e2e
 
@@ -57,7 +62,7 @@ def labeled(tmp_path_factory, tiny_model, tiny_model_b, ray_local):
                 {"name": "small", "path": str(tiny_model), "engine": ENGINE, "batch_size": 32},
                 {"name": "large", "path": str(tiny_model_b), "engine": ENGINE, "batch_size": 32},
             ],
-            "sampling": {"max_tokens": 8, "structured": {"choice": CHOICES}},
+            "sampling": {"max_tokens": 8, "structured": {"choice": CHOICES}, "logprobs": 5},
             "metrics": {"label_column": "label"},
             "carryover": ["id"],
             "output": {"path": str(root / "out")},
@@ -84,7 +89,7 @@ def test_two_models_each_equal_their_own_llm_generate(
     out = labeled["out"]
     # row_id, the carryover, then the label column (written so metrics can be recomputed).
     assert out.column_names == ["row_id", "id", "label"] + [
-        f"{m}__{c}" for m in ("small", "large") for c in columns.OUTPUT_COLUMNS
+        f"{m}__{c}" for m in ("small", "large") for c in (*columns.OUTPUT_COLUMNS, columns.LOGPROBS)
     ]
     assert out.num_rows == labeled["input"].num_rows
     prompts = [f"Review: {t}\nSentiment:" for t in labeled["input"].column("text").to_pylist()]
@@ -152,6 +157,65 @@ def test_accumulators_equal_metrics_recomputed_from_the_output(labeled):
         assert m["errors"]["count"] == 0
         assert m["latency"]["count"] == out.num_rows
         assert 0 < m["latency"]["p50_s"] <= m["latency"]["p99_s"] <= m["latency"]["max_s"] * 1.02
+
+
+def recompute_probability(truth: list, logprobs: list, choices: list[str]) -> dict:
+    """Cross-entropy and ROC-AUC of the label's probability, from the output file's
+    ``logprobs`` column in one pass: p from ``label_probabilities`` (the documented
+    derivation, tested by hand in the unit tests), clipped at 1e-6; AUC over every
+    (positive, negative) pair of grid-rounded scores, and of the raw scores."""
+    rows = [
+        (t, label_probabilities(lp, choices))
+        for t, lp in zip(truth, logprobs, strict=True)
+        if t is not None
+    ]
+    scored = [(t, p) for t, p in rows if p is not None]
+    labels = np.array([t for t, _ in scored])
+    p_true = np.array([p.get(t, 0.0) for t, p in scored])
+    per_class, raw = {}, {}
+    for c in sorted(choices):
+        score = np.array([p[c] for _, p in scored])
+        points = np.array([grid_point(v) for v in score])
+        if (labels == c).any() and (labels != c).any():
+            per_class[c] = round(pairwise_auc(points[labels == c], points[labels != c]), 6)
+            raw[c] = pairwise_auc(score[labels == c], score[labels != c])
+        else:
+            per_class[c] = None
+    defined = [v for v in per_class.values() if v is not None]
+    return {
+        "rows": len(scored),
+        "rows_unscored": len(rows) - len(scored),
+        "rows_at_floor": int((p_true < 1e-6).sum()),
+        "cross_entropy": round(float(np.mean(-np.log(np.maximum(p_true, 1e-6)))), 6),
+        "per_class": per_class,
+        "macro": round(sum(defined) / len(defined), 6),
+        "raw": raw,
+    }
+
+
+def assert_probability_metrics_equal_the_file(m: dict, truth: list, logprobs: list, choices):
+    expected = recompute_probability(truth, logprobs, list(choices))
+    got = m["labels"]["probability"]
+    for key in ("rows", "rows_unscored", "rows_at_floor", "cross_entropy"):
+        assert got[key] == expected[key], key
+    assert got["roc_auc"]["per_class"] == expected["per_class"]
+    assert got["roc_auc"]["macro"] == expected["macro"]
+    bound = got["roc_auc"]["max_rounding_error"] + 1e-6
+    for c, auc in expected["raw"].items():
+        assert abs(auc - got["roc_auc"]["per_class"][c]) <= bound, c
+
+
+def test_label_probability_metrics_equal_the_recompute_from_the_output(labeled):
+    out, metrics = labeled["out"], labeled["metrics"]
+    truth = out.column("label").to_pylist()
+    for name in ("small", "large"):
+        logprobs = out.column(f"{name}__logprobs").to_pylist()
+        m = metrics["metrics"][name]
+        assert_probability_metrics_equal_the_file(m, truth, logprobs, CHOICES)
+        prob = m["labels"]["probability"]
+        assert prob["rows"] == m["labels"]["rows"] == 108  # every labelled row scored
+        assert prob["floor"] == 1e-6
+        assert all(v is not None for v in prob["roc_auc"]["per_class"].values())
 
 
 def test_metrics_are_reported_while_the_job_runs(labeled):
