@@ -3,7 +3,9 @@
 Every job file in ``prompts/`` runs as shipped (output redirected to a temporary
 folder); the labeling job must reach an accuracy of at least 0.9 against the
 held-out labels with the trained demo model, and its labels must equal what
-``vllm.LLM.generate`` gives for the same prompts.
+``vllm.LLM.generate`` gives for the same prompts. The two-model job must write
+both trained models' columns and score each against the labels, its
+cross-entropy and ROC-AUC equal to the recompute from its output file.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 
+from llm_batch import columns
 from llm_batch.job.spec import JobSpec
+from tests.e2e.test_labeling import assert_probability_metrics_equal_the_file
 
 pytestmark = pytest.mark.e2e
 
@@ -47,15 +51,21 @@ def results(tmp_path_factory, ray_local):
 
 def test_library_has_the_common_cases():
     names = {p.name for p in JOB_FILES}
-    assert {"reviews-sentiment.yaml", "synthetic-reviews.yaml", "review-records.yaml"} <= names
+    assert {
+        "reviews-sentiment.yaml",
+        "reviews-sentiment-compare.yaml",
+        "synthetic-reviews.yaml",
+        "review-records.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", JOB_FILES, ids=[p.name for p in JOB_FILES])
 def test_every_job_file_runs_one_row_per_input_row_and_sample(results, path):
     spec, table, metrics = results[path.name]
-    inputs = pads.dataset(str(ROOT / spec.input.path), format=(
-        "json" if spec.input.resolved_format == "jsonl" else spec.input.resolved_format
-    )).count_rows()
+    inputs = pads.dataset(
+        str(ROOT / spec.input.path),
+        format=("json" if spec.input.resolved_format == "jsonl" else spec.input.resolved_format),
+    ).count_rows()
     assert table.num_rows == inputs * spec.sampling.n
     assert metrics["rows_done"] == table.num_rows
     errors = [c for c in table.column_names if c.endswith("error")]
@@ -70,7 +80,8 @@ def test_demo_model_labels_the_held_out_reviews(results):
     got = sum(
         p.strip() == t
         for p, t in zip(
-            table.column("generated_text").to_pylist(), table.column("label").to_pylist(),
+            table.column("generated_text").to_pylist(),
+            table.column("label").to_pylist(),
             strict=True,
         )
     )
@@ -92,6 +103,39 @@ def test_demo_labels_equal_llm_generate(results, reference_engines):
     llm = reference_engines(ROOT / spec.model.path)
     expected = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
     assert table.column("generated_text").to_pylist() == expected
+
+
+def test_two_models_label_in_one_pass_each_scored_against_the_labels(results):
+    spec, table, metrics = results["reviews-sentiment-compare.yaml"]
+    table = table.sort_by("row_id")
+    names = [m.name for m in spec.models]
+    assert names == ["large", "small"]
+    assert table.column_names == ["row_id", *spec.carryover, "label"] + [
+        f"{m}__{c}" for m in names for c in (*columns.OUTPUT_COLUMNS, columns.LOGPROBS)
+    ]
+    truth = table.column("label").to_pylist()
+    for name in names:
+        m = metrics["metrics"][name]
+        pred = [p.strip() for p in table.column(f"{name}__generated_text").to_pylist()]
+        assert m["labels"]["accuracy"] == round(
+            sum(p == t for p, t in zip(pred, truth, strict=True)) / len(truth), 6
+        )
+        assert m["labels"]["accuracy"] >= 0.9, (name, m["labels"])
+        assert sum(map(sum, m["labels"]["confusion_matrix"]["matrix"])) == table.num_rows
+        logprobs = table.column(f"{name}__logprobs").to_pylist()
+        choices = spec.sampling.structured.choice
+        assert_probability_metrics_equal_the_file(m, truth, logprobs, choices)
+        assert m["labels"]["probability"]["rows"] == table.num_rows
+    # The same model, prompts and greedy sampling as the one-model job: the same labels.
+    _, single, _ = results["reviews-sentiment.yaml"]
+    assert (
+        table.column("large__generated_text").to_pylist()
+        == single.sort_by("row_id").column("generated_text").to_pylist()
+    )
+    # Two different candidates: the 2-layer model is not a copy of the 4-layer one.
+    assert (
+        table.column("small__logprobs").to_pylist() != table.column("large__logprobs").to_pylist()
+    )
 
 
 def test_synthetic_samples_carry_their_seed_columns(results):
