@@ -287,7 +287,8 @@ class MetricsSpec(_Strict):
     label_column: str | None = Field(
         default=None,
         description="Ground-truth label column: accuracy, per-class precision/recall/F1 and "
-        "the confusion matrix of each model's output against it.",
+        "the confusion matrix of each model's output against it; with structured.choice and "
+        "sampling.logprobs, also cross-entropy and ROC-AUC of the label's probability.",
     )
     accumulators: list[str] = Field(
         default_factory=list,

@@ -6,6 +6,10 @@ Plain PyTorch + transformers on the CPU, seeded and deterministic::
 
 The defaults produce the committed model and the bundled held-out example
 dataset (``--examples prompts/examples``; pass ``--examples ''`` to skip it).
+The second committed model, the 2-layer candidate that
+``prompts/reviews-sentiment-compare.yaml`` compares with it, is::
+
+    python -m llm_batch.models.train --out models/reviews-tiny-2layer --layers 2 --examples ''
 
 What it does:
 
