@@ -115,6 +115,23 @@ class Settings(BaseSettings):
         "accumulators that submitted jobs may name; others are refused before anything "
         "is imported.",
     )
+    allowed_engine_args: str | None = Field(
+        default=None,
+        description="Comma-separated vllm.EngineArgs fields that submitted jobs may set in "
+        "model.engine.extra_args, besides the tuning fields allowed by default "
+        "(llm_batch.service.validation.SAFE_ENGINE_ARGS); `field.key` allows one key of "
+        "a mapping-valued field. Any other is refused with 422: some fields make vLLM "
+        "import or run code the job names (trust_remote_code, worker_cls, "
+        "logits_processors...) or open paths outside the storage roots (tokenizer, "
+        "download_dir...). Model blocks of the models file are not checked.",
+    )
+    max_replicas: int = Field(
+        default=64,
+        ge=1,
+        description="Most engine replicas one model of a submitted job may ask for "
+        "(`replicas`, or `replicas.max`); more is refused with 422. Model blocks of the "
+        "models file are not checked.",
+    )
     max_request_bytes: int = Field(
         default=1024 * 1024,
         ge=1024,
@@ -157,6 +174,15 @@ class Settings(BaseSettings):
         from llm_batch.service.storage import parse_roots
 
         return ",".join(parse_roots(v)) or None
+
+    @field_validator("allowed_engine_args")
+    @classmethod
+    def _engine_arg_names(cls, v: str | None) -> str | None:
+        names = [n.strip() for n in (v or "").split(",") if n.strip()]
+        for name in names:
+            if not all(part.isidentifier() for part in name.split(".")):
+                raise ValueError(f"{name!r} is not a vllm.EngineArgs field name (or field.key)")
+        return ",".join(names) or None
 
     @field_validator("shared_roots")
     @classmethod
@@ -210,6 +236,13 @@ class Settings(BaseSettings):
     def accumulators(self) -> set[str]:
         """The custom accumulators submitted jobs may name."""
         return {a.strip() for a in (self.allowed_accumulators or "").split(",") if a.strip()}
+
+    def engine_args(self) -> frozenset[str]:
+        """The ``vllm.EngineArgs`` fields submitted jobs may set in ``engine.extra_args``."""
+        from llm_batch.service.validation import SAFE_ENGINE_ARGS
+
+        extra = (self.allowed_engine_args or "").split(",")
+        return SAFE_ENGINE_ARGS | {name for name in extra if name}
 
     def keys(self) -> dict[str, bool]:
         """Configured API keys → whether each is an admin key (empty: no authentication)."""

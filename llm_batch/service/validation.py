@@ -6,8 +6,20 @@ the service's storage roots (``storage.py``), validated as a ``JobSpec`` and
 planned (``plan_job``: the input exists, the columns the template and carryover
 name are there). In cluster mode the paths must also be on storage every node of
 the cluster reaches (``storage.SharedStorage``), checked before the input is read.
-Every refusal is a ``JobSpecError`` or
-``InputError`` whose message names the field.
+What one service admits from one key is an ``Admission``, built from its settings.
+A key that is not an admin's may name no input or output in the service's data
+directory, refused before anything there is read (whether a file exists is news too).
+
+A model block written in the job (not one of the catalog's, which are the
+operator's) may set only the ``vllm.EngineArgs`` fields of the allowlist
+(``SAFE_ENGINE_ARGS`` and the operator's additions) in ``model.engine.extra_args``,
+and at most ``max_replicas`` engine replicas. Engine arguments reach vLLM unchanged,
+and some make it import or run code the submitter names (``trust_remote_code``,
+``worker_cls``, ``logits_processors``...), open paths outside the storage roots
+(``tokenizer``, ``download_dir``...) or replace what the job's own fields chose
+(``model``).
+
+Every refusal is a ``JobSpecError`` or ``InputError`` whose message names the field.
 """
 
 from __future__ import annotations
@@ -16,16 +28,75 @@ import dataclasses
 import os
 from collections.abc import Collection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from llm_batch.errors import InputError, JobSpecError
-from llm_batch.job.spec import JobSpec
+from llm_batch.job.spec import EngineSpec, JobSpec, ReplicaRange
 from llm_batch.service.catalog import ModelCatalog
 from llm_batch.service.storage import SharedStorage, StorageRoots, is_hub_id
 
-__all__ = ["Submission", "absolute_paths", "parse_job_text", "prepare_submission"]
+if TYPE_CHECKING:
+    from llm_batch.service.settings import Settings
+
+__all__ = [
+    "SAFE_ENGINE_ARGS",
+    "Admission",
+    "Submission",
+    "absolute_paths",
+    "check_job",
+    "parse_job_text",
+    "prepare_submission",
+]
+
+# The ``vllm.EngineArgs`` fields a submitted job may set in ``model.engine.extra_args``
+# unless the operator allows more (LLM_BATCH_ALLOWED_ENGINE_ARGS): tuning that takes
+# numbers, flags or names from vLLM's own registries, and names no path, host, class,
+# plugin or hub repository of code. ``a.b`` allows key ``b`` of the mapping ``a`` only:
+# ``structured_outputs_config`` also holds ``reasoning_parser_plugin``, a file vLLM
+# imports. Left out on purpose, among others: trust_remote_code, code_revision,
+# worker_cls, worker_extension_cls, model_impl, hf_overrides, model_class_overrides,
+# logits_processors, scheduler_cls, io_processor_plugin, reasoning_parser_plugin,
+# distributed_executor_backend (import paths or remote code); model, tokenizer,
+# hf_config_path, download_dir, load_format, model_loader_extra_config,
+# generation_config, speculative_config, allowed_local_media_path, log_config_file
+# (paths and other models); hf_token (the service's credentials); compilation_config,
+# kv_transfer_config (custom passes and connectors by import path); data_parallel_*,
+# master_addr/port (processes and ports beyond the engine's placement).
+SAFE_ENGINE_ARGS = frozenset(
+    {
+        # scheduling and batching
+        "max_num_batched_tokens",
+        "long_prefill_token_threshold",
+        "enable_chunked_prefill",
+        "async_scheduling",
+        # the KV cache
+        "block_size",
+        "kv_cache_dtype",
+        "enable_prefix_caching",
+        "num_gpu_blocks_override",
+        "cpu_offload_gb",
+        "disable_sliding_window",
+        "disable_cascade_attn",
+        # CUDA graphs
+        "max_cudagraph_capture_size",
+        "cudagraph_capture_sizes",
+        # weights and tokenizer, by registry name or hub revision
+        "quantization",
+        "tokenizer_mode",
+        "revision",
+        "tokenizer_revision",
+        "enable_expert_parallel",
+        # logprobs
+        "max_logprobs",
+        "logprobs_mode",
+        # structured outputs (prompts/review-records.yaml uses these)
+        "structured_outputs_config.backend",
+        "structured_outputs_config.disable_any_whitespace",
+        "structured_outputs_config.disable_additional_properties",
+    }
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,16 +136,9 @@ def absolute_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     return {k: v for k, v in out.items() if k in data}
 
 
-def prepare_submission(
-    body: Any,
-    *,
-    catalog: ModelCatalog,
-    base: Path,
-    roots: StorageRoots | None = None,
-    shared: SharedStorage | None = None,
-    accumulators: Collection[str] | None = None,
-) -> Submission:
-    """Validate and plan a submitted job; raises ``JobSpecError`` / ``InputError``.
+@dataclasses.dataclass(frozen=True)
+class Admission:
+    """What a service admits from one submitter (``check_job``, ``prepare_submission``).
 
     With ``roots``, every input, output and local model path must lie under them
     (``storage.StorageRoots``; the catalog's models are allowed wherever they are)
@@ -82,13 +146,48 @@ def prepare_submission(
     output and local model paths must be object storage or under a shared folder
     (the catalog's models are the operator's: not checked). With ``accumulators``,
     custom accumulators must be among them: naming one imports it in this process.
+    With ``private``, the input and output may not lie in that folder. With
+    ``engine_args`` and ``max_replicas``, the model blocks written in the job (not the
+    catalog's) may set only those ``extra_args`` and at most that many replicas.
     """
-    from llm_batch.pipeline.run import plan_job
 
+    catalog: ModelCatalog
+    base: Path  # relative paths resolve here
+    roots: StorageRoots | None = None
+    shared: SharedStorage | None = None
+    accumulators: Collection[str] | None = None
+    private: Path | None = None
+    engine_args: Collection[str] | None = None
+    max_replicas: int | None = None
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, catalog: ModelCatalog, base: Path, admin: bool
+    ) -> Admission:
+        """What ``POST /v1/jobs`` admits from a key. A key that is not an admin's may not
+        name paths in the service's data directory: other keys' outputs, uploads and job
+        files live there (its own default output is placed there by the service)."""
+        return cls(
+            catalog=catalog,
+            base=base,
+            roots=StorageRoots.of(settings.roots()),
+            shared=settings.shared_storage(),
+            accumulators=settings.accumulators(),
+            private=None if admin else settings.data_dir,
+            engine_args=settings.engine_args(),
+            max_replicas=settings.max_replicas,
+        )
+
+
+def check_job(body: Any, admission: Admission) -> JobSpec:
+    """The submitted job as a ``JobSpec``, after every check that reads neither its
+    input nor its model; raises ``JobSpecError``."""
     if not isinstance(body, dict):
         raise JobSpecError(
             f"request body: expected a JSON object of job fields, got {type(body).__name__}"
         )
+    catalog, base, roots = admission.catalog, admission.base, admission.roots
+    written = _written_models(body)
     data = catalog.resolve(body)
     if roots is not None:  # on the paths as sent, so that refusals quote them
         offered = [catalog.block(name, field="model").get("path", "") for name in catalog.names]
@@ -96,17 +195,35 @@ def prepare_submission(
         data = roots.confine_job(data, base=str(base))
     data = absolute_paths(data, base)
     spec = JobSpec.from_dict(data, source="job")
-    if shared is not None:
-        _check_shared(spec, shared, catalog)
-    if accumulators is not None:
+    if admission.private is not None:
+        _check_private(spec, admission.private)
+    if admission.shared is not None:
+        _check_shared(spec, admission.shared, catalog)
+    if admission.accumulators is not None:
         for path in spec.metrics.accumulators:
-            if path not in accumulators:
-                allowed = ", ".join(sorted(accumulators)) or "none"
+            if path not in admission.accumulators:
+                allowed = ", ".join(sorted(admission.accumulators)) or "none"
                 raise JobSpecError(
                     f"metrics.accumulators: {path!r} is not an accumulator this service "
                     f"allows (allowed: {allowed}; the operator lists them in "
                     "LLM_BATCH_ALLOWED_ACCUMULATORS)"
                 )
+    for field, model in spec.named_models():
+        if field not in written:
+            continue  # the catalog's: the operator chose its engine and replicas
+        if admission.engine_args is not None:
+            _check_engine_args(field, model.engine.extra_args, admission.engine_args)
+        if admission.max_replicas is not None:
+            _check_replicas(field, model.replicas, admission.max_replicas)
+    return spec
+
+
+def prepare_submission(body: Any, admission: Admission) -> Submission:
+    """Validate and plan a submitted job (``check_job``, then its input's columns and its
+    model folder); raises ``JobSpecError`` / ``InputError``."""
+    from llm_batch.pipeline.run import plan_job
+
+    spec = check_job(body, admission)
     try:
         plan = plan_job(spec)
     except (pa.ArrowException, RecursionError, UnicodeDecodeError) as e:
@@ -115,11 +232,79 @@ def prepare_submission(
         raise InputError(
             f"input.path: {spec.input.path!r} cannot be read: {type(e).__name__}: {str(e)[:200]}"
         ) from None
-    if roots is not None and _is_local(spec.input.path):
-        roots.check_files(plan.input_info.files, field="input.path")
-    if shared is not None and _is_local(spec.input.path):
-        shared.check_files(plan.input_info.files, field="input.path")
+    if admission.roots is not None and _is_local(spec.input.path):
+        admission.roots.check_files(plan.input_info.files, field="input.path")
+    if admission.shared is not None and _is_local(spec.input.path):
+        admission.shared.check_files(plan.input_info.files, field="input.path")
     return Submission(spec, plan.input_info.rows_total)
+
+
+def _written_models(body: dict[str, Any]) -> set[str]:
+    """The fields (``model``, ``models[i]``) of the model blocks the job writes itself,
+    rather than naming one of the catalog's."""
+    fields = {"model"} if isinstance(body.get("model"), dict) else set()
+    if isinstance(body.get("models"), list):
+        fields |= {f"models[{i}]" for i, m in enumerate(body["models"]) if isinstance(m, dict)}
+    return fields
+
+
+def _check_private(spec: JobSpec, private: Path) -> None:
+    folder = os.path.realpath(private)
+    named = [("input.path", spec.input.path)]
+    if spec.output is not None:
+        named.append(("output.path", spec.output.path))
+    for field, path in named:
+        if "://" in path and not path.startswith("file://"):
+            continue
+        real = os.path.realpath(path.removeprefix("file://"))
+        if os.path.commonpath([real, folder]) == folder:
+            raise JobSpecError(
+                f"{field}: {path!r} is inside the service's data directory, which holds other "
+                "keys' jobs and files; name a path in another storage root (or leave "
+                "output unset: the service then chooses a folder of your own)"
+            )
+
+
+def _refused_engine_arg(args: dict[Any, Any], allowed: Collection[str], prefix: str) -> str | None:
+    """The first key of ``args`` (dotted from the top) the allowlist does not cover."""
+    for key, value in args.items():
+        name = f"{prefix}{key}"
+        if name in allowed:
+            continue
+        inner = f"{name}."
+        if isinstance(value, dict) and any(a.startswith(inner) for a in allowed):
+            refused = _refused_engine_arg(value, allowed, inner)
+            if refused is None:
+                continue
+            return refused
+        return name
+    return None
+
+
+def _check_engine_args(field: str, args: dict[str, Any], allowed: Collection[str]) -> None:
+    refused = _refused_engine_arg(args, allowed, "")
+    if refused is None:
+        return
+    hint = ""
+    if refused in EngineSpec.model_fields and refused != "extra_args":
+        hint = f"; set {field}.engine.{refused} instead"
+    raise JobSpecError(
+        f"{field}.engine.extra_args.{refused}: this service does not pass {refused!r} to "
+        f"vLLM from a submitted job{hint} (allowed: {', '.join(sorted(allowed))}; the "
+        "service's operator can allow more with LLM_BATCH_ALLOWED_ENGINE_ARGS)"
+    )
+
+
+def _check_replicas(field: str, replicas: int | ReplicaRange, limit: int) -> None:
+    if isinstance(replicas, int):
+        wanted, where = replicas, "replicas"
+    else:
+        wanted, where = replicas.max, "replicas.max"
+    if wanted > limit:
+        raise JobSpecError(
+            f"{field}.{where}: {wanted} engine replicas is more than this service allows for "
+            f"one model ({limit}; the service's operator sets LLM_BATCH_MAX_REPLICAS)"
+        )
 
 
 def _check_shared(spec: JobSpec, shared: SharedStorage, catalog: ModelCatalog) -> None:

@@ -139,6 +139,14 @@ def job(**changes: Any) -> Request:
     return Request("POST", "/v1/jobs", json=body)
 
 
+def engine(extra_args: dict[str, Any] | None = None, **model: Any) -> Request:
+    """The valid job with a model block of its own (a hub id: never loaded here)."""
+    block = {"path": "org/m", **model}
+    if extra_args is not None:
+        block["engine"] = {"extra_args": extra_args}
+    return job(model=block)
+
+
 def body(content: bytes, content_type: str = "application/json") -> Request:
     return Request("POST", "/v1/jobs", content=content, headers={"Content-Type": content_type})
 
@@ -163,6 +171,9 @@ def nested(depth: int) -> Any:
 
 TOO_DEEP = "deeper than this service's limit of 64 levels (max_json_depth)"
 OUTSIDE = "is outside the storage roots"
+NOT_PASSED = "to vLLM from a submitted job"
+ALLOWED_ENGINE_ARGS = "(allowed: async_scheduling, block_size, cpu_offload_gb, "
+TOO_MANY = "engine replicas is more than this service allows for one model (64; "
 
 SUBMISSION = [
     # id, request, status, substring of the message
@@ -236,6 +247,50 @@ SUBMISSION = [
      f"model.path: '../../../../../../../../usr' {OUTSIDE} (it resolves to '/usr')"),
     ("accumulator-not-allowed", job(metrics={"accumulators": ["this:Zen"]}), 422,
      "metrics.accumulators: 'this:Zen' is not an accumulator this service allows"),
+    # -- a model block's engine arguments (vLLM gets them as they are) and replicas
+    ("engine-arg-trust-remote-code", engine({"trust_remote_code": True}), 422,
+     "model.engine.extra_args.trust_remote_code: this service does not pass "
+     f"'trust_remote_code' {NOT_PASSED} {ALLOWED_ENGINE_ARGS}"),
+    ("engine-arg-worker-cls", engine({"worker_cls": "os.system"}), 422,
+     f"model.engine.extra_args.worker_cls: this service does not pass 'worker_cls' {NOT_PASSED}"),
+    ("engine-arg-worker-extension-cls", engine({"worker_extension_cls": "evil.Ext"}), 422,
+     "model.engine.extra_args.worker_extension_cls: "),
+    ("engine-arg-logits-processors", engine({"logits_processors": ["evil:Processor"]}), 422,
+     "model.engine.extra_args.logits_processors: "),
+    ("engine-arg-hf-overrides", engine({"hf_overrides": {"architectures": ["Evil"]}}), 422,
+     "model.engine.extra_args.hf_overrides: "),
+    ("engine-arg-model-impl", engine({"model_impl": "transformers"}), 422,
+     "model.engine.extra_args.model_impl: "),
+    ("engine-arg-swaps-the-model-path", engine({"model": "/etc"}), 422,
+     "model.engine.extra_args.model: "),
+    ("engine-arg-tokenizer-outside-roots", engine({"tokenizer": "{outside}"}), 422,
+     "model.engine.extra_args.tokenizer: "),
+    ("engine-arg-download-dir", engine({"download_dir": "/tmp/llm-batch-x"}), 422,
+     "model.engine.extra_args.download_dir: "),
+    ("engine-arg-load-format", engine({"load_format": "tensorizer"}), 422,
+     "model.engine.extra_args.load_format: "),
+    ("engine-arg-plugin-inside-an-allowed-mapping",
+     engine({"structured_outputs_config": {"backend": "xgrammar",
+                                           "reasoning_parser_plugin": "/tmp/evil.py"}}), 422,
+     "model.engine.extra_args.structured_outputs_config.reasoning_parser_plugin: "),
+    ("engine-arg-that-is-a-job-field", engine({"max_model_len": 99}), 422,
+     "; set model.engine.max_model_len instead"),
+    ("engine-arg-in-a-models-list",
+     job(model=None, models=["tiny", {"name": "b", "path": "org/m",
+                                      "engine": {"extra_args": {"trust_remote_code": True}}}]),
+     422, "models[1].engine.extra_args.trust_remote_code: "),
+    # Accepted: tuning fields of the default allowlist.
+    ("engine-args-tuning", engine({"enable_prefix_caching": True, "max_num_batched_tokens": 4096,
+                                   "structured_outputs_config": {"backend": "xgrammar"}}), 201,
+     ""),
+    ("replicas-over-the-limit", engine(replicas=65), 422, f"model.replicas: 65 {TOO_MANY}"),
+    ("replicas-a-million", engine(replicas=1_000_000), 422, f"model.replicas: 1000000 {TOO_MANY}"),
+    ("replicas-range-over-the-limit", engine(replicas={"min": 1, "max": 1000}), 422,
+     f"model.replicas.max: 1000 {TOO_MANY}"),
+    ("replicas-in-a-models-list",
+     job(model=None, models=["tiny", {"name": "b", "path": "org/m", "replicas": "65"}]), 422,
+     f"models[1].replicas: 65 {TOO_MANY}"),
+    ("replicas-at-the-limit", engine(replicas={"min": 1, "max": 64}), 201, ""),
     # -- paths outside the storage roots
     ("input-dotdot-etc-passwd", job(input={"path": "../../../../../../../../etc/passwd"}), 422,
      f"input.path: '../../../../../../../../etc/passwd' {OUTSIDE} (it resolves to '/etc/passwd')"),

@@ -131,8 +131,18 @@ class BatchRunner:
             self._fail(batch, conversion.errors)
             shutil.rmtree(folder, ignore_errors=True)
             return
-        from llm_batch.service.validation import prepare_submission
+        from llm_batch.service.validation import Admission, prepare_submission
 
+        # In cluster mode the batch's files are in the data directory, which the settings
+        # declare shared (the service does not start otherwise). A batch's jobs name the
+        # catalog's models only (job_body): no request carries engine arguments or replicas.
+        admission = Admission(
+            catalog=self.catalog,
+            base=self.settings.data_dir,
+            shared=self.settings.shared_storage(),
+            engine_args=self.settings.engine_args(),
+            max_replicas=self.settings.max_replicas,
+        )
         runs: list[dict[str, Any]] = []
         try:
             for group in conversion.groups:
@@ -144,14 +154,7 @@ class BatchRunner:
                     groups=len(conversion.groups),
                     output_path=folder / f"output-{group.index}",
                 )
-                # In cluster mode the batch's files are in the data directory, which the
-                # settings declare shared (the service does not start otherwise).
-                submission = prepare_submission(
-                    body,
-                    catalog=self.catalog,
-                    base=self.settings.data_dir,
-                    shared=self.settings.shared_storage(),
-                )
+                submission = prepare_submission(body, admission)
                 spec = submission.spec
                 job, _ = self.store.create(
                     job_id=new_job_id(),

@@ -135,6 +135,11 @@ def good(i: int) -> dict:
             [chat_line("a", tools=[{"type": "function"}])],
             [("unsupported_parameter", 1, "body.tools")],
         ),
+        # Engine arguments are the operator's (the models file): a request has none.
+        (
+            [chat_line("a", trust_remote_code=True)],
+            [("unsupported_parameter", 1, "body.trust_remote_code")],
+        ),
         ([chat_line("a", temperature=3)], [("invalid_value", 1, "body.temperature")]),
         ([chat_line("a", stop=[""])], [("invalid_value", 1, "body.stop")]),
         ([chat_line("a", top_logprobs=2)], [("invalid_value", 1, "body.top_logprobs")]),

@@ -19,9 +19,8 @@ from llm_batch.service.api.deps import (
 from llm_batch.service.errors import JobConflict, JobNotFound
 from llm_batch.service.scheduler import initial_progress
 from llm_batch.service.schemas import JobList, JobPublic, to_public
-from llm_batch.service.storage import StorageRoots
 from llm_batch.service.store import JobStatus, new_job_id
-from llm_batch.service.validation import parse_job_text, prepare_submission
+from llm_batch.service.validation import Admission, parse_job_text, prepare_submission
 
 __all__ = ["router"]
 
@@ -70,16 +69,10 @@ def create_job(
     (`application/yaml`); relative paths are resolved on the service."""
     if isinstance(body, bytes):  # not JSON: FastAPI leaves the bytes as they came
         body = parse_job_text(body, max_depth=settings.max_json_depth)
-    submission = prepare_submission(
-        body,
-        catalog=catalog,
-        base=Path.cwd(),
-        roots=StorageRoots.of(settings.roots()),
-        shared=settings.shared_storage(),
-        accumulators=settings.accumulators(),
+    admission = Admission.from_settings(
+        settings, catalog=catalog, base=Path.cwd(), admin=principal.admin
     )
-    if not principal.admin:
-        _outside_service_data(submission.spec, settings.data_dir)
+    submission = prepare_submission(body, admission)
     spec = submission.spec
     job_id = new_job_id()
     output = spec.output.path if spec.output is not None else str(settings.outputs_dir / job_id)
@@ -98,29 +91,6 @@ def create_job(
     else:
         response.headers["Idempotent-Replayed"] = "true"
     return to_public(job)
-
-
-def _outside_service_data(spec: Any, data_dir: Path) -> None:
-    """A key's job may not name paths in the service's data directory: other keys' outputs,
-    uploads and job files live there. (Its own default output is placed there by the service.)"""
-    import os
-
-    from llm_batch.errors import JobSpecError
-
-    data = os.path.realpath(data_dir)
-    named = [("input.path", spec.input.path)]
-    if spec.output is not None:
-        named.append(("output.path", spec.output.path))
-    for field, path in named:
-        if "://" in path and not path.startswith("file://"):
-            continue
-        real = os.path.realpath(path.removeprefix("file://"))
-        if os.path.commonpath([real, data]) == data:
-            raise JobSpecError(
-                f"{field}: {path!r} is inside the service's data directory, which holds other "
-                "keys' jobs and files; name a path in another storage root (or leave "
-                "output unset: the service then chooses a folder of your own)"
-            )
 
 
 @router.get("", response_model=JobList, summary="List jobs, newest first")
