@@ -348,6 +348,31 @@ def service_path(settings: Settings, variable: str) -> PurePosixPath:
     return path
 
 
+def shared_volume() -> PurePosixPath:
+    """Where the service's container mounts the shared claim (storage.yaml); every pod
+    mounts it at the same path (test_one_rwx_claim_mounted_at_one_path_everywhere)."""
+    pvc = only("PersistentVolumeClaim")
+    pod, container = service_pod(), service_container()
+    volumes = {
+        v["name"]
+        for v in pod.spec.get("volumes") or []
+        if (v.get("persistentVolumeClaim") or {}).get("claimName") == pvc.name
+    }
+    paths = sorted(
+        {m["mountPath"] for m in container.get("volumeMounts") or [] if m.get("name") in volumes}
+    )
+    assert len(paths) == 1, pod.container_at(
+        container, f"volumeMounts: the claim {pvc.name!r} should be mounted once, is at {paths}"
+    )
+    return PurePosixPath(paths[0])
+
+
+def on(path: str | PurePosixPath, folder: PurePosixPath) -> bool:
+    """Whether an absolute path is ``folder`` or lies under it."""
+    p = PurePosixPath(path)
+    return p == folder or folder in p.parents
+
+
 # -- the manifests as a whole ---------------------------------------------------------------
 
 
@@ -503,14 +528,25 @@ def test_dockerfile_command_and_user_fit_the_manifests():
 # -- storage ----------------------------------------------------------------------------------
 
 
-def test_one_rwx_claim_mounted_at_the_data_dir_everywhere(service_settings: Settings):
+def test_one_rwx_claim_mounted_at_one_path_everywhere(service_settings: Settings):
+    """One claim, mounted at the same path on every pod, and the service's data directory
+    on it (the drivers read job specs there)."""
     pvc = only("PersistentVolumeClaim")
     modes = pvc.body["spec"].get("accessModes") or []
     assert "ReadWriteMany" in modes, pvc.at(
         f"spec.accessModes is {modes}: engines on several nodes write one output folder"
     )
-    data_dir = str(service_path(service_settings, "LLM_BATCH_DATA_DIR"))
+    mount = str(shared_volume())
+    data_dir = service_path(service_settings, "LLM_BATCH_DATA_DIR")
     problems = []
+    if not on(data_dir, shared_volume()):
+        problems.append(
+            service_pod().container_at(
+                service_container(),
+                f"env LLM_BATCH_DATA_DIR {data_dir} is not on the volume {pvc.name!r} "
+                f"(mounted at {mount})",
+            )
+        )
     for pod in pods():
         volumes = pod.spec.get("volumes") or []
         claims = {
@@ -533,12 +569,12 @@ def test_one_rwx_claim_mounted_at_the_data_dir_everywhere(service_settings: Sett
         for c in pod.containers():
             mounts = [m for m in c.get("volumeMounts") or [] if m.get("name") in data_volumes]
             paths = sorted({m.get("mountPath") for m in mounts})
-            if paths != [data_dir]:
+            if paths != [mount]:
                 problems.append(
                     pod.container_at(
                         c,
-                        f"volumeMounts of {pvc.name!r} are at {paths}, "
-                        f"LLM_BATCH_DATA_DIR is {data_dir} (service.yaml)",
+                        f"volumeMounts of {pvc.name!r} are at {paths}, the service mounts it "
+                        f"at {mount} (service.yaml)",
                     )
                 )
     assert not problems, "\n".join(problems)
@@ -687,10 +723,9 @@ def test_service_command_is_the_cli_serve(service_settings: Settings):
     args = build_parser().parse_args(argv[1:])
     assert args.command == "serve", f"{where}: {argv} is not `llm-batch serve`"
     workdir = PurePosixPath(container.get("workingDir") or "/")
-    data_dir = service_path(service_settings, "LLM_BATCH_DATA_DIR")
-    assert workdir == data_dir or data_dir in workdir.parents, (
+    assert on(workdir, shared_volume()), (
         f"{pod.container_at(container, 'workingDir')} is {workdir}: relative paths of submitted "
-        f"jobs resolve there, it should be on the shared volume ({data_dir})"
+        f"jobs resolve there, it should be on the shared volume ({shared_volume()})"
     )
 
 
@@ -712,7 +747,7 @@ def service_cluster(settings: Settings) -> Cluster:
 def test_shared_roots_are_the_volume_every_ray_pod_mounts(service_settings: Settings):
     """With RAY_ADDRESS the service is in cluster mode: it takes local job paths only under
     LLM_BATCH_SHARED_ROOTS and does not start unless its data directory is under one. Each
-    shared root must be on the claim mounted at the data directory on every pod."""
+    shared root must be on the claim every pod mounts at the same path."""
     from llm_batch.service.errors import SettingsError
 
     container = service_container()
@@ -721,13 +756,43 @@ def test_shared_roots_are_the_volume_every_ray_pod_mounts(service_settings: Sett
         service_settings.check_cluster_storage()
     except SettingsError as e:
         pytest.fail(f"{where}: the service would not start: {e}")
-    data_dir = service_path(service_settings, "LLM_BATCH_DATA_DIR")
+    volume = shared_volume()
     raw = literal_env(container).get("LLM_BATCH_SHARED_ROOTS", "")
     problems = [
-        f"{where}: {root!r} is not on the shared volume mounted at {data_dir} on every pod"
+        f"{where}: {root!r} is not on the shared volume mounted at {volume} on every pod"
         for root in (r.strip() for r in raw.split(","))
-        if root and not (PurePosixPath(root) == data_dir or data_dir in PurePosixPath(root).parents)
+        if root and not on(root, volume)
     ]
+    assert not problems, "\n".join(problems)
+
+
+def test_storage_roots_are_on_the_volume_beside_the_data_dir(service_settings: Settings):
+    """A job of a key that is not an admin's may name no path in the service's data
+    directory (other keys' jobs and files are there): its inputs, models and outputs
+    need storage roots on the shared volume outside it."""
+    container = service_container()
+    where = service_pod().container_at(container, "env LLM_BATCH_STORAGE_ROOTS")
+    data_dir = service_path(service_settings, "LLM_BATCH_DATA_DIR")
+    volume = shared_volume()
+    raw = literal_env(container).get("LLM_BATCH_STORAGE_ROOTS", "")
+    roots = [r.strip() for r in raw.split(",") if r.strip()]
+    assert roots, (
+        f"{where}: not set, so the data directory {data_dir} is the only storage root and an "
+        "ordinary API key can name no input at all"
+    )
+    problems = []
+    for root in roots:
+        if "://" in root:
+            continue  # object storage
+        if not PurePosixPath(root).is_absolute():
+            problems.append(f"{where}: {root!r} should be absolute (Settings resolves it here)")
+        elif not on(root, volume):
+            problems.append(f"{where}: {root!r} is not on the shared volume ({volume})")
+        elif on(root, data_dir):
+            problems.append(
+                f"{where}: {root!r} is inside the data directory {data_dir}, where a key that "
+                "is not an admin's may name no path"
+            )
     assert not problems, "\n".join(problems)
 
 
@@ -910,6 +975,18 @@ def test_catalog_models_fit_the_cluster(service_settings: Settings):
     assert not problems, "\n".join(problems)
 
 
+def test_max_replicas_fits_the_cluster(service_settings: Settings):
+    """A fixed pool waits until all its engines are placed: the most replicas the service
+    admits for a job's model should fit the worker groups (one GPU each) at maxReplicas."""
+    cluster = service_cluster(service_settings)
+    gpus = sum(g.max_replicas * g.num_gpus for g in cluster.worker_groups())
+    where = service_pod().container_at(service_container(), "env LLM_BATCH_MAX_REPLICAS")
+    assert service_settings.max_replicas <= gpus, (
+        f"{where}: {service_settings.max_replicas}, but the worker groups of "
+        f"{cluster.doc.at(cluster.path)} hold at most {gpus} GPUs at maxReplicas"
+    )
+
+
 # -- the RayJob ---------------------------------------------------------------------------------
 
 
@@ -947,7 +1024,7 @@ def rayjobs() -> list[Doc]:
 
 def test_rayjob_runs_the_driver_on_a_valid_job(service_settings: Settings):
     assert rayjobs(), "deploy/kuberay has no RayJob example"
-    data_dir = service_path(service_settings, "LLM_BATCH_DATA_DIR")
+    volume = shared_volume()
     problems = []
     for doc in rayjobs():
         module, _, job = rayjob_file(doc)
@@ -960,10 +1037,9 @@ def test_rayjob_runs_the_driver_on_a_valid_job(service_settings: Settings):
         for field, model in spec.named_models():
             paths[f"{field}.path"] = model.path
         for field, path in paths.items():
-            p = PurePosixPath(path)
-            if "://" not in path and data_dir not in p.parents:
+            if "://" not in path and not on(path, volume):
                 problems.append(
-                    doc.at(f"job file {field} {path!r} is not on the shared volume ({data_dir})")
+                    doc.at(f"job file {field} {path!r} is not on the shared volume ({volume})")
                 )
         cluster = next(c for c in clusters() if c.doc == doc)
         for field, model in spec.named_models():
@@ -1009,4 +1085,62 @@ def test_readme_creates_what_the_manifests_reference():
     for doc in rayjobs():
         if doc.name not in text:
             problems.append(f"deploy/README.md: never mentions the RayJob {doc.name}")
+    assert not problems, "\n".join(problems)
+
+
+def walkthrough_jobs(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """The jobs deploy/README.md submits to the service: its YAML job files and the JSON
+    bodies it POSTs to /v1/jobs with curl."""
+    jobs = []
+    for block in re.findall(r"```yaml\n(.*?)```", text, flags=re.DOTALL):
+        data = yaml.safe_load(block)
+        if isinstance(data, dict) and {"input", "prompt"} <= set(data):
+            jobs.append(("deploy/README.md: the job file", data))
+    for body in re.findall(r"-X POST \S+/v1/jobs .*?-d '(\{.*?\})'", text, flags=re.DOTALL):
+        jobs.append(("deploy/README.md: the curl request", json.loads(body)))
+    return jobs
+
+
+def test_the_walkthrough_job_is_admitted_for_an_ordinary_key(service_settings: Settings):
+    """The walkthrough's API key (step 4) is not an admin's: the service, as service.yaml
+    configures it, must take the job of step 8 from it, and that job must read the dataset
+    step 7 copies to the volume (outside the service's data directory)."""
+    from llm_batch.errors import LLMBatchError
+    from llm_batch.service.catalog import ModelCatalog
+    from llm_batch.service.validation import Admission, check_job
+
+    text = README.read_text(encoding="utf-8")
+    jobs = walkthrough_jobs(text)
+    assert {where for where, _ in jobs} == {
+        "deploy/README.md: the job file",
+        "deploy/README.md: the curl request",
+    }, "deploy/README.md: step 8 should show the job file and the same job sent with curl"
+    assert all(job == jobs[0][1] for _, job in jobs), (
+        "deploy/README.md: the curl request and the job file are not the same job"
+    )
+    workdir = Path(str(service_container().get("workingDir") or "/"))
+    admission = Admission.from_settings(
+        service_settings,
+        catalog=ModelCatalog(catalog_models(service_settings)),
+        base=workdir,
+        admin=False,
+    )
+    data_dir = service_path(service_settings, "LLM_BATCH_DATA_DIR")
+    copied = re.findall(r'kubectl cp \S+\s+"llm-batch/\$POD:(\S+)"', text)
+    problems = [
+        f"deploy/README.md: step 7 copies into the service's data directory: {dest}"
+        for dest in copied
+        if on(dest, data_dir)
+    ]
+    for where, job in jobs:
+        try:
+            spec = check_job(job, admission)
+        except LLMBatchError as e:
+            problems.append(f"{where}: the service refuses it from an ordinary API key: {e}")
+            continue
+        if spec.input.path not in copied:
+            problems.append(
+                f"{where}: input.path {spec.input.path!r} is not a file step 7 copies to the "
+                f"volume ({', '.join(copied)})"
+            )
     assert not problems, "\n".join(problems)
