@@ -188,9 +188,10 @@ class ModelSpec(_Strict):
     max_batch_retries: int = Field(
         default=10,
         ge=0,
-        description="Times a batch is retried when its engine actor dies or is unreachable "
-        "(Ray restarts the actor; a lost node costs a few). A retried batch runs alone on "
-        "its engine; one that keeps killing it then becomes error rows, and the job goes on.",
+        description="A batch that was in an engine when it died (the actor killed, out of "
+        "memory, its node lost; Ray restarts the actor) is retried alone on its engine, up "
+        "to this many times; one that keeps killing it then becomes error rows and the job "
+        "goes on. A pool whose engines keep dying with no batch completing fails the job.",
     )
     max_batches_in_flight: int = Field(
         default=2,

@@ -14,6 +14,7 @@ carryover columns are never converted to Python objects.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import hashlib
 import json
@@ -21,6 +22,7 @@ import logging
 import os
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -275,7 +277,11 @@ class EngineStage:
 
         self._model_name = model_name
         self._progress = progress
-        self._max_retries = int(model.get("max_batch_retries", 10))
+        self._max_retries = int(model["max_batch_retries"])
+        replicas = model["replicas"]
+        most = replicas["max"] if isinstance(replicas, dict) else replicas
+        # Every engine of the pool may be retrying a poison batch alone at once.
+        self._restart_limit = most * (self._max_retries + 3)
         self._gate = _BatchGate()
         self._watchdog: asyncio.Future[None] | None = None
         self._sampling_spec = sampling
@@ -327,10 +333,14 @@ class EngineStage:
 
         vllm.envs.enable_envs_cache()
         self._where = _whereabouts()
+        atexit.register(_closing)  # after vLLM's own exit handlers, so it runs before them
+        if self._progress is not None:
+            self._progress.engine_started.remote(model_name)
         logger.info("engine for %s ready in %.1fs", model["path"], time.monotonic() - started)
 
     def __del__(self) -> None:
         # End the engine's core process with the actor instead of orphaning it.
+        _closing()
         engine = getattr(self, "_engine", None)
         if engine is not None:
             with contextlib.suppress(Exception):  # at interpreter exit, modules are gone
@@ -433,46 +443,44 @@ class EngineStage:
     async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:
         started = time.monotonic()
         if self._watchdog is None:
-            self._watchdog = asyncio.ensure_future(self._watch_engine())
-        key, deaths = await self._deaths(batch)
-        if deaths > self._max_retries:
-            # The engine died each time this batch was in it, alone in it after the first
-            # time (see below): it is the cause. Its rows become error rows; the job goes on.
-            reason = (
-                f"the engine died {deaths} times while generating this batch "
-                f"(model.max_batch_retries={self._max_retries}); its rows were given up"
+            self._watchdog = asyncio.ensure_future(_watch_engine(weakref.ref(self)))
+        key = self._batch_key(batch)
+        decision: dict[str, Any] = {}
+        if key is not None:
+            decision = await self._progress.begin_batch.remote(
+                key,
+                model=self._model_name,
+                max_retries=self._max_retries,
+                restart_limit=self._restart_limit,
             )
+        if decision.get("broken"):
+            raise EngineUnavailable(f"model {self._model_name or 'default'}: {decision['broken']}")
+        if decision.get("give_up"):
+            reason = decision["give_up"]
             logger.warning("%s: %d rows", reason, batch.num_rows)
-            failed = [(None, None, None, None, reason, None, None)] * batch.num_rows
-            yield self._finish(batch, failed, started, key)
+            # Rows that never reached the engine keep their own error.
+            errors = batch.column(columns.RENDER_ERROR).to_pylist()
+            failed = [(None, None, None, None, e or reason, None, None) for e in errors]
+            yield self._finish(batch, failed, started, key, given_up=True)
             return
         # A batch that was in the engine when it died may be what killed it: its retry runs
         # with nothing beside it, so another death is charged to it alone.
-        async with self._gate.hold(exclusive=deaths > 0):
+        alone = bool(decision.get("alone"))
+        async with self._gate.hold(exclusive=alone):
             if key is not None:
-                await self._progress.enter_batch.remote(key)
+                self._progress.enter_batch.remote(key, alone=alone)
             results = await self._generate_batch(batch)
         yield self._finish(batch, results, started, key)
 
-    async def _watch_engine(self) -> None:
-        """End the actor once its engine is dead. A request sent to an engine that has just
-        died can wait forever instead of failing, so its failure alone cannot be relied on."""
-        while True:
-            await asyncio.sleep(1.0)
-            if self._engine.errored:
-                _engine_died(RuntimeError("the engine core process is gone"))
-
-    async def _deaths(self, batch: pa.Table) -> tuple[str | None, int]:
-        """This batch's key, and how many times it was in an engine that died (0, or
-        (None, 0) without a tracker to count on)."""
+    def _batch_key(self, batch: pa.Table) -> str | None:
+        """The batch's key in the tracker's ledger (None without a tracker to count on)."""
         if self._progress is None or columns.ROW_ID not in batch.column_names:
-            return None, 0
+            return None
         # Row ids are stable across retries (and unique but for a prompt's n samples).
         ids = batch.column(columns.ROW_ID).to_numpy()
         digest = hashlib.blake2b(ids.tobytes(), digest_size=12)
         digest.update(str(self._model_name).encode())
-        key = digest.hexdigest()
-        return key, int(await self._progress.batch_deaths.remote(key))
+        return digest.hexdigest()
 
     async def _generate_batch(self, batch: pa.Table) -> list[tuple[Any, ...]]:
         n = batch.num_rows
@@ -531,7 +539,13 @@ class EngineStage:
         return await asyncio.gather(*(row(i) for i in range(n)))
 
     def _finish(
-        self, batch: pa.Table, results: list[tuple[Any, ...]], started: float, key: str | None
+        self,
+        batch: pa.Table,
+        results: list[tuple[Any, ...]],
+        started: float,
+        key: str | None,
+        *,
+        given_up: bool = False,
     ) -> pa.Table:
         """Append this model's columns to the batch and report it to the tracker."""
         n = batch.num_rows
@@ -580,8 +594,33 @@ class EngineStage:
                 seconds=time.monotonic() - started,
                 metrics=partial,
                 batch_key=key,
+                given_up=given_up,
             )
         return out
+
+
+_CLOSING = False
+
+
+def _closing() -> None:
+    """The actor is ending on purpose: an engine that stops now is not a death."""
+    global _CLOSING
+    _CLOSING = True
+
+
+async def _watch_engine(stage: weakref.ref[EngineStage]) -> None:
+    """End the actor once its engine is dead. A request sent to an engine that has just
+    died can wait forever instead of failing, so its failure alone cannot be relied on.
+    Holds the stage weakly, so that releasing the stage still shuts its engine down."""
+    while True:
+        await asyncio.sleep(1.0)
+        current = stage()
+        if current is None or _CLOSING:
+            return
+        dead = current._engine.errored
+        del current
+        if dead and not _CLOSING:
+            _engine_died(RuntimeError("the engine core process is gone"))
 
 
 def _engine_died(cause: BaseException) -> None:
@@ -618,6 +657,7 @@ class _BatchGate:
                     await cond.wait_for(lambda: not self._exclusive and self._shared == 0)
                 finally:
                     self._waiting_exclusive -= 1
+                    cond.notify_all()  # shared waiters may go on if this one was cancelled
                 self._exclusive = True
             else:
                 await cond.wait_for(lambda: not self._exclusive and self._waiting_exclusive == 0)

@@ -1,7 +1,9 @@
 """Live progress of one job: engine actors report per batch, the driver reads snapshots.
 
 A small Ray actor (no CPU reserved) is the meeting point; reports are
-fire-and-forget so they never slow the engines.
+fire-and-forget so they never slow the engines. The one call an engine waits
+on is ``begin_batch``, once per batch: the tracker also keeps what engine
+retries must agree on across actor restarts (``BatchLedger``).
 """
 
 from __future__ import annotations
@@ -11,11 +13,81 @@ from typing import Any
 
 from llm_batch.pipeline.accumulators import AccumulatorSet, JobContext
 
-__all__ = ["ProgressTracker", "Snapshot"]
+__all__ = ["BatchDecision", "BatchLedger", "ProgressTracker", "Snapshot"]
 
 Snapshot = dict[str, Any]
 
 _SERIES_POINTS = 120
+
+
+BatchDecision = dict[str, Any]
+
+
+class BatchLedger:
+    """Engine deaths per batch, kept where they survive the engines that die.
+
+    Ray re-runs a dead engine actor's tasks on its restarted actor; a task may
+    hold several batches. For each batch the ledger counts how many times it
+    entered an engine without reporting back (each such entry is an engine
+    death it was in), and whether it ran there alone:
+
+    - a batch with a death behind it runs alone, so a further death is its own;
+    - after ``max_retries`` deaths alone (at least one), it is given up: its rows are
+      written as error rows, and a re-run of its task gives it up again at once;
+    - a batch that reported is counted once, even when a re-run of its task
+      generates it again (the output is written once either way: Ray Data
+      keeps one attempt's output);
+    - a pool whose engines keep starting with no batch completing in between
+      (``restart_limit``) is broken: the job fails instead of running every
+      batch into its retries.
+    """
+
+    def __init__(self) -> None:
+        self._entered: dict[str, list[int]] = {}  # key -> [entries shared, entries alone]
+        self._given_up: set[str] = set()
+        self._done: set[bytes] = set()
+        self._starts: dict[str | None, int] = {}  # engine starts since a batch completed
+
+    def engine_started(self, model: str | None) -> None:
+        self._starts[model] = self._starts.get(model, 0) + 1
+
+    def begin(
+        self, key: str, *, model: str | None, max_retries: int, restart_limit: int
+    ) -> BatchDecision:
+        """What an engine stage does with a batch: ``broken`` (fail the job), ``give_up``
+        (error rows), else run it, ``alone`` when it has a death behind it."""
+        starts = self._starts.get(model, 0)
+        if starts > restart_limit:
+            return {
+                "broken": f"the engine started {starts} times without completing a batch "
+                f"(model.max_batch_retries={max_retries}); it cannot run this job"
+            }
+        shared, alone = self._entered.get(key, (0, 0))
+        # At least one run alone, so that the batches beside a poison row are not given up
+        # with it even when max_retries is 0.
+        if key in self._given_up or alone >= max(max_retries, 1):
+            self._given_up.add(key)
+            return {
+                "give_up": f"the engine died {shared + alone} times while generating this "
+                f"batch, {alone} of them with the batch alone in it "
+                f"(model.max_batch_retries={max_retries}); its rows were given up"
+            }
+        return {"alone": shared + alone > 0}
+
+    def enter(self, key: str, *, alone: bool) -> None:
+        counts = self._entered.setdefault(key, [0, 0])
+        counts[1 if alone else 0] += 1
+
+    def finish(self, key: str, *, model: str | None, given_up: bool) -> bool:
+        """A batch reported; False when it had reported before (count it once)."""
+        self._entered.pop(key, None)
+        digest = bytes.fromhex(key)
+        if digest in self._done:
+            return False
+        self._done.add(digest)
+        if not given_up:
+            self._starts[model] = 0
+        return True
 
 
 class ProgressTracker:
@@ -40,21 +112,21 @@ class ProgressTracker:
         self._interval = 1.0
         self._resumed_rows = 0
         self._engines: dict[str, dict[str, Any]] = {}
-        # Times each batch in flight entered an engine (by EngineStage's batch key); a
-        # batch leaves when its report arrives, so an entry past 1 counts engine deaths.
-        self._entered: dict[str, int] = {}
+        self._ledger = BatchLedger()
 
     @staticmethod
     def _zero() -> dict[str, float]:
         return {"rows_done": 0, "rows_failed": 0, "input_tokens": 0, "output_tokens": 0}
 
-    def enter_batch(self, key: str) -> None:
-        """A batch's rows are going into an engine."""
-        self._entered[key] = self._entered.get(key, 0) + 1
+    # The engine stages' side of the BatchLedger (see there).
+    def engine_started(self, model: str | None) -> None:
+        self._ledger.engine_started(model)
 
-    def batch_deaths(self, key: str) -> int:
-        """How many times this batch was in an engine that died before it reported."""
-        return self._entered.get(key, 0)
+    def begin_batch(self, key: str, **kwargs: Any) -> BatchDecision:
+        return self._ledger.begin(key, **kwargs)
+
+    def enter_batch(self, key: str, *, alone: bool) -> None:
+        self._ledger.enter(key, alone=alone)
 
     def report(
         self,
@@ -68,9 +140,12 @@ class ProgressTracker:
         metrics: dict[str, Any] | None = None,
         engine: dict[str, Any] | None = None,
         batch_key: str | None = None,
+        given_up: bool = False,
     ) -> None:
-        if batch_key is not None:
-            self._entered.pop(batch_key, None)
+        if batch_key is not None and not self._ledger.finish(
+            batch_key, model=model, given_up=given_up
+        ):
+            return  # a re-run of a batch already counted
         if engine is not None:
             # A restarted actor keeps its id but may come back on another node.
             key = f"{engine.get('actor_id')}@{engine.get('node_id')}"

@@ -300,10 +300,11 @@ def run_job(
             # checkpointed) together.
             batch_size=-(-model.batch_size // spec.sampling.n) * spec.sampling.n,
             zero_copy_batch=True,
-            # Ray restarts a dead engine actor; its in-flight batches are retried. The
-            # stage counts attempts: the one past max_batch_retries writes error rows.
+            # Ray restarts a dead engine actor and re-runs its tasks, as often as it
+            # takes: the bound is per batch, in the tracker's ledger (progress.py),
+            # since a task may hold several batches and a re-run repeats them all.
             max_restarts=-1,
-            max_task_retries=model.max_batch_retries + 1,
+            max_task_retries=-1,
             **placed,
         )
 

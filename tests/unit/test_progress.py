@@ -1,0 +1,132 @@
+"""The tracker's batch ledger and the engine stage's gate: the bookkeeping behind retries."""
+
+from __future__ import annotations
+
+import asyncio
+
+from llm_batch.pipeline.engine import _BatchGate
+from llm_batch.pipeline.progress import BatchLedger, ProgressTracker
+
+KEY, OTHER = "00" * 12, "11" * 12
+
+
+def begin(ledger: BatchLedger, key: str = KEY, *, retries: int = 2, limit: int = 100) -> dict:
+    return ledger.begin(key, model=None, max_retries=retries, restart_limit=limit)
+
+
+def test_a_first_attempt_runs_shared_and_a_retry_alone():
+    ledger = BatchLedger()
+    assert begin(ledger) == {"alone": False}
+    ledger.enter(KEY, alone=False)
+    # The engine died with the batch in it: the retry runs alone.
+    assert begin(ledger) == {"alone": True}
+
+
+def test_only_deaths_alone_count_toward_giving_up():
+    ledger = BatchLedger()
+    for _ in range(5):  # killed beside other batches, five times: never its fault alone
+        assert "give_up" not in begin(ledger, retries=0)
+        ledger.enter(KEY, alone=False)
+    assert begin(ledger, retries=0) == {"alone": True}
+    ledger.enter(KEY, alone=True)
+    decision = begin(ledger, retries=0)
+    assert (
+        "6 times" in decision["give_up"] and "1 of them with the batch alone" in decision["give_up"]
+    )
+
+
+def test_giving_up_is_sticky_and_counted_once():
+    ledger = BatchLedger()
+    ledger.enter(KEY, alone=False)
+    for _ in range(2):
+        assert begin(ledger, retries=2)["alone"]
+        ledger.enter(KEY, alone=True)
+    assert "give_up" in begin(ledger, retries=2)
+    assert ledger.finish(KEY, model=None, given_up=True)
+    # A re-run of its task (another batch's engine died) gives it up again at once ...
+    assert "give_up" in begin(ledger, retries=2)
+    # ... and its second report is not counted.
+    assert not ledger.finish(KEY, model=None, given_up=True)
+
+
+def test_a_batch_reported_twice_counts_once_in_progress():
+    tracker = ProgressTracker(10)
+    report = dict(model=None, rows=10, failed=0, input_tokens=5, output_tokens=7, seconds=0.1)
+    tracker.report(**report, batch_key=KEY)
+    tracker.report(**report, batch_key=KEY)  # its task was re-run after an engine died
+    tracker.report(**report, batch_key=OTHER)
+    snap = tracker.snapshot()
+    assert snap["rows_done"] == 20
+    assert snap["output_tokens"] == 14
+
+
+def test_engines_restarting_without_progress_break_the_job():
+    ledger = BatchLedger()
+    for _ in range(4):
+        ledger.engine_started(None)
+    assert "broken" not in begin(ledger, limit=4)
+    ledger.engine_started(None)
+    assert "5 times without completing a batch" in begin(ledger, limit=4)["broken"]
+    # A completed batch resets the count; a given-up one does not.
+    ledger.finish(OTHER, model=None, given_up=False)
+    assert "broken" not in begin(ledger, limit=4)
+    for _ in range(5):
+        ledger.engine_started(None)
+    ledger.finish("22" * 12, model=None, given_up=True)
+    assert "broken" in begin(ledger, limit=4)
+
+
+def test_gate_runs_an_exclusive_holder_alone():
+    async def scenario() -> list[str]:
+        gate, log = _BatchGate(), []
+
+        async def shared(name: str, hold: float) -> None:
+            async with gate.hold(exclusive=False):
+                log.append(f"+{name}")
+                await asyncio.sleep(hold)
+                log.append(f"-{name}")
+
+        async def exclusive() -> None:
+            async with gate.hold(exclusive=True):
+                log.append("+X")
+                await asyncio.sleep(0.02)
+                log.append("-X")
+
+        first = asyncio.ensure_future(shared("a", 0.05))
+        await asyncio.sleep(0.01)
+        alone = asyncio.ensure_future(exclusive())
+        await asyncio.sleep(0.01)
+        later = asyncio.ensure_future(shared("b", 0.01))  # waits behind the exclusive one
+        await asyncio.gather(first, alone, later)
+        return log
+
+    assert asyncio.run(scenario()) == ["+a", "-a", "+X", "-X", "+b", "-b"]
+
+
+def test_gate_lets_shared_holders_on_when_an_exclusive_waiter_is_cancelled():
+    async def scenario() -> bool:
+        gate = _BatchGate()
+        release = asyncio.Event()
+
+        async def shared_until_released() -> None:
+            async with gate.hold(exclusive=False):
+                await release.wait()
+
+        async def exclusive() -> None:
+            async with gate.hold(exclusive=True):
+                pass
+
+        holder = asyncio.ensure_future(shared_until_released())
+        await asyncio.sleep(0.01)
+        waiter = asyncio.ensure_future(exclusive())
+        await asyncio.sleep(0.01)
+        blocked = asyncio.ensure_future(shared_until_released())
+        await asyncio.sleep(0.01)
+        waiter.cancel()
+        await asyncio.sleep(0.01)
+        entered = gate._shared == 2  # the second shared holder got in
+        release.set()
+        await asyncio.gather(holder, blocked, return_exceptions=True)
+        return entered
+
+    assert asyncio.run(scenario())
