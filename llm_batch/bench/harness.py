@@ -29,6 +29,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import importlib.metadata
+import itertools
 import json
 import logging
 import os
@@ -407,14 +408,28 @@ def _measure(run: _Run, workload: Workload) -> dict[str, Any]:
 
 
 def _cpu_per_1k(sampler: MemorySampler | None, steady: Any, t0: float) -> float | None:
-    """CPU seconds all the run's processes spent per 1,000 output tokens in the steady window."""
+    """CPU seconds all the run's processes spent per 1,000 output tokens in the steady window.
+
+    The tokens are counted from the window's start to its end, so the CPU time is too: the
+    cumulative CPU series is interpolated at both ends (the samples nearest inside the
+    window would leave out up to a sample interval at each). None when the samples do not
+    reach both ends."""
     if sampler is None or steady is None or not steady.tokens:
         return None
     points = [(t - t0, cpu) for t, _, _, cpu in sampler.series]
-    inside = [cpu for t, cpu in points if steady.start <= t <= steady.end]
-    if len(inside) < 2:
+    start, end = _interpolate(points, steady.start), _interpolate(points, steady.end)
+    if start is None or end is None:
         return None
-    return round((inside[-1] - inside[0]) / steady.tokens * 1000, 4)
+    return round((end - start) / steady.tokens * 1000, 4)
+
+
+def _interpolate(points: list[tuple[float, float]], at: float) -> float | None:
+    """The value of a sampled series (in time order) at ``at``, linear between the two
+    samples around it; None outside the samples."""
+    for (t_a, v_a), (t_b, v_b) in itertools.pairwise(points):
+        if t_a <= at <= t_b:
+            return v_a if t_b == t_a else v_a + (v_b - v_a) * (at - t_a) / (t_b - t_a)
+    return None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

@@ -14,10 +14,13 @@ from llm_batch.bench.harness import (
     BenchConfig,
     _carryover_mismatches,
     _check_output,
+    _cpu_per_1k,
     failures,
     job_dict,
 )
+from llm_batch.bench.processes import MemorySampler
 from llm_batch.bench.report import render_table, write_chart
+from llm_batch.bench.timeline import SteadyState
 from llm_batch.bench.workload import Workload, WorkloadSpec
 from llm_batch.job.spec import JobSpec
 
@@ -47,6 +50,43 @@ def test_our_job_carries_the_workload_and_shares_engine_settings(tmp_path):
     assert (engine.dtype, engine.enforce_eager, engine.max_num_seqs) == ("bfloat16", True, 16)
     assert engine.max_model_len == 144  # 65 + 64 + 1, rounded up to 16
     assert spec.model.batch_size == 32
+
+
+def _sampled(cpu_seconds_at, *, t0: float, every: float, until: float) -> MemorySampler:
+    """A sampler (never started) whose series samples ``cpu_seconds_at(t)`` every ``every``
+    seconds from ``t0`` (the run's launch) to ``t0 + until``."""
+    sampler = MemorySampler(root_pid=1, marker="never-matched")
+    times = [i * every for i in range(int(until / every) + 1)]
+    sampler.series = [(t0 + t, 1 << 30, 3, cpu_seconds_at(t)) for t in times]
+    return sampler
+
+
+def _window(start: float, end: float, tokens: int) -> SteadyState:
+    return SteadyState(tokens / (end - start), start, end, tokens, tokens, 100)
+
+
+def test_cpu_per_1k_tokens_covers_the_same_window_as_the_tokens():
+    # 1.5 CPU s per second, samples every second; the window's ends fall between samples.
+    # The samples inside it (2 s..8 s) span 6 s of the window's 7: reading them reads low.
+    sampler = _sampled(lambda t: 1.5 * t, t0=1000.0, every=1.0, until=10.0)
+    window = _window(1.5, 8.5, tokens=7000)
+    assert _cpu_per_1k(sampler, window, 1000.0) == pytest.approx(1.5 * 7 / 7)
+    # A series that bends between samples is read linearly between them.
+    sampler = _sampled(lambda t: t if t <= 5 else 5 + 3 * (t - 5), t0=0.0, every=1.0, until=10.0)
+    assert _cpu_per_1k(sampler, _window(4.5, 5.5, tokens=1000), 0.0) == pytest.approx(2.0)
+    # Window ends on samples: the difference of those samples.
+    assert _cpu_per_1k(sampler, _window(1.0, 9.0, tokens=2000), 0.0) == pytest.approx(8.0)
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "tokens"),
+    [(-0.5, 8.0, 1000), (1.0, 10.5, 1000), (1.0, 8.0, 0)],
+    ids=["starts-before-the-samples", "ends-after-them", "no-tokens"],
+)
+def test_cpu_per_1k_tokens_is_none_where_the_samples_do_not_cover_the_window(start, end, tokens):
+    sampler = _sampled(lambda t: t, t0=0.0, every=1.0, until=10.0)
+    assert _cpu_per_1k(sampler, _window(start, end, tokens), 0.0) is None
+    assert _cpu_per_1k(None, _window(1.0, 8.0, 1000), 0.0) is None
 
 
 def _output(folder: Path, ids: list[int], tokens: list[int], **extra) -> str:
