@@ -187,6 +187,7 @@ class Settings(BaseSettings):
     @field_validator("shared_roots")
     @classmethod
     def _normalized_shared_roots(cls, v: str | None) -> str | None:
+        # Resolved here, at start, like data_dir: what the service checks against later.
         from llm_batch.service.storage import parse_local_roots
 
         return ",".join(parse_local_roots(v)) or None
@@ -199,14 +200,13 @@ class Settings(BaseSettings):
 
     def shared_storage(self) -> SharedStorage | None:
         """In cluster mode, where a job's paths must be; None when jobs run on this machine."""
-        from llm_batch.service.storage import SharedStorage, parse_local_roots
+        from llm_batch.service.storage import SharedStorage
 
         if not self.cluster_mode:
             return None
-        return SharedStorage.of(
-            parse_local_roots(self.shared_roots),
-            cluster=str(self.ray_address),
-        )
+        # Resolved once, when the settings were read (_normalized_shared_roots).
+        folders = tuple(self.shared_roots.split(",")) if self.shared_roots else ()
+        return SharedStorage(folders, cluster=str(self.ray_address))
 
     def check_cluster_storage(self) -> None:
         """Raises ``SettingsError`` when, in cluster mode, the data directory is not on a

@@ -90,48 +90,58 @@ def _realpath(path: str) -> str:
         raise ValueError(f"{path!r} cannot be resolved: {e}") from None
 
 
+def _entries(raw: str | None) -> list[str]:
+    return [entry.strip() for entry in (raw or "").split(",") if entry.strip()]
+
+
+def _normalized_root(entry: str) -> str:
+    """One entry of a roots setting as ``parse_roots`` keeps it."""
+    scheme = _scheme(entry)
+    if scheme == "file":
+        entry, scheme = _file_uri_path(entry), None
+    if scheme is None:
+        return _realpath(entry)
+    scheme, netloc, segments = _uri_parts(entry)
+    return "/".join([f"{scheme}://{netloc}", *segments])
+
+
 def parse_roots(raw: str | None) -> list[str]:
     """The entries of the ``storage_roots`` setting, normalized: local folders resolved
     (``realpath``), ``file://`` roots as local folders, URI roots without a trailing
     slash. Raises ValueError naming a bad entry."""
-    roots: list[str] = []
-    for entry in (raw or "").split(","):
-        entry = entry.strip()
-        if not entry:
-            continue
-        scheme = _scheme(entry)
-        if scheme == "file":
-            entry, scheme = _file_uri_path(entry), None
-        if scheme is None:
-            roots.append(_realpath(entry))
-            continue
-        scheme, netloc, segments = _uri_parts(entry)
-        roots.append("/".join([f"{scheme}://{netloc}", *segments]))
-    return roots
+    return [_normalized_root(entry) for entry in _entries(raw)]
 
 
 def parse_local_roots(raw: str | None) -> list[str]:
-    """Comma-separated local folders (or ``file://`` URIs), each resolved (``realpath``).
-    Raises ValueError naming an entry that is a URI of another scheme."""
+    """Comma-separated local folders (or ``file://`` URIs), each resolved (``realpath``),
+    as ``parse_roots`` reads them, without repeats. Raises ValueError naming an entry that
+    is a URI of another scheme."""
     roots: list[str] = []
-    for entry in (raw or "").split(","):
-        entry = entry.strip()
-        if not entry:
-            continue
-        scheme = _scheme(entry)
-        if scheme == "file":
-            entry = _file_uri_path(entry)
-        elif scheme is not None:
+    for entry in _entries(raw):
+        if _scheme(entry) not in (None, "file"):
             raise ValueError(
                 f"{entry!r} is a URI; list local folders here (object storage URIs are "
                 "reachable from every node anyway)"
             )
-        roots.append(_realpath(entry))
+        roots.append(_normalized_root(entry))
     return list(dict.fromkeys(roots))
 
 
 def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _link_out(files: Iterable[str], folders: tuple[str, ...]) -> tuple[str, str] | None:
+    """The first of the files listed in an input folder whose target (a symlink's) lies
+    under none of ``folders``: (its name, its resolved path). Object-store keys have no
+    symlinks and are not looked at."""
+    for name in files:
+        if _scheme(name) is not None or not os.path.isabs(name):
+            continue
+        real = _realpath(name)
+        if not any(_under(real, root) for root in folders):
+            return name, real
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,12 +210,10 @@ class StorageRoots:
 
     def check_files(self, files: Iterable[str], *, field: str) -> None:
         """The files found in an input folder: each one's target must lie under a root."""
-        for name in files:
-            if _scheme(name) is not None or not os.path.isabs(name):
-                continue  # object-store keys: no symlinks
-            real = _realpath(name)
-            if not any(_under(real, root) for root in self.local):
-                raise self._refuse(field, name, f"is a link to {real!r}, outside the storage roots")
+        outside = _link_out(files, self.local)
+        if outside is not None:
+            name, real = outside
+            raise self._refuse(field, name, f"is a link to {real!r}, outside the storage roots")
 
     def confine_job(self, data: dict[str, Any], *, base: str) -> dict[str, Any]:
         """A copy of a raw job mapping whose input, output and local model paths are
@@ -246,11 +254,13 @@ class SharedStorage:
     object storage (any URI but ``file://``) and the local ``folders`` the operator
     declares shared (``LLM_BATCH_SHARED_ROOTS``). ``check`` raises ``JobSpecError``."""
 
-    folders: tuple[str, ...]
+    folders: tuple[str, ...]  # resolved (realpath)
     cluster: str  # the cluster's address, for messages
 
     @classmethod
     def of(cls, folders: Iterable[str], *, cluster: str) -> SharedStorage:
+        """From folders as written (each resolved here); the ``shared_roots`` setting holds
+        them resolved already (``Settings.shared_storage``)."""
         return cls(tuple(dict.fromkeys(_realpath(f) for f in folders)), cluster)
 
     def covers(self, path: str) -> bool:
@@ -278,11 +288,10 @@ class SharedStorage:
     def check_files(self, files: Iterable[str], *, field: str) -> None:
         """The files found in a shared input folder: a symlink among them may point to a
         folder that is not shared."""
-        for name in files:
-            if _scheme(name) is None and os.path.isabs(name) and not self.covers(name):
-                raise self._refuse(
-                    field, f"{name!r} links to {_realpath(name)!r}, which is", "read"
-                )
+        outside = _link_out(files, self.folders)
+        if outside is not None:
+            name, real = outside
+            raise self._refuse(field, f"{name!r} links to {real!r}, which is", "read")
 
     def _refuse(
         self, field: str, shown: str, use: Literal["read", "write", "load"]

@@ -225,6 +225,19 @@ def test_shared_roots_are_local_folders():
     assert Settings(shared_roots="file:///mnt/shared/, /mnt/b").shared_roots == "/mnt/shared,/mnt/b"
 
 
+def test_shared_roots_are_resolved_when_the_settings_are_read(tmp_path: Path):
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    (tmp_path / "mnt").symlink_to(tmp_path / "first")
+    settings = Settings(ray_address=CLUSTER, shared_roots=f"{tmp_path / 'mnt'},{tmp_path}/first")
+    # Repointing the link later does not move what the running service checks against.
+    (tmp_path / "mnt").unlink()
+    (tmp_path / "mnt").symlink_to(tmp_path / "second")
+    shared = settings.shared_storage()
+    assert shared is not None and shared.folders == (str((tmp_path / "first").resolve()),)
+    assert not shared.covers(str(tmp_path / "mnt" / "x.parquet"))
+
+
 # -- SharedStorage -------------------------------------------------------------------------
 
 
