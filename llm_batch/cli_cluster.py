@@ -18,7 +18,6 @@ cluster's ``python``, or with this interpreter when the cluster is on this machi
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
 import logging
@@ -78,11 +77,6 @@ def _absolute(spec: JobSpec) -> JobSpec:
     return JobSpec.from_dict(absolute_paths(data, Path.cwd()), source="job")
 
 
-def _digest(spec: JobSpec) -> str:
-    text = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def _submission_id(name: str) -> str:
     slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in name.lower())[:40].strip("-")
     return f"llm-batch-{slug or 'job'}-{uuid.uuid4().hex[:8]}"
@@ -100,15 +94,15 @@ def run_on_cluster(
     job succeeded, its output at ``spec.output_path``). ``jobs`` is the Jobs API
     (default: ``RayJobs(address)``), the seam for tests."""
     from llm_batch.pipeline.driver import default_status_uri, driver_env, entrypoint, remove_status
-    from llm_batch.service.rayjobs import RayJobs
+    from llm_batch.service.rayjobs import RayJobs, submission_metadata
 
     _quiet_ray_client()
     spec = _absolute(spec)
     jobs = jobs if jobs is not None else RayJobs(address)
     status_uri = default_status_uri(spec)
-    digest = _digest(spec)
+    metadata = submission_metadata(spec)
     started = time.monotonic()
-    submission_id = _already_running(jobs, spec, digest, address)
+    submission_id = _already_running(jobs, spec, address)
     if submission_id is not None:
         print(
             f"following {submission_id}, which already runs this job on the cluster",
@@ -124,11 +118,7 @@ def run_on_cluster(
                 submission_id,
                 entrypoint(SPEC_NAME, python=python),
                 runtime_env={"working_dir": folder, "env_vars": driver_env()},
-                metadata={
-                    "name": spec.name[:100],
-                    "llm_batch_output": spec.output_path,
-                    "llm_batch_spec": digest,
-                },
+                metadata=metadata,
             )
         print(
             f"submitted {spec.name} to the Ray cluster at {address} as {submission_id}",
@@ -190,19 +180,18 @@ def _commands(submission_id: str, address: str) -> str:
     )
 
 
-def _already_running(jobs: Any, spec: JobSpec, digest: str, address: str) -> str | None:
-    """A Ray job of this CLI still running this very job (an earlier ``run`` stopped
-    following it): its submission id, to follow instead of starting a second driver on
-    the same output. Another job still writing the output is refused."""
-    for submission_id, meta in jobs.unfinished_metadata().items():
-        if meta.get("llm_batch_output") != spec.output_path:
-            continue
-        if meta.get("llm_batch_spec") == digest:
+def _already_running(jobs: Any, spec: JobSpec, address: str) -> str | None:
+    """A Ray job still running this very job (an earlier ``run`` stopped following it):
+    its submission id, to follow instead of starting a second driver on the same output.
+    Another job still writing the output, a service's job included, is refused."""
+    from llm_batch.service.rayjobs import SPEC_KEY, busy_output, output_writers, spec_digest
+
+    digest = spec_digest(spec)
+    for submission_id, metadata in output_writers(jobs, spec.output_path).items():
+        if metadata.get(SPEC_KEY) == digest:
             return str(submission_id)
         raise LLMBatchError(
-            f"output.path: {spec.output_path!r} is being written by {submission_id}, another "
-            "job still running on the Ray cluster; wait for it, stop it, or choose another "
-            f"output\n{_commands(submission_id, address)}"
+            f"{busy_output(spec.output_path, submission_id)}\n{_commands(submission_id, address)}"
         )
     return None
 

@@ -1,20 +1,43 @@
-"""Ray's Jobs API, reduced to the five calls the scheduler makes.
+"""Ray's Jobs API, reduced to the calls the scheduler and ``llm-batch run --address`` make.
 
 A thin face over ``ray.job_submission.JobSubmissionClient`` that turns its
 errors into answers: an unknown submission is ``None`` (the cluster was
 restarted and forgot it), an unreachable cluster is ``ServiceUnavailable``.
 It is also the seam where the scheduler's unit tests put an in-memory cluster.
+
+Both submitters tag each job driver with the same metadata
+(``submission_metadata``), which is how either one finds the Ray job still
+writing an output (``output_writers``) before it starts a second driver there:
+two drivers on one output delete each other's uncommitted part files and
+checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import threading
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from llm_batch.service.errors import ServiceUnavailable
 
-__all__ = ["JobsAPI", "RayJobs", "driver_error"]
+if TYPE_CHECKING:
+    from llm_batch.job.spec import JobSpec
+
+__all__ = [
+    "JOB_ID_KEY",
+    "OUTPUT_KEY",
+    "SPEC_KEY",
+    "JobsAPI",
+    "RayJobs",
+    "busy_output",
+    "driver_error",
+    "output_writers",
+    "spec_digest",
+    "submission_metadata",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +56,55 @@ class JobsAPI(Protocol):
     def failure(self, submission_id: str, *, lines: int = 20) -> str: ...
     def version(self) -> str: ...
     def unfinished(self) -> list[str]: ...
+    def unfinished_metadata(self) -> dict[str, dict[str, str]]: ...
+
+
+# Keys of a job driver's Ray job metadata (besides Ray's usual ``name``).
+OUTPUT_KEY = "llm_batch_output"  # the output folder the driver writes
+SPEC_KEY = "llm_batch_spec"  # spec_digest of the job it runs
+JOB_ID_KEY = "llm_batch_job_id"  # the service's job id (service jobs only)
+
+
+def spec_digest(spec: JobSpec) -> str:
+    """A short digest of the whole job: equal digests run the very same job."""
+    text = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def submission_metadata(spec: JobSpec, *, job_id: str | None = None) -> dict[str, str]:
+    """The Ray job metadata every job driver is submitted with, by the service (``job_id``:
+    its job's id) and by ``llm-batch run --address`` alike."""
+    metadata = {"name": spec.name[:100], OUTPUT_KEY: spec.output_path, SPEC_KEY: spec_digest(spec)}
+    if job_id is not None:
+        metadata[JOB_ID_KEY] = job_id
+    return metadata
+
+
+def _output_key(path: str) -> str:
+    # The service keeps resolved paths, ``llm-batch run`` absolute ones as written: compare
+    # local folders resolved, URIs without a trailing slash.
+    if "://" in path:
+        return path.rstrip("/")
+    return os.path.realpath(os.path.expanduser(path))
+
+
+def output_writers(jobs: JobsAPI, output_path: str) -> dict[str, dict[str, str]]:
+    """The cluster's unfinished job drivers (of either submitter) that write ``output_path``:
+    submission id → their metadata (``submission_metadata``)."""
+    key = _output_key(output_path)
+    return {
+        submission_id: metadata
+        for submission_id, metadata in jobs.unfinished_metadata().items()
+        if isinstance(metadata.get(OUTPUT_KEY), str) and _output_key(metadata[OUTPUT_KEY]) == key
+    }
+
+
+def busy_output(output_path: str, submission_id: str) -> str:
+    """Why a job writing ``output_path`` is not started while ``submission_id`` writes it."""
+    return (
+        f"output.path: {output_path!r} is being written by {submission_id}, another job "
+        "still running on the Ray cluster; wait for it, stop it, or choose another output"
+    )
 
 
 def driver_error(jobs: JobsAPI, submission_id: str, status: dict[str, Any] | None) -> str:

@@ -9,7 +9,9 @@ wait on Ray. Each pass:
 2. starts queued jobs (priority, then age) while fewer than
    ``max_running_jobs`` run: claims the row, writes the final spec to
    ``<data_dir>/jobs/<id>/spec.json`` and submits the job driver to Ray's Jobs
-   API under ``submission_id=<job id>``.
+   API under ``submission_id=<job id>``, unless another Ray job still writes
+   the job's output (``llm-batch run --address``, another job of a service):
+   then the job fails, saying which.
 
 Recovery needs no special path: after a restart the first pass follows the
 jobs the database says are running. Ray still knows a job when only the
@@ -31,10 +33,16 @@ from pathlib import Path
 from typing import Any
 
 from llm_batch.errors import LLMBatchError
-from llm_batch.job.spec import JobSpec
+from llm_batch.job.spec import JobSpec, OutputSpec
 from llm_batch.service.errors import ServiceUnavailable
 from llm_batch.service.raycluster import RayCluster
-from llm_batch.service.rayjobs import JobsAPI, driver_error
+from llm_batch.service.rayjobs import (
+    JobsAPI,
+    busy_output,
+    driver_error,
+    output_writers,
+    submission_metadata,
+)
 from llm_batch.service.settings import Settings
 from llm_batch.service.store import ACTIVE, Job, JobStatus, JobStore
 
@@ -42,13 +50,17 @@ __all__ = ["Scheduler", "initial_progress", "status_uri"]
 
 logger = logging.getLogger(__name__)
 
-_STATUS_NAME = "_status.json"  # llm_batch.pipeline.driver.STATUS_NAME
 _RAY_ACTIVE = ("PENDING", "RUNNING")
 
 
 def status_uri(output_path: str) -> str:
-    """Where the job driver keeps its status file (the driver's default)."""
-    return output_path.rstrip("/") + "/" + _STATUS_NAME
+    """Where the job driver of a job writing ``output_path`` keeps its status file: the
+    driver's own default, which depends on the output alone (a stored spec is not
+    validated again on every pass)."""
+    from llm_batch.pipeline.driver import default_status_uri
+
+    output = OutputSpec.model_construct(path=output_path)
+    return default_status_uri(JobSpec.model_construct(output=output))
 
 
 def initial_progress(rows_total: int | None) -> dict[str, Any]:
@@ -246,6 +258,11 @@ class Scheduler:
 
     def _submit(self, job: Job) -> None:
         spec = JobSpec.from_dict(job.spec, source=f"job {job.id}").with_output(job.output_path)
+        # Two drivers on one output delete each other's uncommitted part files and
+        # checkpoint (this job's own Ray run, still going, is followed instead).
+        other = next((s for s in output_writers(self.jobs, job.output_path) if s != job.id), None)
+        if other is not None:
+            raise LLMBatchError(busy_output(job.output_path, other))
         folder = self.settings.jobs_dir / job.id
         folder.mkdir(parents=True, exist_ok=True)
         spec_path = folder / "spec.json"
@@ -261,7 +278,7 @@ class Scheduler:
             job.id,
             entrypoint(str(spec_path)),
             runtime_env={"env_vars": driver_env()},
-            metadata={"llm_batch_job_id": job.id, "name": job.name[:100]},
+            metadata=submission_metadata(spec, job_id=job.id),
         )
         if fresh:
             logger.info("job %s: submitted to Ray (%s)", job.id, Path(spec_path))

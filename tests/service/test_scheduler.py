@@ -15,8 +15,11 @@ from typing import Any
 
 import pytest
 
+from llm_batch.errors import LLMBatchError
+from llm_batch.job.spec import JobSpec
 from llm_batch.pipeline.driver import StatusFile
 from llm_batch.service.errors import ServiceUnavailable
+from llm_batch.service.rayjobs import spec_digest, submission_metadata
 from llm_batch.service.scheduler import Scheduler, initial_progress, status_uri
 from llm_batch.service.settings import Settings
 from llm_batch.service.store import JobStore, new_job_id
@@ -39,7 +42,8 @@ class InMemoryRay:
         if submission_id in self.jobs:
             return False
         self.jobs[submission_id] = {
-            "status": "PENDING", "entrypoint": entrypoint, "runtime_env": runtime_env, "logs": ""
+            "status": "PENDING", "entrypoint": entrypoint, "runtime_env": runtime_env,
+            "metadata": dict(metadata or {}), "logs": "",
         }  # fmt: skip
         return True
 
@@ -60,7 +64,15 @@ class InMemoryRay:
         return "in-memory"
 
     def unfinished(self) -> list[str]:
-        return [k for k, v in self.jobs.items() if v["status"] in ("PENDING", "RUNNING")]
+        return list(self.unfinished_metadata())
+
+    def unfinished_metadata(self) -> dict[str, dict[str, str]]:
+        self._check()
+        return {
+            k: dict(v.get("metadata") or {})
+            for k, v in self.jobs.items()
+            if v["status"] in ("PENDING", "RUNNING")
+        }
 
     def set(self, submission_id: str, status: str, logs: str = "") -> None:
         self.jobs[submission_id].update(status=status, logs=logs)
@@ -96,6 +108,7 @@ def queue(
     *,
     priority: int = 0,
     spec: dict | None = None,
+    output: str | None = None,
 ) -> str:
     job_id = new_job_id()
     store.create(
@@ -109,7 +122,7 @@ def queue(
             "model": {"path": "m"},
             "priority": priority,
         },  # fmt: skip
-        output_path=str(settings.outputs_dir / job_id),
+        output_path=output or str(settings.outputs_dir / job_id),
         priority=priority,
         progress=initial_progress(10),
     )
@@ -156,6 +169,69 @@ def test_submission_runs_the_driver_on_the_final_spec(scheduler, store, settings
     assert entrypoint.endswith(f"-m llm_batch.pipeline.driver {spec_path}")
     assert "VLLM_LOGGING_LEVEL" in ray.jobs[job_id]["runtime_env"]["env_vars"]
     assert store.get(job_id).ray_submission_id == job_id
+    # What `llm-batch run --address` looks for before it writes an output.
+    assert ray.jobs[job_id]["metadata"] == {
+        "name": "j",
+        "llm_batch_job_id": job_id,
+        "llm_batch_output": str(settings.outputs_dir / job_id),
+        "llm_batch_spec": spec_digest(JobSpec.from_dict(spec)),
+    }
+
+
+def cli_run(output: str, name: str = "cli") -> JobSpec:
+    return JobSpec.from_dict(
+        {
+            "name": name,
+            "input": {"path": "/in.parquet"},
+            "prompt": {"template": "{{ t }}"},
+            "model": {"path": "m"},
+            "output": {"path": output},
+        }
+    )
+
+
+@pytest.mark.parametrize("written_as", ["{out}", "{out}/", "{link}"])
+def test_an_output_another_ray_job_still_writes_fails_the_job(
+    scheduler, store, settings, ray, tmp_path, written_as
+):
+    out, link = tmp_path / "shared" / "out", tmp_path / "link"
+    out.mkdir(parents=True)
+    link.symlink_to(out)
+    cli = written_as.format(out=out, link=link)
+    ray.submit("llm-batch-cli-1234", "x", metadata=submission_metadata(cli_run(cli)))
+    spec = cli_run(str(out), name="service")
+    job_id = queue(store, settings, spec=spec.model_dump(mode="json"), output=str(out))
+    scheduler.run_once()
+    job = store.get(job_id)
+    assert job.status == "failed"
+    assert job.error == (
+        f"output.path: {str(out)!r} is being written by llm-batch-cli-1234, another job "
+        "still running on the Ray cluster; wait for it, stop it, or choose another output"
+    )
+    assert list(ray.jobs) == ["llm-batch-cli-1234"]
+    assert not (settings.jobs_dir / job_id).exists()
+
+    # Once that job has ended, the same output is free again.
+    ray.set("llm-batch-cli-1234", "SUCCEEDED")
+    again = queue(store, settings, spec=spec.model_dump(mode="json"), output=str(out))
+    scheduler.run_once()
+    assert store.get(again).status == "running" and again in ray.jobs
+
+
+def test_the_cli_refuses_an_output_a_service_job_still_writes(
+    scheduler, store, settings, ray, monkeypatch
+):
+    from llm_batch.cli_cluster import run_on_cluster
+
+    job_id = queue(store, settings)
+    scheduler.run_once()
+    output = store.get(job_id).output_path
+    monkeypatch.setattr("llm_batch.cli_cluster._quiet_ray_client", lambda: None)
+    with pytest.raises(
+        LLMBatchError, match=f"^output.path: '{output}' is being written by {job_id}"
+    ):
+        run_on_cluster(cli_run(output), address="http://10.255.0.1:8265", jobs=ray)
+    assert list(ray.jobs) == [job_id]
 
 
 def test_progress_comes_from_the_status_file(scheduler, store, settings, ray):

@@ -21,9 +21,11 @@ import pytest
 
 from llm_batch.cli import main
 from llm_batch.cli_cluster import on_this_machine
+from llm_batch.job.spec import JobSpec
 from llm_batch.pipeline.driver import StatusFile
 from llm_batch.service.errors import ServiceUnavailable
 from llm_batch.service.process import free_port
+from llm_batch.service.rayjobs import submission_metadata
 
 REMOTE = "http://10.255.0.1:8265"  # never contacted: the cluster is in memory
 
@@ -139,6 +141,8 @@ def test_submits_the_driver_and_prints_the_local_runs_final_line(job, cluster, t
     assert sub["id"].startswith("llm-batch-on-cluster-")
     assert sub["entrypoint"] == "python -m llm_batch.pipeline.driver spec.json"
     assert sub["runtime_env"]["env_vars"]["VLLM_LOGGING_LEVEL"]
+    # The service's scheduler tags its drivers the same way: each refuses the other's output.
+    assert sub["metadata"] == submission_metadata(JobSpec.from_dict(sub["spec"]))
     assert sub["metadata"]["llm_batch_output"] == str(tmp_path / "out")
     assert not sub["stale_status"], "an earlier run's status file would show as progress"
     # The driver runs in the Ray job's working directory: the spec's paths are absolute.
