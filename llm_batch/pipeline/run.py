@@ -140,8 +140,12 @@ def _render_batch(batch: pa.Table, *, prompt_json: str, keep: list[str], n: int)
     return out
 
 
-def _preload(tracker: Any, spec: JobSpec) -> int:
-    """Count what an interrupted run already committed, so progress and metrics cover it."""
+def _preload(tracker: Any, spec: JobSpec, *, rows_per_call: int = 65_536) -> int:
+    """Count what an interrupted run already committed, so progress and metrics cover it.
+
+    Streams only the columns the counts and accumulators read, a slice at a time: an
+    output of many rows with wide carryover columns must not land in memory at once.
+    """
     import pyarrow.dataset as pads
     import ray
 
@@ -151,32 +155,42 @@ def _preload(tracker: Any, spec: JobSpec) -> int:
     if not files:
         return 0
     fs, _ = open_filesystem(spec.output_path)
-    table = pads.dataset(files, filesystem=fs, format="parquet").to_table()
+    dataset = pads.dataset(files, filesystem=fs, format="parquet")
     label = spec.metrics.label_column
-    for name in spec.model_names:
-        outputs = list(columns.OUTPUT_COLUMNS)
-        if spec.sampling.logprobs is not None:  # the label's probability is scored from them
-            outputs.append(columns.LOGPROBS)
-        plain = {columns.model_column(name, c): c for c in outputs}
-        view = table.select(list(plain)).rename_columns(list(plain.values()))
-        if label:
-            view = view.append_column(label, table.column(label))
-        errors = view.column(columns.ERROR)
-        ray.get(
-            tracker.preload.remote(
-                model=name,
-                rows=view.num_rows,
-                failed=view.num_rows - errors.null_count,
-                input_tokens=int(
-                    pa.compute.sum(view.column(columns.NUM_INPUT_TOKENS)).as_py() or 0
-                ),
-                output_tokens=int(
-                    pa.compute.sum(view.column(columns.NUM_OUTPUT_TOKENS)).as_py() or 0
-                ),
-                view=BatchView(view, pa.nulls(view.num_rows, pa.float64()), name),
+    structured = spec.sampling.structured
+    # The label's probability is scored from the logprobs (choice jobs with a label only).
+    scored = (
+        label is not None
+        and spec.sampling.logprobs is not None
+        and structured is not None
+        and bool(structured.choice)
+    )
+    outputs = list(columns.OUTPUT_COLUMNS) + ([columns.LOGPROBS] if scored else [])
+    plain = {name: {columns.model_column(name, c): c for c in outputs} for name in spec.model_names}
+    wanted = [c for names in plain.values() for c in names] + ([label] if label else [])
+    done = 0
+    for batch in dataset.to_batches(columns=list(dict.fromkeys(wanted)), batch_size=rows_per_call):
+        table = pa.Table.from_batches([batch])
+        done += table.num_rows
+        for name, names in plain.items():
+            view = table.select(list(names)).rename_columns(list(names.values()))
+            if label:
+                view = view.append_column(label, table.column(label))
+            ray.get(
+                tracker.preload.remote(
+                    model=name,
+                    rows=view.num_rows,
+                    failed=view.num_rows - view.column(columns.ERROR).null_count,
+                    input_tokens=int(
+                        pa.compute.sum(view.column(columns.NUM_INPUT_TOKENS)).as_py() or 0
+                    ),
+                    output_tokens=int(
+                        pa.compute.sum(view.column(columns.NUM_OUTPUT_TOKENS)).as_py() or 0
+                    ),
+                    view=BatchView(view, pa.nulls(view.num_rows, pa.float64()), name),
+                )
             )
-        )
-    return table.num_rows
+    return done
 
 
 def ensure_ray(address: str | None = None) -> None:
