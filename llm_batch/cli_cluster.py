@@ -104,10 +104,7 @@ def run_on_cluster(
     started = time.monotonic()
     submission_id = _already_running(jobs, spec, address)
     if submission_id is not None:
-        print(
-            f"following {submission_id}, which already runs this job on the cluster",
-            file=sys.stderr,
-        )
+        said = f"following {submission_id}, which already runs this job on the cluster"
     else:
         submission_id = _submission_id(spec.name)
         remove_status(status_uri)  # an earlier run's progress would show as this one's
@@ -120,11 +117,11 @@ def run_on_cluster(
                 runtime_env={"working_dir": folder, "env_vars": driver_env()},
                 metadata=metadata,
             )
-        print(
-            f"submitted {spec.name} to the Ray cluster at {address} as {submission_id}",
-            file=sys.stderr,
-        )
+        said = f"submitted {spec.name} to the Ray cluster at {address} as {submission_id}"
+    # From here on the job runs without us: a Ctrl-C, even one that lands while this line
+    # is printed (a user who reacts to it does), only stops following.
     try:
+        print(said, file=sys.stderr)
         state, status = _follow(jobs, submission_id, status_uri, spec.name, address, poll=poll)
     except KeyboardInterrupt:
         print(
