@@ -206,6 +206,11 @@ def ensure_ray(address: str | None = None) -> None:
         # its life; at least two more keep reading and writing flowing beside
         # them (the engines' own threads are not Ray's to count).
         kwargs["num_cpus"] = max(os.cpu_count() or 1, 4)
+        # Ray starts workers at niceness 15, below its own daemons and this driver; the
+        # engine's processes, spawned from a worker, would lose a core to any of them in
+        # the middle of a step. Here they run at normal priority, and each engine's front
+        # end lowers itself below them (engine._yield_to_engine).
+        kwargs["_system_config"] = {"worker_niceness": 0}
     ray.init(
         address=address,
         include_dashboard=False,
