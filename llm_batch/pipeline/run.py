@@ -193,6 +193,14 @@ def _preload(tracker: Any, spec: JobSpec, *, rows_per_call: int = 65_536) -> int
     return done
 
 
+# For a Ray this project starts itself (here, and the service's local head). Ray starts
+# workers at niceness 15, below its own daemons and the driver; an engine's processes,
+# spawned from a worker, would lose a core to any of them in the middle of a step. Here
+# they run at normal priority, and each engine's front end lowers itself below them
+# (engine._yield_to_engine). On a cluster the cluster's setting stands.
+LOCAL_RAY_SYSTEM_CONFIG = {"worker_niceness": 0}
+
+
 def ensure_ray(address: str | None = None) -> None:
     """Connect to ``address`` / ``RAY_ADDRESS``, or start a local Ray."""
     import ray
@@ -206,11 +214,7 @@ def ensure_ray(address: str | None = None) -> None:
         # its life; at least two more keep reading and writing flowing beside
         # them (the engines' own threads are not Ray's to count).
         kwargs["num_cpus"] = max(os.cpu_count() or 1, 4)
-        # Ray starts workers at niceness 15, below its own daemons and this driver; the
-        # engine's processes, spawned from a worker, would lose a core to any of them in
-        # the middle of a step. Here they run at normal priority, and each engine's front
-        # end lowers itself below them (engine._yield_to_engine).
-        kwargs["_system_config"] = {"worker_niceness": 0}
+        kwargs["_system_config"] = LOCAL_RAY_SYSTEM_CONFIG
     ray.init(
         address=address,
         include_dashboard=False,

@@ -11,6 +11,7 @@ directory, so stopping it never touches another Ray on the machine.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -106,6 +107,8 @@ class LocalRayHead:
         return True
 
     def start(self, *, timeout: float = 120.0) -> None:
+        from llm_batch.pipeline.run import LOCAL_RAY_SYSTEM_CONFIG
+
         cmd = [
             sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
             f"--node-ip-address={_LOOPBACK}",
@@ -118,6 +121,7 @@ class LocalRayHead:
             f"--num-cpus={self.num_cpus}",
             f"--temp-dir={self.temp_dir}",
             "--disable-usage-stats",
+            f"--system-config={json.dumps(LOCAL_RAY_SYSTEM_CONFIG)}",
         ]  # fmt: skip
         env = {
             k: v
