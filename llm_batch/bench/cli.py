@@ -103,6 +103,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         help="another vllm.EngineArgs field for all three systems (VALUE parsed as JSON)",
     )
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per system")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the systems this many times, interleaved; report the median of the "
+        "rounds (and each round)",
+    )
 
 
 def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -145,6 +152,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
             kv_cache_gb=args.kv_cache_gb,
             engine_args=dict(args.engine_arg),
             timeout=args.timeout,
+            rounds=args.rounds,
         )
     except ValidationError as e:
         raise JobSpecError(format_validation_error(e, source="bench options")) from None
@@ -183,6 +191,18 @@ def run_command(args: argparse.Namespace) -> int:
     for name, system in report["systems"].items():
         for note in system.get("notes") or []:
             console.print(f"  {name}: {note}", highlight=False)
+    for i, r in enumerate(report.get("rounds") or [], 1):
+        ratios = ", ".join(
+            f"{key} {v['steady_tokens_per_s']:.2f}×"
+            for key, v in r["ratios"].items()
+            if v.get("steady_tokens_per_s") is not None
+        )
+        tok = ", ".join(
+            f"{name} {s['steady_tokens_per_s']:,.0f}"
+            for name, s in r["systems"].items()
+            if s.get("steady_tokens_per_s") is not None
+        )
+        console.print(f"  round {i}: steady tok/s {tok}; {ratios}", highlight=False)
     console.print(f"report: {out / 'report.json'}  chart: {chart}")
     problems = failures(report)
     for problem in problems:

@@ -35,6 +35,7 @@ import logging
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -102,6 +103,13 @@ class BenchConfig(BaseModel):
         default_factory=dict, description="More vllm.EngineArgs fields, the same for all systems."
     )
     timeout: float = Field(default=3600.0, gt=0, description="Seconds one system may take.")
+    rounds: int = Field(
+        default=1,
+        ge=1,
+        description="Times the systems run, interleaved (raw, ray, ours, raw, ...): the report "
+        "gives each round and, as its numbers, the median of the rounds (peak memory: the "
+        "highest). On a shared machine one round can be off by a quarter either way.",
+    )
     sample_interval: float = Field(default=0.25, gt=0, description="Memory sampling period, s.")
 
     @field_validator("systems")
@@ -477,9 +485,29 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     # What our engine actors pass to vLLM, passed unchanged to the other two.
     engine_args = build_engine_args(spec.model.model_dump(), on_cpu=on_cpu)
 
+    rounds: list[dict[str, _Run]] = []
+    for r in range(1, config.rounds + 1):
+        base = out if config.rounds == 1 else out / f"round-{r}"
+        rounds.append(_run_round(config, base, r, model, engine_args, workload, job, on_cpu))
+    reports = [_report(config, workload, model, engine_args, runs, on_cpu) for runs in rounds]
+    report = reports[0] if len(reports) == 1 else _combine(reports)
+    (out / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    return report
+
+
+def _run_round(
+    config: BenchConfig,
+    base: Path,
+    round_no: int,
+    model: str,
+    engine_args: dict[str, Any],
+    workload: Workload,
+    job: dict[str, Any],
+    on_cpu: bool,
+) -> dict[str, _Run]:
     runs: dict[str, _Run] = {}
     for i, system in enumerate(config.systems, 1):
-        folder = out / system
+        folder = base / system
         shutil.rmtree(folder, ignore_errors=True)
         run_cfg = {
             "model": model,
@@ -497,17 +525,77 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
             "result": str(folder / "result.json"),
             "job": job,
         }
-        logger.info("running %s (%d/%d)", system, i, len(config.systems))
+        of_rounds = f", round {round_no}/{config.rounds}" if config.rounds > 1 else ""
+        logger.info("running %s (%d/%d%s)", system, i, len(config.systems), of_rounds)
         run = _run_system(system, run_cfg, folder, config)
         runs[system] = run
         if run.error:
             logger.error("%s failed: %s", system, run.error)
         else:
             logger.info("%s done", system)
+    return runs
 
-    report = _report(config, workload, model, engine_args, runs, on_cpu)
-    (out / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
-    return report
+
+# The numbers of a system that a report of several rounds gives as their median.
+MEDIAN_OF_ROUNDS = (
+    "wall_s",
+    "engine_start_s",
+    "first_row_s",
+    "steady_tokens_per_s",
+    "steady_cpu_s_per_1k_tokens",
+)
+
+
+def _median(values: list[Any]) -> Any:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def _combine(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report from several rounds: each number the median of its rounds (ratios too,
+    each taken within its round, where the machine's state was shared), peak memory the
+    highest, any round's failure or wrong output a failure. The first round's timelines
+    and memory series stay for the chart; every round's numbers are kept in ``rounds``."""
+    combined = {**reports[0], "systems": {}, "ratios": {}}
+    for name in reports[0]["systems"]:
+        per = [r["systems"][name] for r in reports if name in r["systems"]]
+        merged = dict(per[0])
+        for key in MEDIAN_OF_ROUNDS:
+            merged[key] = _median([s.get(key) for s in per])
+        peaks = [s["memory"]["peak_bytes"] for s in per if s["memory"]["peak_bytes"]]
+        merged["memory"] = {**per[0]["memory"], "peak_bytes": max(peaks) if peaks else None}
+        failed = [s for s in per if s["status"] != "ok"]
+        if failed:
+            merged.update(status="failed", error=failed[0]["error"])
+        differing = [s["rows_differing"] for s in per if s.get("rows_differing")]
+        if differing:
+            merged["rows_differing"] = max(differing, key=lambda d: d["rows"])
+        combined["systems"][name] = merged
+    for key in reports[0]["ratios"]:
+        fields = reports[0]["ratios"][key]
+        combined["ratios"][key] = {
+            f: _median([r["ratios"].get(key, {}).get(f) for r in reports]) for f in fields
+        }
+    combined["checks"] = {
+        **reports[0]["checks"],
+        "problems": [
+            f"round {i}: {p}" for i, r in enumerate(reports, 1) for p in r["checks"]["problems"]
+        ],
+    }
+    combined["rounds"] = [
+        {
+            "systems": {
+                name: {
+                    **{k: s.get(k) for k in MEDIAN_OF_ROUNDS},
+                    "peak_bytes": s["memory"]["peak_bytes"],
+                }
+                for name, s in r["systems"].items()
+            },
+            "ratios": r["ratios"],
+        }
+        for r in reports
+    ]
+    return combined
 
 
 def _report(

@@ -35,6 +35,7 @@ def render_table(report: dict[str, Any]) -> Any:
         )
         + (f" + {w['embedding_dim']}-float embedding" if w["embedding_dim"] else "")
         + f", batch {report['config']['batch_size']}, replicas {report['config']['replicas']}"
+        + (f"; median of {len(report['rounds'])} rounds" if report.get("rounds") else "")
     )
     table = Table(title=title, title_justify="left")
     table.add_column("")

@@ -13,6 +13,7 @@ from llm_batch.bench.cli import config_from_args, main
 from llm_batch.bench.harness import (
     BenchConfig,
     _carryover_mismatches,
+    _combine,
     _check_output,
     _cpu_per_1k,
     failures,
@@ -237,3 +238,37 @@ def test_cli_rejects_bad_options_in_one_line(capsys):
     assert "CSV cannot hold" in err
     with pytest.raises(SystemExit):
         main(["--systems", "raw,nope"])
+
+
+def test_rounds_combine_into_medians_with_every_round_kept(tmp_path):
+    def round_of(raw_tps: float, ours_tps: float, ours_peak: int, problems=()) -> dict:
+        report = _report()
+        ours = {**report["systems"]["raw"], "steady_tokens_per_s": ours_tps}
+        ours["memory"] = {**ours["memory"], "peak_bytes": ours_peak}
+        report["systems"] = {"raw": {**report["systems"]["raw"]}, "llm-batch": ours}
+        report["systems"]["raw"]["steady_tokens_per_s"] = raw_tps
+        report["ratios"] = {"llm-batch/raw": {"steady_tokens_per_s": ours_tps / raw_tps}}
+        report["checks"] = {"problems": list(problems), "texts_compared_with": "raw"}
+        return report
+
+    # A slow machine in round 2 slows both systems; the ratio holds within each round.
+    rounds = [
+        round_of(30000.0, 27000.0, 3 << 30),
+        round_of(18000.0, 16200.0, 4 << 30, problems=["llm-batch: 1 rows differ"]),
+        round_of(28000.0, 14000.0, 2 << 30),
+    ]
+    combined = _combine(rounds)
+    assert combined["systems"]["raw"]["steady_tokens_per_s"] == 28000.0
+    assert combined["systems"]["llm-batch"]["steady_tokens_per_s"] == 16200.0
+    # The median of the rounds' ratios, not the ratio of the medians (16200 / 28000).
+    assert combined["ratios"]["llm-batch/raw"]["steady_tokens_per_s"] == pytest.approx(0.9)
+    assert combined["systems"]["llm-batch"]["memory"]["peak_bytes"] == 4 << 30
+    assert failures(combined) == ["round 2: llm-batch: 1 rows differ"]
+    assert [r["ratios"]["llm-batch/raw"]["steady_tokens_per_s"] for r in combined["rounds"]] == [
+        pytest.approx(0.9),
+        pytest.approx(0.9),
+        pytest.approx(0.5),
+    ]
+    console = Console(width=150, record=True)
+    console.print(render_table(combined))
+    assert "median of 3 rounds" in console.export_text()
