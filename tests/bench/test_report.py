@@ -13,8 +13,8 @@ from llm_batch.bench.cli import config_from_args, main
 from llm_batch.bench.harness import (
     BenchConfig,
     _carryover_mismatches,
-    _combine,
     _check_output,
+    _combine,
     _cpu_per_1k,
     failures,
     job_dict,
