@@ -488,7 +488,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     rounds: list[dict[str, _Run]] = []
     for r in range(1, config.rounds + 1):
         base = out if config.rounds == 1 else out / f"round-{r}"
-        rounds.append(_run_round(config, base, r, model, engine_args, workload, job, on_cpu))
+        rounds.append(_run_round(config, base, r, model, engine_args, workload, on_cpu))
     reports = [_report(config, workload, model, engine_args, runs, on_cpu) for runs in rounds]
     report = reports[0] if len(reports) == 1 else _combine(reports)
     (out / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
@@ -502,13 +502,13 @@ def _run_round(
     model: str,
     engine_args: dict[str, Any],
     workload: Workload,
-    job: dict[str, Any],
     on_cpu: bool,
 ) -> dict[str, _Run]:
     runs: dict[str, _Run] = {}
     for i, system in enumerate(config.systems, 1):
         folder = base / system
         shutil.rmtree(folder, ignore_errors=True)
+        job = job_dict(config, workload, model, str(folder / "output"))
         run_cfg = {
             "model": model,
             "engine_args": engine_args,
