@@ -445,7 +445,9 @@ class EngineStage:
                 out[i] = ids
         return out
 
-    def _engine_prompt(self, ids: Any, messages: list[dict[str, str]] | None) -> Any:
+    def _engine_prompt(
+        self, ids: Any, text: str | None, messages: list[dict[str, str]] | None
+    ) -> Any:
         """The engine's input for a row's token ids (or chat messages), checked as the engine
         checks it (a prompt longer than max_model_len raises here, for this row alone).
 
@@ -464,7 +466,9 @@ class EngineStage:
             raise ids
         from vllm.renderers.inputs.preprocess import parse_model_prompt
 
-        parsed = parse_model_prompt(self._engine.model_config, {"prompt_token_ids": list(ids)})
+        # With its text, as vLLM's own rendering of a text prompt keeps it.
+        prompt = {"prompt_token_ids": list(ids)} | ({"prompt": text} if text is not None else {})
+        parsed = parse_model_prompt(self._engine.model_config, prompt)
         (engine_input,) = self._engine.renderer.render_cmpl([parsed], self._tok_params)
         return engine_input
 
@@ -593,7 +597,7 @@ class EngineStage:
                     None,
                 )
             try:
-                prompt = self._engine_prompt(token_ids[i], messages[i])
+                prompt = self._engine_prompt(token_ids[i], prompts[i], messages[i])
             except Exception as e:  # noqa: BLE001 - the engine's own words, as from generate
                 msg = str(e) if isinstance(e, _RowError) else f"{type(e).__name__}: {e}"
                 return None, None, None, None, msg, None, None
