@@ -286,6 +286,7 @@ class EngineStage:
         try:
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.platforms import current_platform
+            from vllm.renderers.inputs.preprocess import parse_model_prompt
             from vllm.usage.usage_lib import UsageContext
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as e:  # pragma: no cover - depends on the install
@@ -349,6 +350,7 @@ class EngineStage:
         # The engine's own tokenizing settings (special tokens, the over-long cut-off),
         # applied to a whole batch at once: see _token_ids.
         self._tok_params = self._engine.renderer.default_cmpl_tok_params
+        self._parse_prompt = parse_model_prompt
         # vLLM reads its settings from the environment on every request unless told they
         # are final, as its API server and engine core do once they are up.
         import vllm.envs
@@ -464,11 +466,9 @@ class EngineStage:
                 raise _RowError(f"chat template failed: {type(e).__name__}: {e}") from e
         elif isinstance(ids, Exception):
             raise ids
-        from vllm.renderers.inputs.preprocess import parse_model_prompt
-
         # With its text, as vLLM's own rendering of a text prompt keeps it.
         prompt = {"prompt_token_ids": list(ids)} | ({"prompt": text} if text is not None else {})
-        parsed = parse_model_prompt(self._engine.model_config, prompt)
+        parsed = self._parse_prompt(self._engine.model_config, prompt)
         (engine_input,) = self._engine.renderer.render_cmpl([parsed], self._tok_params)
         return engine_input
 
