@@ -139,7 +139,10 @@ class EngineSpec(_Strict):
     )
     seed: int = Field(default=0, description="Engine seed.")
     cpu_threads: int | None = Field(
-        default=None, ge=1, description="CPU engine only: compute threads (default: all cores)."
+        default=None,
+        ge=1,
+        description="CPU engine only: compute threads, on the first cores this process may "
+        "use (default: vLLM's own binding, every core but one, kept for its scheduler).",
     )
     extra_args: dict[str, Any] = Field(
         default_factory=dict, description="Other vllm.EngineArgs fields, passed unchanged."

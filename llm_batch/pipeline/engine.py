@@ -145,13 +145,18 @@ def _overrides(value: Any) -> dict[str, Any]:
 
 
 def _cpu_threads(wanted: int | None) -> None:
-    """Give the CPU engine's worker (spawned from here) the machine's cores.
+    """Narrow the cores the CPU engine's worker computes on to the first ``wanted``.
 
-    Ray sets OMP_NUM_THREADS to the actor's logical CPUs (1), and vLLM's CPU
-    worker inherits it: the engine, which does nearly all the work, would use
-    one core of many. Measured here: 0.68x raw vLLM throughput before.
+    vLLM binds its CPU worker's OpenMP threads itself (``VLLM_CPU_OMP_THREADS_BIND``,
+    by default one thread per core but one, which it keeps for its scheduler process)
+    and gives the worker a matching OMP_NUM_THREADS. Nothing else is touched: the
+    OMP_NUM_THREADS Ray gives this actor (one) is what the engine's scheduler process
+    uses for torch, and more threads there would spin after each op and take cycles from
+    the worker (vLLM warns of it at start).
     """
-    os.environ["OMP_NUM_THREADS"] = str(wanted or len(os.sched_getaffinity(0)))
+    if wanted:
+        cores = sorted(os.sched_getaffinity(0))[:wanted]
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
 
 
 def _exit_with_parent() -> None:

@@ -1,7 +1,8 @@
 """Build and run one job's Ray Data pipeline.
 
-    read (only needed columns) ─► render prompts (× n samples) ─► model A engine pool
-        ─► model B engine pool … ─► write Parquet (+ _metrics.json from the accumulators)
+    read (only needed columns) ─► render prompts (× n samples) ─► blocks of one batch
+        ─► model A engine pool ─► model B engine pool … ─► write Parquet
+        (+ _metrics.json from the accumulators)
 
 ``plan_job`` does every check that needs no engine (input exists, columns the
 template and carryover name are there, templates parse), so a bad job fails in
@@ -300,8 +301,22 @@ def run_job(
     # sees every row; the pools run at the same time on different batches.
     named = spec.named_models()
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    block_rows = None
     for i, ((_, model), name) in enumerate(zip(named, spec.model_names, strict=True)):
         last = i == len(named) - 1
+        # Whole prompts per batch: a prompt's n samples are written (and
+        # checkpointed) together.
+        batch_rows = -(-model.batch_size // spec.sampling.n) * spec.sampling.n
+        if batch_rows != block_rows:
+            # Blocks of exactly one engine batch. Ray Data hands an engine actor whole
+            # blocks, and the call ends when its last batch does: blocks of any other size
+            # (read blocks are split to Ray's parallelism) leave a remainder batch that
+            # joins the engine's queue behind the next call's rows, so calls end in pairs
+            # and the engine's queue drains between them. Measured (4000x64->64): steps
+            # with the engine under-filled and nothing waiting fell from a third to 8%.
+            # Cuts fall on multiples of n, so a prompt's samples stay together.
+            ds = ds.repartition(target_num_rows_per_block=batch_rows, strict=True)
+            block_rows = batch_rows
         placed = engine_map_kwargs(model.model_dump(), cluster_gpus=cluster_gpus)
         model_dict = model.model_dump()
         model_dict["engine"]["extra_args"] = {
@@ -319,9 +334,7 @@ def run_job(
                 "drop": plan.drop_before_write if last else [],
             },
             batch_format="pyarrow",
-            # Whole prompts per batch: a prompt's n samples are written (and
-            # checkpointed) together.
-            batch_size=-(-model.batch_size // spec.sampling.n) * spec.sampling.n,
+            batch_size=batch_rows,
             zero_copy_batch=True,
             # Ray restarts a dead engine actor and re-runs its tasks, as often as it
             # takes: the bound is per batch, in the tracker's ledger (progress.py),
