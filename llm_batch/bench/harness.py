@@ -424,7 +424,7 @@ def _cpu_per_1k(sampler: MemorySampler | None, steady: Any, t0: float) -> float 
     reach both ends."""
     if sampler is None or steady is None or not steady.tokens:
         return None
-    points = [(t - t0, cpu) for t, _, _, cpu in sampler.series]
+    points = [(t - t0, cpu) for t, _, _, cpu in sampler.series if cpu is not None]
     start, end = _interpolate(points, steady.start), _interpolate(points, steady.end)
     if start is None or end is None:
         return None

@@ -27,6 +27,7 @@ __all__ = ["MARKER_ENV", "MemorySampler", "find_marked", "stop_marked"]
 logger = logging.getLogger(__name__)
 
 MARKER_ENV = "LLM_BATCH_BENCH_RUN"
+SAMPLER_NICENESS = 10
 
 
 def _has_marker(proc: psutil.Process, marker: str) -> bool:
@@ -110,7 +111,7 @@ class MemorySampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="bench-memory")
         # (monotonic, bytes, processes, CPU seconds so far)
-        self.series: list[tuple[float, int, int, float]] = []
+        self.series: list[tuple[float, int, int, float | None]] = []
         self.peak = _Peak()
         self.rss_fallbacks = 0
 
@@ -127,11 +128,12 @@ class MemorySampler:
         self._thread.join()
 
     def _loop(self) -> None:
-        # The measuring thread yields to what it measures: on a 2-core machine a sample
-        # at normal priority takes a core from the engine mid-step, four times a second,
-        # and more so for the systems with more processes to read.
+        # The measuring thread yields to what it measures (on a 2-core machine a sample at
+        # normal priority takes a core from the engine mid-step), but not all the way: at
+        # the lowest priority, beside an engine whose two processes spin, one sample took
+        # 10 s to read its processes, and the CPU time it read was stamped 10 s early.
         with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SAMPLER_NICENESS)
         while not self._stop.is_set():
             started = time.monotonic()
             try:
@@ -180,7 +182,11 @@ class MemorySampler:
             size = int(rss * self._ratio[key])
             total += size
             sizes.append((size, proc))
-        self.series.append((now, total, len(sizes), sum(self._cpu.values())))
+        took = time.monotonic() - now
+        # Readings spread over a long sample have no one time: its CPU total is left out
+        # (None), and the CPU series is read between the samples around it.
+        cpu = sum(self._cpu.values()) if took <= max(2 * self._interval, 0.5) else None
+        self.series.append((now + took / 2, total, len(sizes), cpu))
         if total > self.peak.bytes:
             sizes.sort(key=lambda s: -s[0])
             self.peak = _Peak(

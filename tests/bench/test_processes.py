@@ -50,6 +50,9 @@ def test_memory_is_summed_over_the_tree_and_the_tree_is_ended():
         time.sleep(0.3)
         sampler.stop()
         assert len(sampler.series) >= 3
+        # Quick samples carry their CPU total, which only grows.
+        cpus = [cpu for _, _, _, cpu in sampler.series]
+        assert None not in cpus and cpus == sorted(cpus)
 
         assert {p.pid for p in find_marked(marker)} >= {proc.pid}
         ended = stop_marked(marker, grace=5)

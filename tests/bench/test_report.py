@@ -79,6 +79,14 @@ def test_cpu_per_1k_tokens_covers_the_same_window_as_the_tokens():
     assert _cpu_per_1k(sampler, _window(1.0, 9.0, tokens=2000), 0.0) == pytest.approx(8.0)
 
 
+def test_cpu_per_1k_tokens_reads_past_a_sample_too_slow_to_have_one_time():
+    # A starved sampler read the processes over seconds: its CPU total is None and the
+    # series is read between the samples around it, not at its (wrong) time.
+    sampler = _sampled(lambda t: 1.5 * t, t0=0.0, every=1.0, until=10.0)
+    sampler.series[3] = (3.0, 1 << 30, 3, None)
+    assert _cpu_per_1k(sampler, _window(2.5, 8.0, tokens=5500), 0.0) == pytest.approx(1.5)
+
+
 @pytest.mark.parametrize(
     ("start", "end", "tokens"),
     [(-0.5, 8.0, 1000), (1.0, 10.5, 1000), (1.0, 8.0, 0)],
