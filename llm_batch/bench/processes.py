@@ -27,7 +27,7 @@ __all__ = ["MARKER_ENV", "MemorySampler", "find_marked", "stop_marked"]
 logger = logging.getLogger(__name__)
 
 MARKER_ENV = "LLM_BATCH_BENCH_RUN"
-SAMPLER_NICENESS = 10
+SAMPLER_NICENESS = 19
 
 
 def _has_marker(proc: psutil.Process, marker: str) -> bool:
@@ -128,10 +128,10 @@ class MemorySampler:
         self._thread.join()
 
     def _loop(self) -> None:
-        # The measuring thread yields to what it measures (on a 2-core machine a sample at
-        # normal priority takes a core from the engine mid-step), but not all the way: at
-        # the lowest priority, beside an engine whose two processes spin, one sample took
-        # 10 s to read its processes, and the CPU time it read was stamped 10 s early.
+        # The measuring thread yields to what it measures: on a 2-core machine a sample at
+        # normal priority takes a core from the engine mid-step, and more so for the
+        # systems with more processes to read. At this priority, beside an engine whose two
+        # processes spin, a sample can take seconds (one took 10 s): see sample().
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SAMPLER_NICENESS)
         while not self._stop.is_set():
