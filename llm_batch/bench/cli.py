@@ -19,7 +19,6 @@ from typing import Any
 from llm_batch.bench.systems import SYSTEMS
 from llm_batch.bench.workload import WorkloadSpec
 from llm_batch.errors import JobSpecError, LLMBatchError
-from llm_batch.job.spec import ModelSpec
 
 __all__ = ["add_bench_parser", "main"]
 
@@ -75,8 +74,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batch-size",
         type=int,
-        default=ModelSpec.model_fields["batch_size"].default,
-        help="rows per engine batch, for both Ray pipelines (default: llm-batch's)",
+        default=None,
+        help="rows per engine batch, for both Ray pipelines (default: llm-batch's, "
+        "256 on the CPU engine, 1024 on GPUs)",
     )
     p.add_argument(
         "--systems",

@@ -53,7 +53,7 @@ from llm_batch.bench.systems import SYSTEMS
 from llm_batch.bench.timeline import steady_state
 from llm_batch.bench.workload import ID_COLUMN, PROMPT_COLUMN, Workload, WorkloadSpec
 from llm_batch.errors import LLMBatchError
-from llm_batch.job.spec import ModelSpec
+from llm_batch.pipeline.placement import CPU_BATCH_SIZE, GPU_BATCH_SIZE
 
 __all__ = [
     "BenchConfig",
@@ -88,10 +88,11 @@ class BenchConfig(BaseModel):
         default=None, description="Model folder; the tiny model (built once, cached) when unset."
     )
     out: str = Field(description="Folder for the input, outputs, logs and the report.")
-    batch_size: int = Field(
-        default=ModelSpec.model_fields["batch_size"].default,
+    batch_size: int | None = Field(
+        default=None,
         ge=1,
-        description="Rows per engine batch, for both Ray pipelines.",
+        description="Rows per engine batch, for both Ray pipelines; unset: llm-batch's "
+        "default for the machine's engine (256 on the CPU engine, 1024 on GPUs).",
     )
     replicas: int = Field(default=1, ge=1, description="Engines of each Ray pipeline.")
     enforce_eager: bool = Field(default=True, description="Skip torch.compile: faster start.")
@@ -479,6 +480,9 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     logger.info("workload ready in %.1fs", time.monotonic() - started)
 
     on_cpu = _on_cpu()
+    if config.batch_size is None:
+        size = CPU_BATCH_SIZE if on_cpu else GPU_BATCH_SIZE
+        config = config.model_copy(update={"batch_size": size})
     job = job_dict(config, workload, model, str(out / OURS / "output"))
     spec = JobSpec.model_validate(job)
     assert spec.model is not None

@@ -185,8 +185,12 @@ class ModelSpec(_Strict):
         default="auto",
         description="auto: GPUs when the cluster has any, else the CPU engine.",
     )
-    batch_size: int = Field(
-        default=256, ge=1, description="Rows per batch handed to an engine actor."
+    batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Rows per batch handed to an engine actor. Unset: 256 on the CPU engine, "
+        "1024 on GPUs, so that the batches in flight cover the sequences vLLM runs at once "
+        "(its max_num_seqs: 256 on CPU, up to 1024 on a GPU).",
     )
     max_batch_retries: int = Field(
         default=10,

@@ -19,11 +19,42 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-__all__ = ["engine_map_kwargs", "pg_scheduling"]
+__all__ = [
+    "CPU_BATCH_SIZE",
+    "GPU_BATCH_SIZE",
+    "engine_batch_size",
+    "engine_map_kwargs",
+    "on_gpu",
+    "pg_scheduling",
+]
 
 # Ray's convention: a tiny amount of the accelerator resource pins the actor to
 # nodes that have it without counting against it.
 _ACCELERATOR_SHARE = 0.001
+
+# Rows per engine batch when the job leaves batch_size unset. With two batches in flight
+# the engine's queue holds two batches, which must cover the sequences it runs at once:
+# vLLM's offline default max_num_seqs is 256 on the CPU engine and up to 1024 on a GPU.
+# On 2 CPU cores, 1024 measured no better than 256 (README, Performance); on a large GPU,
+# 2 x 256 would leave half its sequences idle.
+CPU_BATCH_SIZE = 256
+GPU_BATCH_SIZE = 1024
+
+
+def on_gpu(model: dict[str, Any], *, cluster_gpus: float) -> bool:
+    """Whether a model's engines run on GPUs (else the CPU engine)."""
+    device = model.get("device", "auto")
+    # An accelerator type means GPUs, even while an autoscaling group has none up yet.
+    return device == "gpu" or (
+        device == "auto" and (cluster_gpus >= 1 or model.get("accelerator_type") is not None)
+    )
+
+
+def engine_batch_size(model: dict[str, Any], *, cluster_gpus: float) -> int:
+    """Rows per engine batch: the job's ``batch_size``, or the default for its device."""
+    if model.get("batch_size") is not None:
+        return int(model["batch_size"])
+    return GPU_BATCH_SIZE if on_gpu(model, cluster_gpus=cluster_gpus) else CPU_BATCH_SIZE
 
 
 def pg_scheduling(bundles: list[dict[str, float]], strategy: str) -> dict[str, Any]:
@@ -52,9 +83,6 @@ def engine_map_kwargs(model: dict[str, Any], *, cluster_gpus: float) -> dict[str
     engine = model["engine"]
     gpus = engine["tensor_parallel_size"] * engine["pipeline_parallel_size"]
     accel = model.get("accelerator_type")
-    device = model.get("device", "auto")
-    # An accelerator type means GPUs, even while an autoscaling group has none up yet.
-    on_gpu = device == "gpu" or (device == "auto" and (cluster_gpus >= 1 or accel is not None))
 
     replicas = model["replicas"]
     if isinstance(replicas, dict):
@@ -67,7 +95,7 @@ def engine_map_kwargs(model: dict[str, Any], *, cluster_gpus: float) -> dict[str
     out: dict[str, Any] = {"compute": compute, "engine_overrides": {}}
     resources = {f"accelerator_type:{accel}": _ACCELERATOR_SHARE} if accel else {}
 
-    if not on_gpu:
+    if not on_gpu(model, cluster_gpus=cluster_gpus):
         out.update(num_cpus=1, num_gpus=0)
         if resources:
             out["resources"] = resources

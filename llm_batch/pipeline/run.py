@@ -31,7 +31,7 @@ from llm_batch.errors import EngineUnavailable, JobSpecError
 from llm_batch.job.spec import JobSpec
 from llm_batch.pipeline.accumulators import JobContext
 from llm_batch.pipeline.engine import EngineStage
-from llm_batch.pipeline.placement import engine_map_kwargs
+from llm_batch.pipeline.placement import engine_batch_size, engine_map_kwargs
 from llm_batch.pipeline.progress import ProgressTracker, Snapshot
 from llm_batch.pipeline.prompts import PromptRenderer
 from llm_batch.pipeline.read import InputDatasource, InputInfo, check_columns, inspect_input
@@ -306,7 +306,8 @@ def run_job(
         last = i == len(named) - 1
         # Whole prompts per batch: a prompt's n samples are written (and
         # checkpointed) together.
-        batch_rows = -(-model.batch_size // spec.sampling.n) * spec.sampling.n
+        size = engine_batch_size(model.model_dump(), cluster_gpus=cluster_gpus)
+        batch_rows = -(-size // spec.sampling.n) * spec.sampling.n
         if batch_rows != block_rows:
             # Blocks of exactly one engine batch. Ray Data hands an engine actor whole
             # blocks, and the call ends when its last batch does: blocks of any other size

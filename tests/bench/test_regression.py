@@ -24,10 +24,11 @@ import pytest
 
 from llm_batch.bench.harness import BenchConfig, failures, run_bench
 from llm_batch.bench.workload import WorkloadSpec
+from llm_batch.pipeline.placement import CPU_BATCH_SIZE
 
 pytestmark = pytest.mark.e2e
 
-BATCH_SIZE = 256  # the pipeline's default
+BATCH_SIZE = CPU_BATCH_SIZE  # the pipeline's default on these machines
 ROWS = 16 * BATCH_SIZE
 OUTPUT_TOKENS = 32
 FLOOR = 0.5

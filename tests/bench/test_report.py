@@ -236,7 +236,7 @@ def test_cli_flags_become_a_config(tmp_path):
         "distributed_executor_backend": "uni",
         "max_num_batched_tokens": 512,
     }
-    assert config.batch_size == 256  # the pipeline's own default
+    assert config.batch_size is None  # llm-batch's default for the engine, chosen at run time
 
 
 def test_cli_rejects_bad_options_in_one_line(capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 
 from llm_batch.job.spec import JobSpec
-from llm_batch.pipeline.placement import engine_map_kwargs, pg_scheduling
+from llm_batch.pipeline.placement import engine_batch_size, engine_map_kwargs, pg_scheduling
 
 
 def model(**changes):
@@ -75,3 +75,15 @@ def test_replica_range_must_be_ordered():
 
     with pytest.raises(JobSpecError, match="replicas.max=1 must be at least replicas.min=2"):
         model(replicas={"min": 2, "max": 1})
+
+
+def test_batch_size_defaults_to_what_the_device_runs_at_once():
+    # vLLM's offline max_num_seqs: 256 on the CPU engine, up to 1024 on a GPU.
+    assert engine_batch_size(model(), cluster_gpus=0) == 256
+    assert engine_batch_size(model(), cluster_gpus=8) == 1024
+    assert engine_batch_size(model(accelerator_type="H100"), cluster_gpus=0) == 1024
+    assert engine_batch_size(model(device="cpu"), cluster_gpus=8) == 256
+    assert engine_batch_size(model(device="gpu"), cluster_gpus=0) == 1024
+    # A batch size the job names is kept, on either device.
+    assert engine_batch_size(model(batch_size=64), cluster_gpus=8) == 64
+    assert engine_batch_size(model(batch_size=4096), cluster_gpus=0) == 4096
