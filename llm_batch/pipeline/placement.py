@@ -9,6 +9,8 @@
 - On a cluster without GPUs (these CPU machines) a replica runs the CPU engine
   and holds one logical CPU.
 - ``replicas`` is a fixed pool size or ``{min, max}`` for an autoscaling pool.
+- A ``batch_size`` left unset follows the device: 256 rows on the CPU engine,
+  1024 on GPUs (``engine_batch_size``).
 
 Reading, rendering and writing are plain Ray Data tasks that ask for no GPU,
 so they never take an engine's slot.
