@@ -53,7 +53,7 @@ from llm_batch.bench.systems import SYSTEMS
 from llm_batch.bench.timeline import steady_state
 from llm_batch.bench.workload import ID_COLUMN, PROMPT_COLUMN, Workload, WorkloadSpec
 from llm_batch.errors import LLMBatchError
-from llm_batch.pipeline.placement import CPU_BATCH_SIZE, GPU_BATCH_SIZE
+from llm_batch.pipeline.placement import default_batch_size
 
 __all__ = [
     "BenchConfig",
@@ -481,8 +481,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
 
     on_cpu = _on_cpu()
     if config.batch_size is None:
-        size = CPU_BATCH_SIZE if on_cpu else GPU_BATCH_SIZE
-        config = config.model_copy(update={"batch_size": size})
+        config = config.model_copy(update={"batch_size": default_batch_size(gpu=not on_cpu)})
     job = job_dict(config, workload, model, str(out / OURS / "output"))
     spec = JobSpec.model_validate(job)
     assert spec.model is not None

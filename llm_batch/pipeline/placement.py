@@ -24,6 +24,7 @@ from typing import Any
 __all__ = [
     "CPU_BATCH_SIZE",
     "GPU_BATCH_SIZE",
+    "default_batch_size",
     "engine_batch_size",
     "engine_map_kwargs",
     "on_gpu",
@@ -52,11 +53,16 @@ def on_gpu(model: dict[str, Any], *, cluster_gpus: float) -> bool:
     )
 
 
+def default_batch_size(*, gpu: bool) -> int:
+    """Rows per engine batch when the job names none."""
+    return GPU_BATCH_SIZE if gpu else CPU_BATCH_SIZE
+
+
 def engine_batch_size(model: dict[str, Any], *, cluster_gpus: float) -> int:
     """Rows per engine batch: the job's ``batch_size``, or the default for its device."""
     if model.get("batch_size") is not None:
         return int(model["batch_size"])
-    return GPU_BATCH_SIZE if on_gpu(model, cluster_gpus=cluster_gpus) else CPU_BATCH_SIZE
+    return default_batch_size(gpu=on_gpu(model, cluster_gpus=cluster_gpus))
 
 
 def pg_scheduling(bundles: list[dict[str, float]], strategy: str) -> dict[str, Any]:

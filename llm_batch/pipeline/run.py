@@ -306,7 +306,8 @@ def run_job(
         last = i == len(named) - 1
         # Whole prompts per batch: a prompt's n samples are written (and
         # checkpointed) together.
-        size = engine_batch_size(model.model_dump(), cluster_gpus=cluster_gpus)
+        model_dict = model.model_dump()
+        size = engine_batch_size(model_dict, cluster_gpus=cluster_gpus)
         batch_rows = -(-size // spec.sampling.n) * spec.sampling.n
         if batch_rows != block_rows:
             # Blocks of exactly one engine batch. Ray Data hands an engine actor whole
@@ -318,8 +319,7 @@ def run_job(
             # Cuts fall on multiples of n, so a prompt's samples stay together.
             ds = ds.repartition(target_num_rows_per_block=batch_rows, strict=True)
             block_rows = batch_rows
-        placed = engine_map_kwargs(model.model_dump(), cluster_gpus=cluster_gpus)
-        model_dict = model.model_dump()
+        placed = engine_map_kwargs(model_dict, cluster_gpus=cluster_gpus)
         model_dict["engine"]["extra_args"] = {
             **placed.pop("engine_overrides"),
             **model_dict["engine"]["extra_args"],
