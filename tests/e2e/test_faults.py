@@ -175,8 +175,12 @@ class PoisonedEngineStage:
     async def _generate_one(self, prompt, params):  # noqa: ANN001, ANN201
         if POISON in (prompt.get("prompt") or ""):
             for child in psutil.Process().children(recursive=True):
-                if "EngineCore" in " ".join([child.name(), *child.cmdline()]):
-                    child.kill()
+                # The engine killed by the previous retry may still be an unreaped zombie.
+                try:
+                    if "EngineCore" in " ".join([child.name(), *child.cmdline()]):
+                        child.kill()
+                except psutil.Error:
+                    continue
         return await super()._generate_one(prompt, params)
 
 
