@@ -216,6 +216,10 @@ def ensure_ray(address: str | None = None) -> None:
         # them (the engines' own threads are not Ray's to count).
         kwargs["num_cpus"] = max(os.cpu_count() or 1, 4)
         kwargs["_system_config"] = LOCAL_RAY_SYSTEM_CONFIG
+        # A private Ray, never one found on this machine: with no address Ray would join
+        # whatever cluster `ray start` last recorded in /tmp/ray (even a dead one) and
+        # refuse num_cpus. A cluster is used when named (--address / RAY_ADDRESS).
+        address = "local"
     ray.init(
         address=address,
         include_dashboard=False,

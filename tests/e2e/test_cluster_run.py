@@ -128,3 +128,34 @@ output: {{path: out}}
     assert job.status == JobStatus.SUCCEEDED
     assert "-m llm_batch.pipeline.driver spec.json" in job.entrypoint
     assert job.metadata["llm_batch_output"] == str(tmp_path / "out")
+
+
+def test_run_without_an_address_starts_its_own_ray_despite_a_stale_ray_start(tmp_path):
+    """Ray's own ``ray.init()`` joins whatever cluster ``ray start`` last recorded under
+    the Ray temp dir, even one long dead, and then refuses ``num_cpus``. Without an
+    address, llm-batch starts a private local Ray instead."""
+    import shutil
+    import tempfile
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths
+    try:
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")  # nobody there
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TMPDIR")} | {
+            "RAY_TMPDIR": str(ray_tmp)
+        }
+        code = (
+            "import ray\n"
+            "from llm_batch.pipeline.run import ensure_ray\n"
+            "ensure_ray()\n"
+            "print('GCS', ray.get_runtime_context().gcs_address)\n"
+            "ray.shutdown()\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        gcs = re.search(r"^GCS (\S+)$", done.stdout, re.M)
+        assert gcs and not gcs.group(1).endswith(":1"), done.stdout
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -86,6 +86,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     engines_file.unlink(missing_ok=True)
     os.environ[ENGINE_STARTS_ENV] = str(engines_file)  # before Ray starts: workers inherit it
     init: dict[str, Any] = {
+        "address": "local",  # its own Ray, as llm-batch's (pipeline.run.ensure_ray)
         "num_cpus": cfg["num_cpus"],
         "include_dashboard": False,
         "logging_level": logging.WARNING,
