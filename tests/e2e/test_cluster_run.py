@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -130,13 +132,10 @@ output: {{path: out}}
     assert job.metadata["llm_batch_output"] == str(tmp_path / "out")
 
 
-def test_run_without_an_address_starts_its_own_ray_despite_a_stale_ray_start(tmp_path):
+def test_run_without_an_address_starts_its_own_ray_despite_a_stale_ray_start():
     """Ray's own ``ray.init()`` joins whatever cluster ``ray start`` last recorded under
     the Ray temp dir, even one long dead, and then refuses ``num_cpus``. Without an
     address, llm-batch starts a private local Ray instead."""
-    import shutil
-    import tempfile
-
     ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths
     try:
         (ray_tmp / "ray").mkdir()
