@@ -62,3 +62,28 @@ def test_no_rate_without_a_window(events):
 def test_bounds_are_checked():
     with pytest.raises(ValueError, match="low"):
         steady_state([(1.0, 1), (2.0, 1)], low=0.9, high=0.1)
+
+
+def test_raw_vllm_stamps_finished_requests_with_the_engine_steps_time():
+    from types import SimpleNamespace as NS
+
+    from llm_batch.bench.systems.raw_vllm import CompletionStamps
+
+    def out(finish_reason):
+        return NS(finish_reason=finish_reason)
+
+    steps = iter(
+        [
+            NS(timestamp=5.0, outputs=[out(None), out(None)]),
+            NS(timestamp=6.0, outputs=[out("length"), out(None), out("length")]),
+            NS(timestamp=7.0, outputs=[]),
+            NS(timestamp=8.0, outputs=[out("stop")]),
+        ]
+    )
+    client = NS(get_output=lambda: next(steps))
+    stamps = CompletionStamps(client)
+    returned = [client.get_output() for _ in range(4)]
+    # What LLM.generate reads is untouched; only steps that finished requests are noted,
+    # at the engine's time for the step, not when the caller got round to reading it.
+    assert [r.timestamp for r in returned] == [5.0, 6.0, 7.0, 8.0]
+    assert stamps.times == [(6.0, 2), (8.0, 1)]

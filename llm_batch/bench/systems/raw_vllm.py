@@ -5,10 +5,16 @@ prompts at once, join the outputs with the carryover columns and write one
 Parquet file. ``LLM.generate`` returns nothing before it is done, so its first
 output row is at its return.
 
-The timeline: ``LLM.generate`` accepts a factory for its progress bar and
-updates it as each request finishes; ``CompletionStamps`` takes that place and
-stamps ``time.monotonic()`` per finished request, in this process, as the
-pipelines' probes do in theirs. vLLM's own request metrics would need engine
+The timeline: each finished request, stamped with the engine core's own time of
+the step that finished it (``EngineCoreOutputs.timestamp``, ``time.monotonic()``
+in the engine-core process; on Linux one clock for every process, the clock the
+pipelines' probes use). ``CompletionStamps`` wraps the engine client's
+``get_output``, which ``LLM.generate`` calls once per engine step; it changes
+nothing it returns. Stamping when ``LLM.generate`` sees a completion (its
+progress bar) is not enough: the loop only starts reading outputs once it has
+added every prompt, and on a busy machine the engine had by then finished most
+or all of them, so their stamps bunched into a fraction of a second and the
+rate came out ten times too high. vLLM's own request metrics would need engine
 stats (``disable_log_stats=False``), which cost a visible share of throughput
 on a 2-core machine; every system runs with the same engine arguments, ours.
 """
@@ -28,24 +34,19 @@ __all__ = ["CompletionStamps", "run"]
 
 
 class CompletionStamps:
-    """Stands in for the tqdm bar ``LLM.generate(use_tqdm=...)`` drives; keeps the times."""
+    """Wraps an engine client's ``get_output``: notes ``(engine-core time, requests finished)``."""
 
-    def __init__(self, *, total: int | None = None, **kwargs: Any):
-        self.n = 0
-        self.total = total
-        self.postfix = ""
-        self.format_dict = {"elapsed": 1.0}  # read to format the postfix, then unused
+    def __init__(self, client: Any):
         self.times: list[tuple[float, int]] = []
+        self._get_output = client.get_output
+        client.get_output = self
 
-    def update(self, n: int = 1) -> None:
-        self.times.append((time.monotonic(), n))
-        self.n += n
-
-    def refresh(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+    def __call__(self) -> Any:
+        outputs = self._get_output()
+        finished = sum(1 for o in outputs.outputs if o.finish_reason is not None)
+        if finished:
+            self.times.append((outputs.timestamp, finished))
+        return outputs
 
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -58,15 +59,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     llm = LLM(**cfg["engine_args"])
     engine_ready = time.monotonic()
     params = SamplingParams(**cfg["sampling"])
-    bars: list[CompletionStamps] = []
-
-    def bar(*args: Any, **kwargs: Any) -> Any:
-        if args:  # asked to wrap an iterable (prompts being rendered): hand it back
-            return args[0]
-        bars.append(CompletionStamps(**kwargs))
-        return bars[-1]
-
-    outputs = llm.generate(prompts, params, use_tqdm=bar)
+    stamps = CompletionStamps(llm.llm_engine.engine_core)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
     generated = time.monotonic()
 
     completions = [o.outputs[0] for o in outputs]
@@ -86,10 +80,10 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
     # Every request generates max_tokens (ignore_eos); the harness checks that on the output.
     per_request = cfg["sampling"]["max_tokens"]
-    events = [(t, n * per_request) for b in bars for t, n in b.times]
-    notes = ["timeline: each request's completion, stamped in LLM.generate's loop"]
+    events = [(t, n * per_request) for t, n in stamps.times]
+    notes = ["timeline: each request's completion, stamped with its engine step's time"]
     if not events:
-        notes.append("LLM.generate reported no completions to its progress bar")
+        notes.append("the engine client's get_output returned no finished requests")
     return {
         "engine_started_at": engine_started,
         "engine_ready_at": engine_ready,
