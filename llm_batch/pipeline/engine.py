@@ -32,6 +32,7 @@ from llm_batch import columns
 from llm_batch.errors import EngineUnavailable
 from llm_batch.job.jsonschema import arrow_type_for_schema, coerce
 from llm_batch.pipeline.accumulators import AccumulatorSet, BatchView, JobContext
+from llm_batch.pipeline.progress import BatchLedger
 
 __all__ = [
     "EngineLoad",
@@ -305,8 +306,7 @@ class EngineStage:
         self._max_retries = int(model["max_batch_retries"])
         replicas = model["replicas"]
         most = replicas["max"] if isinstance(replicas, dict) else replicas
-        # Every engine of the pool may be retrying a poison batch alone at once.
-        self._restart_limit = most * (self._max_retries + 3)
+        self._restart_limit = BatchLedger.restart_limit(most, self._max_retries)
         self._gate = _BatchGate()
         self._watchdog: asyncio.Future[None] | None = None
         self._sampling_spec = sampling

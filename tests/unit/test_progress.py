@@ -76,6 +76,55 @@ def test_engines_restarting_without_progress_break_the_job():
     assert "broken" in begin(ledger, limit=4)
 
 
+def test_two_poison_batches_back_to_back_do_not_break_the_job():
+    # What a CI run met: with max_batch_retries=1 two poison batches each died beside
+    # another batch and then alone, while the sound batches were not yet handed to the
+    # restarted actors. Four deaths, five starts, nothing completed: not a broken pool.
+    ledger, retries = BatchLedger(), 1
+    limit = BatchLedger.restart_limit(1, retries)
+    first, second, sound = "22" * 12, "33" * 12, "44" * 12
+
+    def run(key: str, *, dies: bool) -> dict:
+        decision = ledger.begin(key, model=None, max_retries=retries, restart_limit=limit)
+        if "alone" in decision:
+            ledger.enter(key, alone=decision["alone"])
+            if dies:
+                ledger.engine_started(None)
+            else:
+                ledger.finish(key, model=None, given_up=False)
+        return decision
+
+    ledger.engine_started(None)
+    for poison in (first, second):
+        assert run(poison, dies=True) == {"alone": False}
+        assert run(poison, dies=True) == {"alone": True}
+    assert "give_up" in run(first, dies=False)
+    assert "give_up" in run(second, dies=False)
+    assert run(sound, dies=False) == {"alone": False}
+
+
+def test_an_engine_that_dies_on_every_batch_breaks_the_job_within_the_limit():
+    ledger, retries = BatchLedger(), 1
+    limit = BatchLedger.restart_limit(1, retries)
+    ledger.engine_started(None)
+    broken_after = None
+    for n in range(1, 50):
+        key = f"{n:024x}"
+        while True:
+            decision = ledger.begin(key, model=None, max_retries=retries, restart_limit=limit)
+            if "broken" in decision:
+                broken_after = ledger._starts[None]
+                break
+            if "give_up" in decision:
+                ledger.finish(key, model=None, given_up=True)
+                break
+            ledger.enter(key, alone=decision["alone"])
+            ledger.engine_started(None)  # it died
+        if broken_after:
+            break
+    assert broken_after == limit + 1
+
+
 def test_gate_runs_an_exclusive_holder_alone():
     async def scenario() -> list[str]:
         gate, log = _BatchGate(), []
