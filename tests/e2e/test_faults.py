@@ -170,18 +170,36 @@ POISON = "POISON"
 class PoisonedEngineStage:
     """Mixed into the real engine stage: a row whose prompt holds POISON SIGKILLs the
     engine's core process each time it reaches the engine, as the kernel's OOM killer
-    would. Everything else (the engine, its death, Ray's restart and retries) is real."""
+    would. Everything else (the engine, its death, Ray's restart and retries) is real.
+
+    The core process is the one vLLM started for this engine (its own handle on it), not
+    one found by name among the actor's children. Each kill is noted in ``kill_log``, so
+    that a failure can say which engines the poison rows reached."""
+
+    kill_log: str | None = None
 
     async def _generate_one(self, prompt, params):  # noqa: ANN001, ANN201
-        if POISON in (prompt.get("prompt") or ""):
-            for child in psutil.Process().children(recursive=True):
-                # The engine killed by the previous retry may still be an unreaped zombie.
-                try:
-                    if "EngineCore" in " ".join([child.name(), *child.cmdline()]):
-                        child.kill()
-                except psutil.Error:
-                    continue
+        text = prompt.get("prompt") or ""
+        if POISON in text:
+            manager = self._engine.engine_core.resources.engine_manager
+            killed = [p.pid for p in manager.processes if p.is_alive()]
+            for pid in killed:
+                os.kill(pid, signal.SIGKILL)
+            if self.kill_log:
+                with open(self.kill_log, "a", encoding="utf-8") as log:
+                    log.write(f"{time.time():.2f} actor {os.getpid()} {text!r} killed {killed}\n")
         return await super()._generate_one(prompt, params)
+
+
+def _spans(rows: set[int]) -> str:
+    """``{32, 33, ..., 63, 70}`` as ``32-63, 70``."""
+    spans: list[list[int]] = []
+    for i in sorted(rows):
+        if spans and spans[-1][1] == i - 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in spans) or "none"
 
 
 def test_batch_that_keeps_killing_its_engine_becomes_error_rows(
@@ -206,7 +224,8 @@ def test_batch_that_keeps_killing_its_engine_becomes_error_rows(
     job["model"]["max_batch_retries"] = 1  # each retry restarts an engine (~25 s)
     spec = JobSpec.from_dict(job)
 
-    stage = type("PoisonedStage", (PoisonedEngineStage, EngineStage), {})
+    kills = tmp_path / "kills.log"
+    stage = type("PoisonedStage", (PoisonedEngineStage, EngineStage), {"kill_log": str(kills)})
     stage.__module__ = __name__
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     monkeypatch.setattr(pipeline_run, "EngineStage", stage)
@@ -222,7 +241,9 @@ def test_batch_that_keeps_killing_its_engine_becomes_error_rows(
     errors = out.column("error").to_pylist()
     given_up = {i for i, e in enumerate(errors) if e is not None}
     # The poisoned rows' batches, and only they, were given up after one retry alone each.
-    assert given_up == set(range(32, 96)), sorted(given_up)
+    assert given_up == set(range(32, 96)), f"rows given up: {_spans(given_up)}; poison kills:\n" + (
+        kills.read_text() if kills.exists() else "none"
+    )
     assert all("with the batch alone in it" in errors[i] for i in given_up), errors[40]
     texts = out.column("generated_text").to_pylist()
     assert all(texts[i] is None for i in given_up)
