@@ -291,7 +291,14 @@ def run_job(
     )
 
     ds = ray.data.read_datasource(
-        InputDatasource(spec.input.path, plan.input_format, plan.input_info, plan.read_columns)
+        InputDatasource(spec.input.path, plan.input_format, plan.input_info, plan.read_columns),
+        # Each read task already streams blocks of up to 4,096 rows. Left to itself, Ray
+        # Data splits every task's output k ways to reach its default parallelism (200
+        # blocks: 20-row blocks for 4,000 rows), and the render step, one task at a time
+        # within its CPU budget, then fed the engine pool about one small block per
+        # scheduling round, slower than an engine drains it: the engine held one batch
+        # instead of max_batches_in_flight and sat idle between batches.
+        override_num_blocks=1,
     )
     prompt_json = json.dumps(spec.prompt.model_dump())
     ds = ds.map_batches(
