@@ -290,14 +290,37 @@ def run_job(
         delete_checkpoint_on_success=True,
     )
 
+    # One engine pool per model, chained: the data is read once and every model
+    # sees every row; the pools run at the same time on different batches.
+    named = spec.named_models()
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    models = [model.model_dump() for _, model in named]
+    # Whole prompts per batch: a prompt's n samples are written (and checkpointed) together.
+    n = spec.sampling.n
+    batch_rows = [-(-engine_batch_size(m, cluster_gpus=cluster_gpus) // n) * n for m in models]
+
+    # Blocks of exactly one engine batch reach each engine pool. Ray Data hands an engine
+    # actor whole blocks, and the call ends when its last batch does: a block of any other
+    # size leaves a remainder batch that joins the engine's queue behind the next call's
+    # rows, so calls end in pairs and the engine's queue drains between them (measured,
+    # 4000x64->64: steps with the engine under-filled and nothing waiting fell from a third
+    # to 8% once blocks were cut to a batch). The read cuts its blocks to the first model's
+    # batch (the last block of a file may be short: a smaller batch, not a remainder). A
+    # repartition cuts them again where that does not hold: before a model with another
+    # batch size, and on resume, where the checkpoint filter thins the read blocks.
     ds = ray.data.read_datasource(
-        InputDatasource(spec.input.path, plan.input_format, plan.input_info, plan.read_columns),
-        # Each read task already streams blocks of up to 4,096 rows. Left to itself, Ray
-        # Data splits every task's output k ways to reach its default parallelism (200
-        # blocks: 20-row blocks for 4,000 rows), and the render step, one task at a time
-        # within its CPU budget, then fed the engine pool about one small block per
-        # scheduling round, slower than an engine drains it: the engine held one batch
-        # instead of max_batches_in_flight and sat idle between batches.
+        InputDatasource(
+            spec.input.path,
+            plan.input_format,
+            plan.input_info,
+            plan.read_columns,
+            rows_per_block=batch_rows[0] // n,
+        ),
+        # Left to itself, Ray Data splits every read task's output k ways to reach its
+        # default parallelism (200 blocks: 20-row blocks for 4,000 rows), and the render
+        # step, one task at a time within its CPU budget, then fed the engine pool about
+        # one small block per scheduling round, slower than an engine drains it: the engine
+        # held one batch instead of max_batches_in_flight and sat idle between batches.
         override_num_blocks=1,
     )
     prompt_json = json.dumps(spec.prompt.model_dump())
@@ -306,30 +329,17 @@ def run_job(
         batch_format="pyarrow",
         batch_size=None,
         zero_copy_batch=True,
-        fn_kwargs={"prompt_json": prompt_json, "keep": plan.carried, "n": spec.sampling.n},
+        fn_kwargs={"prompt_json": prompt_json, "keep": plan.carried, "n": n},
     )
-    # One engine pool per model, chained: the data is read once and every model
-    # sees every row; the pools run at the same time on different batches.
-    named = spec.named_models()
-    cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    block_rows = None
-    for i, ((_, model), name) in enumerate(zip(named, spec.model_names, strict=True)):
+    block_rows = None if resuming else batch_rows[0]
+    for i, (model_dict, rows, name) in enumerate(
+        zip(models, batch_rows, spec.model_names, strict=True)
+    ):
         last = i == len(named) - 1
-        # Whole prompts per batch: a prompt's n samples are written (and
-        # checkpointed) together.
-        model_dict = model.model_dump()
-        size = engine_batch_size(model_dict, cluster_gpus=cluster_gpus)
-        batch_rows = -(-size // spec.sampling.n) * spec.sampling.n
-        if batch_rows != block_rows:
-            # Blocks of exactly one engine batch. Ray Data hands an engine actor whole
-            # blocks, and the call ends when its last batch does: blocks of any other size
-            # (read blocks are split to Ray's parallelism) leave a remainder batch that
-            # joins the engine's queue behind the next call's rows, so calls end in pairs
-            # and the engine's queue drains between them. Measured (4000x64->64): steps
-            # with the engine under-filled and nothing waiting fell from a third to 8%.
+        if rows != block_rows:
             # Cuts fall on multiples of n, so a prompt's samples stay together.
-            ds = ds.repartition(target_num_rows_per_block=batch_rows, strict=True)
-            block_rows = batch_rows
+            ds = ds.repartition(target_num_rows_per_block=rows, strict=True)
+            block_rows = rows
         placed = engine_map_kwargs(model_dict, cluster_gpus=cluster_gpus)
         model_dict["engine"]["extra_args"] = {
             **placed.pop("engine_overrides"),
@@ -346,7 +356,7 @@ def run_job(
                 "drop": plan.drop_before_write if last else [],
             },
             batch_format="pyarrow",
-            batch_size=batch_rows,
+            batch_size=rows,
             zero_copy_batch=True,
             # Ray restarts a dead engine actor and re-runs its tasks, as often as it
             # takes: the bound is per batch, in the tracker's ledger (progress.py),
