@@ -201,10 +201,11 @@ class ModelSpec(_Strict):
         "goes on. A pool whose engines keep dying with no batch completing fails the job.",
     )
     max_batches_in_flight: int = Field(
-        default=2,
+        default=4,
         ge=1,
         description="Batches an engine actor works on at once, so the engine never waits "
-        "for the next batch to arrive.",
+        "for the next batch to arrive: one running, the rest queued in the engine, enough "
+        "that the queue does not drain while Ray brings the next one.",
     )
 
 

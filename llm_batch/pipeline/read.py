@@ -145,29 +145,16 @@ class InputDatasource(Datasource):
     """The job's input as a Ray Data source: projected columns, a stable row id per row.
 
     One read task per file (JSONL and CSV keep exact line numbers that way;
-    Parquet files are split further by row group), each streaming blocks of
-    ``rows_per_block`` rows (the last of a task may be short): ``run_job`` asks
-    for blocks of one engine batch, so no step between the read and the engine
-    has to cut them again.
+    Parquet files are split further by row group), each streaming blocks of a
+    few thousand rows.
     """
 
-    def __init__(
-        self,
-        uri: str,
-        fmt: str,
-        info: InputInfo,
-        columns_: list[str],
-        *,
-        rows_per_block: int = _ROWS_PER_BLOCK,
-    ):
-        if rows_per_block < 1:
-            raise ValueError(f"rows_per_block must be at least 1, got {rows_per_block}")
+    def __init__(self, uri: str, fmt: str, info: InputInfo, columns_: list[str]):
         self._uri = uri
         self._fmt = fmt
         self._files = list(info.files)
         self._schema = pa.schema([info.schema.field(c) for c in columns_])
         self._columns = list(columns_)
-        self._rows_per_block = rows_per_block
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
@@ -190,14 +177,7 @@ class InputDatasource(Datasource):
                 tasks.append(
                     ReadTask(
                         _ReadFn(
-                            self._uri,
-                            self._fmt,
-                            path,
-                            index,
-                            piece,
-                            self._columns,
-                            self._schema,
-                            self._rows_per_block,
+                            self._uri, self._fmt, path, index, piece, self._columns, self._schema
                         ),
                         BlockMetadata(
                             num_rows=meta_rows,
@@ -209,30 +189,6 @@ class InputDatasource(Datasource):
                     )
                 )
         return tasks
-
-
-def _exact_blocks(tables: Iterator[pa.Table], rows: int) -> Iterator[pa.Table]:
-    """The same rows, in order, cut into blocks of exactly ``rows`` (the last may be short).
-
-    Slices and chunked concatenation only: no value is copied."""
-    pending: list[pa.Table] = []
-    have = 0
-    for table in tables:
-        if table.num_rows == 0:
-            continue
-        pending.append(table)
-        have += table.num_rows
-        if have < rows:
-            continue
-        whole = pa.concat_tables(pending)
-        start = 0
-        while have - start >= rows:
-            yield whole.slice(start, rows)
-            start += rows
-        pending = [whole.slice(start)] if start < have else []
-        have -= start
-    if have:
-        yield pa.concat_tables(pending)
 
 
 class _ReadFn:
@@ -247,21 +203,18 @@ class _ReadFn:
         piece: tuple[int, ...],
         columns_: list[str],
         schema: pa.Schema,
-        rows_per_block: int = _ROWS_PER_BLOCK,
     ):
         self.uri, self.fmt, self.path, self.index, self.piece = uri, fmt, path, index, piece
         self.columns, self.schema = columns_, schema
-        self.rows_per_block = rows_per_block
 
     def __call__(self) -> Iterator[pa.Table]:
         fs, _ = open_filesystem(self.uri)
         if self.fmt == "parquet":
-            tables = self._parquet(fs)
+            yield from self._parquet(fs)
         elif self.fmt == "jsonl":
-            tables = self._jsonl(fs)
+            yield from self._jsonl(fs)
         else:
-            tables = self._csv(fs)
-        yield from _exact_blocks(tables, self.rows_per_block)
+            yield from self._csv(fs)
 
     def _parquet(self, fs: pafs.FileSystem) -> Iterator[pa.Table]:
         (group,) = self.piece

@@ -304,17 +304,17 @@ def run_job(
     # size leaves a remainder batch that joins the engine's queue behind the next call's
     # rows, so calls end in pairs and the engine's queue drains between them (measured,
     # 4000x64->64: steps with the engine under-filled and nothing waiting fell from a third
-    # to 8% once blocks were cut to a batch). The read cuts its blocks to the first model's
-    # batch (the last block of a file may be short: a smaller batch, not a remainder). A
-    # repartition cuts them again where that does not hold: before a model with another
-    # batch size, and on resume, where the checkpoint filter thins the read blocks.
+    # to 8% once blocks were cut to a batch). The render task cuts its output to the first
+    # model's batch (the last block of a task may be short: a smaller batch, not a
+    # remainder): a non-strict streaming repartition, which Ray Data fuses into the read
+    # and render task, with no operator, task or copy of its own. Only before a model with
+    # another batch size does a strict repartition, an operator of its own, cut again.
     ds = ray.data.read_datasource(
         InputDatasource(
             spec.input.path,
             plan.input_format,
             plan.input_info,
             plan.read_columns,
-            rows_per_block=batch_rows[0] // n,
         ),
         # Left to itself, Ray Data splits every read task's output k ways to reach its
         # default parallelism (200 blocks: 20-row blocks for 4,000 rows), and the render
@@ -331,7 +331,8 @@ def run_job(
         zero_copy_batch=True,
         fn_kwargs={"prompt_json": prompt_json, "keep": plan.carried, "n": n},
     )
-    block_rows = None if resuming else batch_rows[0]
+    ds = ds.repartition(target_num_rows_per_block=batch_rows[0], strict=False)
+    block_rows = batch_rows[0]
     for i, (model_dict, rows, name) in enumerate(
         zip(models, batch_rows, spec.model_names, strict=True)
     ):

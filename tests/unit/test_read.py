@@ -11,14 +11,11 @@ from llm_batch.errors import InputError
 from llm_batch.pipeline.read import InputDatasource, inspect_input
 
 
-def read_blocks(path, fmt, cols, **kwargs):
-    info = inspect_input({"path": str(path)}, fmt)
-    source = InputDatasource(str(path), fmt, info, cols, **kwargs)
-    return [[t for t in task.read_fn()] for task in source.get_read_tasks(1)]
-
-
 def read_all(path, fmt, cols):
-    return pa.concat_tables([t for task in read_blocks(path, fmt, cols) for t in task])
+    info = inspect_input({"path": str(path)}, fmt)
+    source = InputDatasource(str(path), fmt, info, cols)
+    tables = [t for task in source.get_read_tasks(1) for t in task.read_fn()]
+    return pa.concat_tables(tables)
 
 
 def test_parquet_row_ids_are_positions_and_projection_holds(tmp_path):
@@ -33,36 +30,6 @@ def test_parquet_row_ids_are_positions_and_projection_holds(tmp_path):
     ids = out.column(columns.ROW_ID).to_pylist()
     assert sorted(ids) == [0, 1, 2, 3, 4, 1 << 40, (1 << 40) + 1, (1 << 40) + 2]
     assert out.column(columns.INPUT_ERROR).null_count == out.num_rows
-
-
-@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "csv"])
-def test_blocks_are_cut_to_rows_per_block_losing_no_row(tmp_path, fmt):
-    """The engine gets blocks of one batch: every block of a read task is exactly
-    rows_per_block rows but its last, and the rows come out whole and in order."""
-    table = pa.table({"id": range(1000), "text": [f"row {i}" for i in range(1000)]})
-    path = tmp_path / f"in.{fmt}"
-    if fmt == "parquet":
-        pq.write_table(table, path, row_group_size=300)  # tasks of 300, 300, 300, 100 rows
-    elif fmt == "jsonl":
-        path.write_text("".join(f'{{"id": {i}, "text": "row {i}"}}\n' for i in range(1000)))
-        path.write_text(path.read_text() + '{"id": oops}\n')  # an error row, kept
-    else:
-        path.write_text("id,text\n" + "".join(f"{i},row {i}\n" for i in range(1000)))
-    tasks = read_blocks(path, fmt, ["id", "text"], rows_per_block=64)
-    for blocks in tasks:
-        sizes = [b.num_rows for b in blocks]
-        assert sizes[:-1] == [64] * (len(sizes) - 1) and 0 < sizes[-1] <= 64, sizes
-    rows = pa.concat_tables([b for blocks in tasks for b in blocks])
-    expected = 1001 if fmt == "jsonl" else 1000
-    assert rows.num_rows == expected
-    assert rows.column("id").to_pylist()[:1000] == list(range(1000))
-    assert rows.column(columns.ROW_ID).to_pylist() == sorted(
-        rows.column(columns.ROW_ID).to_pylist()
-    )
-    if fmt == "parquet":
-        assert [sum(b.num_rows for b in blocks) for blocks in tasks] == [300, 300, 300, 100]
-    if fmt == "jsonl":
-        assert rows.column(columns.INPUT_ERROR).to_pylist()[-1].startswith("input line 1001:")
 
 
 def test_jsonl_bad_lines_become_error_rows_naming_the_line(tmp_path):
