@@ -11,7 +11,8 @@ differently in another batch shape), and measures, for each system:
 - wall time: from starting its process to its output written;
 - engine start: how long its (first) engine took to construct, and when it
   was ready (raw: ``LLM(...)``; the Ray pipelines: their engine stage's
-  constructor, timed by a subclass the runner swaps in);
+  constructor, timed by a subclass the runner swaps in); vLLM's modules are
+  imported before the clock starts in all three;
 - first output row: the first row the system hands back (raw: when
   ``LLM.generate`` returns);
 - steady-state output tokens/s: ``timeline.steady_state`` over its timeline

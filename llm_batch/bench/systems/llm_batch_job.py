@@ -49,6 +49,11 @@ class TimedEngineStage(EngineStage):
     """``EngineStage`` that notes when its engine started and was ready; nothing else changes."""
 
     def __init__(self, *args: Any, **kwargs: Any):
+        # vLLM imported before the clock starts, as the other two runners have it imported
+        # by then (raw: `from vllm import LLM`; ray.data.llm: its stage's module): engine
+        # start is the engine's construction alone, the same for all three.
+        import vllm.v1.engine.async_llm  # noqa: F401
+
         started = time.monotonic()
         super().__init__(*args, **kwargs)
         record_engine_start(started, time.monotonic())
