@@ -44,7 +44,7 @@ from llm_batch.pipeline.write import (
     write_metrics,
 )
 
-__all__ = ["JobPlan", "JobResult", "ensure_ray", "plan_job", "run_job"]
+__all__ = ["JobPlan", "JobResult", "ensure_ray", "input_dataset", "plan_job", "run_job"]
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +194,46 @@ def _preload(tracker: Any, spec: JobSpec, *, rows_per_call: int = 65_536) -> int
     return done
 
 
+def input_dataset(spec: JobSpec, plan: JobPlan, *, rows_per_block: int) -> Any:
+    """The job's rows as Ray Data will hand them to the first engine pool: read, rendered
+    (× n samples), in blocks of ``rows_per_block`` rows (the last block of a read task may
+    be short), all in one fused task per read task.
+
+    Blocks of exactly one engine batch: Ray Data hands an engine actor whole blocks, and
+    the call ends when its last batch does. A block of any other size leaves a remainder
+    batch that joins the engine's queue behind the next call's rows, so calls end in pairs
+    and the engine's queue drains between them (measured, 4000x64->64: steps with the
+    engine under-filled and nothing waiting fell from a third to 8% once blocks were cut
+    to a batch). The cut is a non-strict streaming repartition, which Ray Data fuses into
+    the read-and-render task (``ReadInput->MapBatches(_render_batch)->StreamingRepartition``):
+    no operator, task or copy of its own. It falls on multiples of n when
+    ``rows_per_block`` is one, so a prompt's samples stay together.
+    """
+    import ray.data
+
+    ds = ray.data.read_datasource(
+        InputDatasource(spec.input.path, plan.input_format, plan.input_info, plan.read_columns),
+        # Left to itself, Ray Data splits every read task's output k ways to reach its
+        # default parallelism (200 blocks: 20-row blocks for 4,000 rows), and the render
+        # step, one task at a time within its CPU budget, then fed the engine pool about
+        # one small block per scheduling round, slower than an engine drains it: the engine
+        # held one batch instead of max_batches_in_flight and sat idle between batches.
+        override_num_blocks=1,
+    )
+    ds = ds.map_batches(
+        _render_batch,
+        batch_format="pyarrow",
+        batch_size=None,
+        zero_copy_batch=True,
+        fn_kwargs={
+            "prompt_json": json.dumps(spec.prompt.model_dump()),
+            "keep": plan.carried,
+            "n": spec.sampling.n,
+        },
+    )
+    return ds.repartition(target_num_rows_per_block=rows_per_block, strict=False)
+
+
 # For a Ray this project starts itself (here, and the service's local head). Ray starts
 # workers at niceness 15, below its own daemons and the driver; an engine's processes,
 # spawned from a worker, would lose a core to any of them in the middle of a step. Here
@@ -299,46 +339,15 @@ def run_job(
     n = spec.sampling.n
     batch_rows = [-(-engine_batch_size(m, cluster_gpus=cluster_gpus) // n) * n for m in models]
 
-    # Blocks of exactly one engine batch reach each engine pool. Ray Data hands an engine
-    # actor whole blocks, and the call ends when its last batch does: a block of any other
-    # size leaves a remainder batch that joins the engine's queue behind the next call's
-    # rows, so calls end in pairs and the engine's queue drains between them (measured,
-    # 4000x64->64: steps with the engine under-filled and nothing waiting fell from a third
-    # to 8% once blocks were cut to a batch). The render task cuts its output to the first
-    # model's batch (the last block of a task may be short: a smaller batch, not a
-    # remainder): a non-strict streaming repartition, which Ray Data fuses into the read
-    # and render task, with no operator, task or copy of its own. Only before a model with
-    # another batch size does a strict repartition, an operator of its own, cut again.
-    ds = ray.data.read_datasource(
-        InputDatasource(
-            spec.input.path,
-            plan.input_format,
-            plan.input_info,
-            plan.read_columns,
-        ),
-        # Left to itself, Ray Data splits every read task's output k ways to reach its
-        # default parallelism (200 blocks: 20-row blocks for 4,000 rows), and the render
-        # step, one task at a time within its CPU budget, then fed the engine pool about
-        # one small block per scheduling round, slower than an engine drains it: the engine
-        # held one batch instead of max_batches_in_flight and sat idle between batches.
-        override_num_blocks=1,
-    )
-    prompt_json = json.dumps(spec.prompt.model_dump())
-    ds = ds.map_batches(
-        _render_batch,
-        batch_format="pyarrow",
-        batch_size=None,
-        zero_copy_batch=True,
-        fn_kwargs={"prompt_json": prompt_json, "keep": plan.carried, "n": n},
-    )
-    ds = ds.repartition(target_num_rows_per_block=batch_rows[0], strict=False)
+    ds = input_dataset(spec, plan, rows_per_block=batch_rows[0])
     block_rows = batch_rows[0]
     for i, (model_dict, rows, name) in enumerate(
         zip(models, batch_rows, spec.model_names, strict=True)
     ):
         last = i == len(named) - 1
         if rows != block_rows:
-            # Cuts fall on multiples of n, so a prompt's samples stay together.
+            # A model with another batch size: cut again (see input_dataset), strictly,
+            # across blocks; an operator of its own. On multiples of n, as rows is one.
             ds = ds.repartition(target_num_rows_per_block=rows, strict=True)
             block_rows = rows
         placed = engine_map_kwargs(model_dict, cluster_gpus=cluster_gpus)
