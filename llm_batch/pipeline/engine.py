@@ -306,7 +306,9 @@ class EngineStage:
         self._max_retries = int(model["max_batch_retries"])
         replicas = model["replicas"]
         most = replicas["max"] if isinstance(replicas, dict) else replicas
-        self._restart_limit = BatchLedger.restart_limit(most, self._max_retries)
+        self._restart_limit = BatchLedger.restart_limit(
+            most, self._max_retries, model["max_batches_in_flight"]
+        )
         self._gate = _BatchGate()
         self._watchdog: asyncio.Future[None] | None = None
         self._sampling_spec = sampling

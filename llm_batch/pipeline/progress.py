@@ -43,16 +43,17 @@ class BatchLedger:
     """
 
     @staticmethod
-    def restart_limit(replicas: int, max_retries: int) -> int:
+    def restart_limit(replicas: int, max_retries: int, in_flight: int = 2) -> int:
         """Engine starts a pool may take with no batch completing before it counts as broken.
 
         A poison batch costs at most ``max(max_retries, 1) + 1`` deaths: one beside other
-        batches, then its runs alone. Batches that would complete may wait behind two
-        of them (Ray hands a restarted actor its retried tasks in no set order), so
-        every engine of the pool may work through two poison batches back to back.
+        batches, then its runs alone. Batches that would complete may wait behind as many
+        of them as an engine holds at once (``in_flight``, at least two: Ray hands a
+        restarted actor its retried tasks in no set order), so every engine of the pool
+        may work through that many poison batches back to back.
         """
         per_poison_batch = max(max_retries, 1) + 1
-        return replicas * (2 * per_poison_batch + 1)
+        return replicas * (max(in_flight, 2) * per_poison_batch + 1)
 
     def __init__(self) -> None:
         self._entered: dict[str, list[int]] = {}  # key -> [entries shared, entries alone]

@@ -103,6 +103,31 @@ def test_two_poison_batches_back_to_back_do_not_break_the_job():
     assert run(sound, dies=False) == {"alone": False}
 
 
+def test_the_restart_limit_covers_as_many_poison_batches_as_an_engine_holds():
+    # Four batches in flight, all poison, max_batch_retries=1: one death beside each
+    # other, then each alone; the sound batches behind them are not yet handed out.
+    ledger, retries = BatchLedger(), 1
+    limit = BatchLedger.restart_limit(1, retries, 4)
+    poison = [f"{n:024x}" for n in range(1, 5)]
+    ledger.engine_started(None)
+    for key in poison:
+        assert begin(ledger, key, retries=retries, limit=limit) == {"alone": False}
+        ledger.enter(key, alone=False)
+    ledger.engine_started(None)  # the one death they shared
+    for key in poison:
+        assert begin(ledger, key, retries=retries, limit=limit) == {"alone": True}
+        ledger.enter(key, alone=True)
+        ledger.engine_started(None)  # it died alone
+    for key in poison:
+        assert "give_up" in begin(ledger, key, retries=retries, limit=limit)
+        ledger.finish(key, model=None, given_up=True)
+    assert begin(ledger, "55" * 12, retries=retries, limit=limit) == {"alone": False}
+    # With room for two only, the same run would have been called broken.
+    assert "broken" in begin(
+        ledger, "66" * 12, retries=retries, limit=BatchLedger.restart_limit(1, retries)
+    )
+
+
 def test_an_engine_that_dies_on_every_batch_breaks_the_job_within_the_limit():
     ledger, retries = BatchLedger(), 1
     limit = BatchLedger.restart_limit(1, retries)
