@@ -368,11 +368,10 @@ def run_job(
             batch_format="pyarrow",
             batch_size=rows,
             zero_copy_batch=True,
-            # Ray restarts a dead engine actor and re-runs its tasks, as often as it
-            # takes: the bound is per batch, in the tracker's ledger (progress.py),
-            # since a task may hold several batches and a re-run repeats them all.
-            max_restarts=-1,
-            max_task_retries=-1,
+            # Ray Data restarts a dead engine actor and re-runs its tasks as often as it
+            # takes (its defaults for actor pools: max_restarts and max_task_retries -1;
+            # passing them again is deprecated). The bound is per batch, in the tracker's
+            # ledger (progress.py), since a re-run of a task repeats all its batches.
             **placed,
         )
 
