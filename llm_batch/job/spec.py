@@ -227,6 +227,12 @@ class StructuredSpec(_Strict):
         description="json_schema only: also write the parsed value as a typed struct column "
         "(`parsed`, or `<model>__parsed`).",
     )
+    any_whitespace: bool = Field(
+        default=False,
+        description="json_schema only: let the model put free whitespace between JSON tokens. "
+        "Off by default (vLLM's disable_any_whitespace): a weak model can otherwise spend "
+        "every token on whitespace.",
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> StructuredSpec:
@@ -241,6 +247,8 @@ class StructuredSpec(_Strict):
             raise ValueError("structured.choice must list distinct values")
         if self.parse and self.json_schema is None:
             raise ValueError("structured.parse needs structured.json_schema")
+        if self.any_whitespace and self.json_schema is None:
+            raise ValueError("structured.any_whitespace needs structured.json_schema")
         if self.regex is not None:
             import re
 
@@ -307,6 +315,12 @@ class MetricsSpec(_Strict):
 
 class OutputSpec(_Strict):
     path: str = Field(description="Folder (local path or URI) the Parquet files are written to.")
+    mode: Literal["safe", "overwrite"] = Field(
+        default="safe",
+        description="safe: a folder holding files llm-batch did not write is refused. "
+        "overwrite: its Parquet files are deleted and replaced; other files are kept. "
+        "Either way the job's own earlier output there is replaced (or resumed).",
+    )
     rows_per_file: int = Field(
         default=10_000,
         ge=1,
@@ -402,6 +416,13 @@ class JobSpec(_Strict):
     def model_names(self) -> list[str | None]:
         """Column prefixes: None for a single-model job, else each model's name."""
         return [m.name for m in self.models] if self.models is not None else [None]
+
+    def digest(self) -> str:
+        """A short digest of the whole job: equal digests run the very same job."""
+        import hashlib
+
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def with_output(self, path: str) -> JobSpec:
         """A copy of this spec writing to ``path`` (other output settings kept)."""

@@ -230,9 +230,15 @@ class Latency(Accumulator[dict[str, Any]]):
         }
 
 
-def predicted_label(generated: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """The label a row predicts: its generated text, stripped (null for error rows)."""
-    return pc.utf8_trim_whitespace(generated)
+def predicted_label(
+    generated: pa.ChunkedArray | pa.Array, error: pa.ChunkedArray | pa.Array | None = None
+) -> pa.Array:
+    """The label a row predicts: its generated text, stripped; null for an error row, whose
+    text (a structured output cut at max_tokens, kept for inspection) is no prediction."""
+    label = pc.utf8_trim_whitespace(generated)
+    if error is None:
+        return label
+    return pc.if_else(pc.is_valid(error), pa.scalar(None, pa.string()), label)
 
 
 def _alternatives(step: dict[str, Any]) -> list[tuple[str, float]]:
@@ -454,7 +460,9 @@ class LabelMetrics(Accumulator[dict[str, Any]]):
     def update(self, state: dict[str, Any], batch: BatchView) -> dict[str, Any]:
         assert self.job.label_column is not None
         truth = batch.table.column(self.job.label_column).cast(pa.string())
-        pred = predicted_label(batch.table.column(columns.GENERATED_TEXT))
+        pred = predicted_label(
+            batch.table.column(columns.GENERATED_TEXT), batch.table.column(columns.ERROR)
+        )
         pairs = pa.table({"t": truth, "p": pred}).filter(pc.is_valid(truth))
         counts = pairs.group_by(["t", "p"], use_threads=False).aggregate([([], "count_all")])
         part = {
@@ -469,9 +477,14 @@ class LabelMetrics(Accumulator[dict[str, Any]]):
         probability = state["probability"]
         # No logprobs column: a job without sampling.logprobs, or rows read back on resume.
         if self._scores is not None and columns.LOGPROBS in batch.table.column_names:
-            probability = self._scores.update(
-                probability, truth.to_pylist(), batch.table.column(columns.LOGPROBS)
+            # An error row is not scored (a cut output's logprobs are no answer).
+            logprobs = batch.table.column(columns.LOGPROBS)
+            logprobs = pc.if_else(
+                pc.is_valid(batch.table.column(columns.ERROR)),
+                pa.scalar(None, logprobs.type),
+                logprobs,
             )
+            probability = self._scores.update(probability, truth.to_pylist(), logprobs)
         return {"confusion": _add(state["confusion"], part), "probability": probability}
 
     def merge(self, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

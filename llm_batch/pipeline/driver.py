@@ -44,17 +44,19 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-STATUS_NAME = "_status.json"
+STATUS_NAME = "_status.json"  # write.STATUS_NAME: listed in the output's manifest
 
 
 def default_status_uri(spec: JobSpec) -> str:
     return spec.output_path.rstrip("/") + "/" + STATUS_NAME
 
 
-def entrypoint(spec_path: str, *, python: str | None = None) -> str:
+def entrypoint(spec_path: str, *, python: str | None = None, status: str | None = None) -> str:
     """The shell command that runs this driver on ``spec_path`` as a Ray job, with
-    ``python`` (default: this interpreter)."""
-    return shlex.join([python or sys.executable, "-m", "llm_batch.pipeline.driver", spec_path])
+    ``python`` (default: this interpreter), keeping its status at ``status`` (default:
+    ``_status.json`` in the output folder)."""
+    args = [python or sys.executable, "-m", "llm_batch.pipeline.driver", spec_path]
+    return shlex.join(args + (["--status", status] if status else []))
 
 
 def driver_env() -> dict[str, str]:
@@ -130,24 +132,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llm-batch: error: {e}", file=sys.stderr)
         return 2
     status = StatusFile(args.status or default_status_uri(spec))
+    # A status file in the output folder is written only once the run has claimed the
+    # folder (its manifest lists the file): never into a folder that is not the job's.
+    claimed = args.status is not None
     last: dict[str, Any] | None = None
 
     def on_progress(snap: dict[str, Any]) -> None:
-        nonlocal last
+        nonlocal last, claimed
+        first = not claimed or last is None
+        claimed = True
         last = snap
-        status.write("running", snap)
+        status.write("running", snap, force=first)
 
-    try:
+    if claimed:
         status.write("running", None, force=True)
+    try:
         plan = plan_job(spec)
         result = run_job(spec, plan=plan, on_progress=on_progress)
     except LLMBatchError as e:
-        status.write("failed", last, str(e), force=True)
+        if claimed:
+            status.write("failed", last, str(e), force=True)
         print(f"llm-batch: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
         logger.exception("job failed")
-        status.write("failed", last, f"{type(e).__name__}: {e}", force=True)
+        if claimed:
+            status.write("failed", last, f"{type(e).__name__}: {e}", force=True)
         return 1
     status.write("succeeded", result.progress, force=True)
     print(json.dumps({"output": result.output_path, "progress": result.progress}))

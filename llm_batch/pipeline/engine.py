@@ -39,7 +39,9 @@ __all__ = [
     "EngineStage",
     "build_engine_args",
     "build_sampling_params",
+    "engine_failure",
     "output_schema",
+    "structured_complete",
 ]
 
 logger = logging.getLogger(__name__)
@@ -116,7 +118,12 @@ def build_sampling_params(sampling: dict[str, Any], *, sample_index: int = 0) ->
     spec = sampling.get("structured")
     if spec:
         structured = StructuredOutputsParams(
-            choice=spec.get("choice"), regex=spec.get("regex"), json=spec.get("json_schema")
+            choice=spec.get("choice"),
+            regex=spec.get("regex"),
+            json=spec.get("json_schema"),
+            # JSON without free whitespace unless the job asks for it: a weak model can
+            # otherwise spend every token on tabs after its "{".
+            disable_any_whitespace=not spec.get("any_whitespace", False),
         )
     seed = sampling.get("seed")
     return SamplingParams(
@@ -132,6 +139,43 @@ def build_sampling_params(sampling: dict[str, Any], *, sample_index: int = 0) ->
         # Only the final output of each request crosses back from the engine.
         output_kind=RequestOutputKind.FINAL_ONLY,
     )
+
+
+def engine_failure(error: BaseException) -> str:
+    """vLLM's own reason an engine did not start, in one line.
+
+    vLLM validates its configuration with pydantic, whose message ends with a link, not
+    the reason (``For further information visit https://errors.pydantic.dev/...``); the
+    reason is each error's own ``msg``. Other errors: the first line that says something.
+    """
+    errors = getattr(error, "errors", None)
+    if callable(errors):
+        try:
+            found = [str(err.get("msg", "")).removeprefix("Value error, ") for err in errors()]
+        except Exception:  # noqa: BLE001 - not pydantic's after all
+            found = []
+        if any(found):
+            return f"{type(error).__name__}: " + "; ".join(m for m in found if m)
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def structured_complete(text: str | None, structured: dict[str, Any] | None) -> bool:
+    """Whether a structured output's text is whole: one of the choices, a full match of
+    the regex, or JSON that parses. A generation cut by ``max_tokens`` usually is not."""
+    if text is None or not structured:
+        return True
+    if structured.get("choice"):
+        return text in structured["choice"]
+    if structured.get("regex") is not None:
+        import re
+
+        return re.fullmatch(structured["regex"], text) is not None
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _overrides(value: Any) -> dict[str, Any]:
@@ -349,9 +393,8 @@ class EngineStage:
             )
         except Exception as e:
             # Ray wraps this in an ActorDiedError; run_job digs the message back out.
-            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise EngineUnavailable(
-                f"the engine for {model['path']!r} failed to start: {type(e).__name__}: {reason}"
+                f"the engine for {model['path']!r} failed to start: {engine_failure(e)}"
             ) from e
         self._tokenizer = self._engine.get_tokenizer()
         # The engine's own tokenizing settings (special tokens, the over-long cut-off),
@@ -627,6 +670,20 @@ class EngineStage:
         texts = [r[0] for r in results]
         finishes = [r[3] for r in results]
         errors = [r[4] for r in results]
+        structured = self._sampling_spec.get("structured")
+        if structured:
+            for i in range(n):
+                if (
+                    errors[i] is None
+                    and finishes[i] == "length"
+                    and not structured_complete(texts[i], structured)
+                ):
+                    # The cut text stays in generated_text for inspection; the row is an
+                    # error row, never a prediction.
+                    errors[i] = (
+                        f"structured output cut at max_tokens after {results[i][2]} tokens, "
+                        "before it was complete; raise sampling.max_tokens"
+                    )
         values: list[list[Any]] = [
             texts,
             [r[1] for r in results],

@@ -11,6 +11,7 @@ a second; ``run_job`` then streams the data through Ray.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -19,7 +20,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -31,12 +32,22 @@ from llm_batch.errors import EngineUnavailable, JobSpecError
 from llm_batch.job.spec import JobSpec
 from llm_batch.pipeline.accumulators import JobContext
 from llm_batch.pipeline.engine import EngineStage
+from llm_batch.pipeline.limits import check_model_limits
+from llm_batch.pipeline.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    OutputFolder,
+    check_apart,
+    is_part_file,
+    new_run_id,
+)
 from llm_batch.pipeline.placement import engine_batch_size, engine_map_kwargs
 from llm_batch.pipeline.progress import ProgressTracker, Snapshot
 from llm_batch.pipeline.prompts import PromptRenderer
 from llm_batch.pipeline.read import InputDatasource, InputInfo, check_columns, inspect_input
 from llm_batch.pipeline.write import (
     CHECKPOINT_NAME,
+    OWN_FILES,
     AtomicParquetDatasink,
     clear_output,
     committed_parts,
@@ -44,7 +55,17 @@ from llm_batch.pipeline.write import (
     write_metrics,
 )
 
-__all__ = ["JobPlan", "JobResult", "ensure_ray", "input_dataset", "plan_job", "run_job"]
+__all__ = [
+    "JobPlan",
+    "JobResult",
+    "OutputRun",
+    "claim_output",
+    "engine_pools",
+    "ensure_ray",
+    "input_dataset",
+    "plan_job",
+    "run_job",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +117,10 @@ def plan_job(spec: JobSpec) -> JobPlan:
     )
     for field, model in spec.named_models():
         _check_model_path(field, model.path)
+        check_model_limits(field, model, spec.sampling)
+    if spec.output is not None:
+        check_apart(spec.input.path, spec.output.path)
+        _check_output_folder(spec)
     if spec.metrics.accumulators:  # import errors surface now, not inside an actor
         from llm_batch.pipeline.accumulators import AccumulatorSet, JobContext
 
@@ -107,6 +132,21 @@ def plan_job(spec: JobSpec) -> JobPlan:
     wanted = renderer.variables | set(carried[1:]) | set(spec.input.columns or [])
     read_columns = [n for n in info.schema.names if n in wanted]
     return JobPlan(spec, fmt, info, read_columns, carried)
+
+
+def _check_output_folder(spec: JobSpec) -> None:
+    """Refuse an output folder holding files llm-batch did not write (``manifest.py``).
+    Object storage this process cannot reach now is checked when the job starts
+    (``claim_output``), where the engines' nodes must reach it."""
+    assert spec.output is not None
+    try:
+        folder = OutputFolder.inspect(spec.output.path)
+    except OSError as e:
+        if "://" not in spec.output.path:
+            raise JobSpecError(f"output.path: {spec.output.path!r} cannot be read: {e}") from None
+        logger.warning("output.path %s not checked before the run: %s", spec.output.path, e)
+        return
+    folder.check(mode=spec.output.mode, will_write=[*OWN_FILES, MANIFEST_NAME])
 
 
 def _check_model_path(field: str, path: str) -> None:
@@ -278,32 +318,125 @@ def run_job(
 ) -> JobResult:
     """Run a job to completion on the connected (or a new local) Ray; blocks.
 
-    With ``resume`` (the default), a job whose earlier run was interrupted
-    continues where it stopped, keeping what that run wrote; without, or when
-    there is nothing to resume, the output folder's old part files are removed.
+    The output folder is claimed first (its manifest, ``manifest.py``): nothing in it
+    that an earlier run of llm-batch did not write is ever touched. With ``resume``
+    (the default), a job whose earlier run of the very same spec was interrupted
+    continues where it stopped, keeping what that run wrote; otherwise the files of
+    earlier runs are replaced. ``on_progress`` is called once as soon as the folder is
+    claimed, then every ``progress_interval`` seconds.
     """
     import ray
-    import ray.data
     from ray.data import DataContext
-    from ray.data.checkpoint import CheckpointConfig
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     plan = plan or plan_job(spec)
     spec.output_path  # noqa: B018 - fails with a clear message when unset
-    assert spec.output is not None
     ensure_ray()
     started = time.monotonic()
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # the CLI draws its own, from the tracker
     ctx.print_on_execution_start = False
 
+    tracker = _start_tracker(spec, plan)
+    run = claim_output(spec, resume=resume)
+    if run.resuming:
+        done = _preload(tracker, spec)
+        logger.info("resuming %s: %d rows already written", spec.name, done)
+    ctx.checkpoint_config = run.checkpoint_config()
+    if on_progress is not None:
+        on_progress(ray.get(tracker.snapshot.remote()))
+
+    ds = input_dataset(spec, plan, rows_per_block=_batch_rows(spec)[0])
+    ds = engine_pools(ds, spec, plan, tracker)
+    with _following(tracker, on_progress, progress_interval):
+        _write(ds, spec, run)
+    final = ray.get(tracker.snapshot.remote())
+    ray.kill(tracker)
+    write_metrics(spec.output_path, final)
+    run.finish()
+    if on_progress is not None:
+        on_progress(final)
+    return JobResult(spec.output_path, final, time.monotonic() - started)
+
+
+@dataclasses.dataclass
+class OutputRun:
+    """One run's claim on its output folder: its id (in its part files' names), whether it
+    resumes an interrupted run, and the folder's manifest."""
+
+    uri: str  # absolute path or URI (what Ray Data takes)
+    run_id: str
+    resuming: bool
+    manifest: Manifest
+
+    def checkpoint_config(self) -> Any:
+        from ray.data.checkpoint import CheckpointConfig
+
+        # Ray Data skips the input rows whose output is committed and deletes the files of
+        # uncommitted ones: this run's and earlier runs' part files, whose names it knows.
+        return CheckpointConfig(
+            id_column=columns.ROW_ID,
+            checkpoint_path=self.uri.rstrip("/") + "/" + CHECKPOINT_NAME,
+            delete_checkpoint_on_success=True,
+        )
+
+    def finish(self) -> None:
+        """List the part files the folder now holds (this run's and, resumed, earlier
+        runs'; their run ids name them already) in the manifest."""
+        folder = OutputFolder.inspect(self.uri)
+        parts = [f for f in folder.files if is_part_file(f) and self.manifest.owns(f)]
+        self.manifest.files = sorted({*OWN_FILES, *parts})
+        self.manifest.write(self.uri)
+
+
+def claim_output(spec: JobSpec, *, resume: bool = True) -> OutputRun:
+    """Check the output folder again (it may have changed since ``plan_job``), record this
+    run in its manifest before anything else is written there, and clear what earlier
+    runs wrote unless this run resumes one of the very same job."""
+    assert spec.output is not None
+    # Ray Data takes a URI or an absolute path; job files name relative ones (out/<name>).
+    uri = spec.output.path if "://" in spec.output.path else os.path.abspath(spec.output.path)
+    folder = OutputFolder.inspect(uri)
+    folder.check(mode=spec.output.mode, will_write=[*OWN_FILES, MANIFEST_NAME])
+    manifest = folder.manifest or Manifest(job=spec.name)
+    digest = spec.digest()
+    fs, checkpoint = open_filesystem(uri.rstrip("/") + "/" + CHECKPOINT_NAME)
+    resuming = (
+        resume
+        and folder.manifest is not None
+        and manifest.last_digest == digest
+        and fs.get_file_info(checkpoint).type != pafs.FileType.NotFound
+    )
+    run_id = new_run_id()
+    manifest.add_run(run_id, digest, OWN_FILES)
+    manifest.write(uri)  # before this run writes anything
+    if not resuming:
+        replaced = folder.foreign_parquet if spec.output.mode == "overwrite" else []
+        if replaced:
+            logger.warning(
+                "output.mode overwrite: replacing %d Parquet file(s) llm-batch did not write in %s",
+                len(replaced),
+                uri,
+            )
+        removed = clear_output(uri, manifest, foreign_parquet=replaced)
+        logger.info("cleared %d file(s) of earlier runs from %s", len(removed), uri)
+        manifest.runs = manifest.runs[-1:]
+        manifest.files = list(OWN_FILES)
+        manifest.write(uri)
+    return OutputRun(uri, run_id, resuming, manifest)
+
+
+def _start_tracker(spec: JobSpec, plan: JobPlan) -> Any:
+    """The job's progress tracker, beside the driver: losing a worker node must not lose
+    progress."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     rows_total = plan.input_info.rows_total
     if rows_total is not None:
         rows_total *= spec.sampling.n
     structured = spec.sampling.structured
-    # The tracker lives beside the driver: losing a worker node must not lose progress.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    tracker = ray.remote(num_cpus=0, scheduling_strategy=here)(ProgressTracker).remote(
+    return ray.remote(num_cpus=0, scheduling_strategy=here)(ProgressTracker).remote(
         rows_total,
         spec.model_names,
         job=JobContext(
@@ -312,44 +445,40 @@ def run_job(
         ),
         accumulators=spec.metrics.accumulators,
     )
-    # Resume when an earlier run of this job left a checkpoint: Ray Data skips
-    # the input rows whose output is committed and deletes uncommitted files.
-    # Ray Data takes a URI or an absolute path; job files name relative ones (out/<name>).
-    output = spec.output_path if "://" in spec.output_path else os.path.abspath(spec.output_path)
-    checkpoint = output.rstrip("/") + "/" + CHECKPOINT_NAME
-    fs, cp_path = open_filesystem(checkpoint)
-    resuming = resume and fs.get_file_info(cp_path).type != pafs.FileType.NotFound
-    if resuming:
-        done = _preload(tracker, spec)
-        logger.info("resuming %s: %d rows already written", spec.name, done)
-    else:
-        clear_output(spec.output_path)
-    ctx.checkpoint_config = CheckpointConfig(
-        id_column=columns.ROW_ID,
-        checkpoint_path=checkpoint,
-        delete_checkpoint_on_success=True,
-    )
 
-    # One engine pool per model, chained: the data is read once and every model
-    # sees every row; the pools run at the same time on different batches.
-    named = spec.named_models()
-    cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    models = [model.model_dump() for _, model in named]
-    # Whole prompts per batch: a prompt's n samples are written (and checkpointed) together.
+
+def _cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def _batch_rows(spec: JobSpec) -> list[int]:
+    """Rows per engine batch of each model: whole prompts (a prompt's n samples are
+    written, and checkpointed, together)."""
     n = spec.sampling.n
-    batch_rows = [-(-engine_batch_size(m, cluster_gpus=cluster_gpus) // n) * n for m in models]
+    gpus = _cluster_gpus()
+    return [
+        -(-engine_batch_size(model.model_dump(), cluster_gpus=gpus) // n) * n
+        for _, model in spec.named_models()
+    ]
 
-    ds = input_dataset(spec, plan, rows_per_block=batch_rows[0])
-    block_rows = batch_rows[0]
-    for i, (model_dict, rows, name) in enumerate(
-        zip(models, batch_rows, spec.model_names, strict=True)
+
+def engine_pools(ds: Any, spec: JobSpec, plan: JobPlan, tracker: Any) -> Any:
+    """One engine pool per model, chained: the data is read once and every model sees
+    every row; the pools run at the same time on different batches."""
+    cluster_gpus = _cluster_gpus()
+    named = spec.named_models()
+    block_rows = None
+    for i, ((_, model), rows, name) in enumerate(
+        zip(named, _batch_rows(spec), spec.model_names, strict=True)
     ):
-        last = i == len(named) - 1
-        if rows != block_rows:
+        if block_rows is not None and rows != block_rows:
             # A model with another batch size: cut again (see input_dataset), strictly,
             # across blocks; an operator of its own. On multiples of n, as rows is one.
             ds = ds.repartition(target_num_rows_per_block=rows, strict=True)
-            block_rows = rows
+        block_rows = rows
+        model_dict = model.model_dump()
         placed = engine_map_kwargs(model_dict, cluster_gpus=cluster_gpus)
         model_dict["engine"]["extra_args"] = {
             **placed.pop("engine_overrides"),
@@ -363,7 +492,7 @@ def run_job(
                 "model_name": name,
                 "progress": tracker,
                 "metrics": spec.metrics.model_dump(),
-                "drop": plan.drop_before_write if last else [],
+                "drop": plan.drop_before_write if i == len(named) - 1 else [],
             },
             batch_format="pyarrow",
             batch_size=rows,
@@ -374,11 +503,20 @@ def run_job(
             # ledger (progress.py), since a re-run of a task repeats all its batches.
             **placed,
         )
+    return ds
+
+
+@contextlib.contextmanager
+def _following(
+    tracker: Any, on_progress: Callable[[Snapshot], None] | None, interval: float
+) -> Iterator[None]:
+    """Report the tracker's snapshot every ``interval`` seconds while the job runs."""
+    import ray
 
     stop = threading.Event()
 
     def follow() -> None:
-        while not stop.wait(progress_interval):
+        while not stop.wait(interval):
             try:
                 snap = ray.get(tracker.snapshot.remote(), timeout=10)
             except Exception:  # noqa: BLE001 - progress is best effort
@@ -389,8 +527,19 @@ def run_job(
     follower = threading.Thread(target=follow, daemon=True, name="llm-batch-progress")
     follower.start()
     try:
+        yield
+    finally:
+        stop.set()
+        follower.join()
+
+
+def _write(ds: Any, spec: JobSpec, run: OutputRun) -> None:
+    assert spec.output is not None
+    try:
         ds.write_datasink(
-            AtomicParquetDatasink(spec.output_path, min_rows_per_file=spec.output.rows_per_file)
+            AtomicParquetDatasink(
+                run.uri, run_id=run.run_id, min_rows_per_file=spec.output.rows_per_file
+            )
         )
     except Exception as e:
         # An engine that cannot start kills its actor; Ray reports the actor's
@@ -399,12 +548,3 @@ def run_job(
         if found:
             raise EngineUnavailable(found.group(1).strip()) from e
         raise
-    finally:
-        stop.set()
-        follower.join()
-    final = ray.get(tracker.snapshot.remote())
-    ray.kill(tracker)
-    write_metrics(spec.output_path, final)
-    if on_progress is not None:
-        on_progress(final)
-    return JobResult(spec.output_path, final, time.monotonic() - started)

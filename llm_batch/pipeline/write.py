@@ -3,8 +3,10 @@
 Each write task writes a hidden file (a leading ``.``, which Parquet dataset
 readers skip) and renames it into place once it is complete; on object stores,
 where an upload only becomes visible when it completes, it writes in place.
-The folder also holds ``_metrics.json`` and, while a job can still resume,
-``_checkpoint/`` (leading underscores: Parquet readers skip them).
+The folder also holds ``_metrics.json``, the manifest ``_llm_batch.json``
+(``manifest.py``: what the job wrote there, so that it never touches anything
+else) and, while a job can still resume, ``_checkpoint/`` (leading underscores:
+Parquet readers skip them).
 """
 
 from __future__ import annotations
@@ -23,16 +25,26 @@ from ray.data._internal.savemode import SaveMode
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.filename_provider import FilenameProvider
 
+from llm_batch.pipeline.manifest import MANIFEST_NAME, Manifest, part_name
+
 __all__ = [
+    "CHECKPOINT_NAME",
+    "METRICS_NAME",
+    "OWN_FILES",
     "AtomicParquetDatasink",
     "clear_output",
     "committed_parts",
     "open_filesystem",
+    "owned_parts",
     "write_metrics",
 ]
 
 METRICS_NAME = "_metrics.json"
 CHECKPOINT_NAME = "_checkpoint"
+STATUS_NAME = "_status.json"  # the job driver's (pipeline/driver.py)
+# What every run may write in its output folder besides its part files (recorded in the
+# manifest before it writes them).
+OWN_FILES = [f"{CHECKPOINT_NAME}/", METRICS_NAME, STATUS_NAME]
 
 logger = logging.getLogger(__name__)
 
@@ -47,25 +59,50 @@ def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), uri
 
 
-def clear_output(uri: str) -> int:
-    """Delete the part files a previous run left in an output folder; returns how many."""
+def clear_output(uri: str, manifest: Manifest, *, foreign_parquet: list[str] = ()) -> list[str]:
+    """Delete what earlier runs recorded in ``manifest`` wrote in an output folder (never
+    the manifest itself), and the ``foreign_parquet`` files an ``output.mode: overwrite``
+    job replaces; returns the names deleted, relative to the folder."""
     fs, path = open_filesystem(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        return 0
-    removed = 0
-    for f in fs.get_file_info(pafs.FileSelector(path, recursive=False)):
-        name = f.base_name
-        if f.type == pafs.FileType.File and (
-            name.startswith(PART_PREFIX)
-            or name.startswith("." + PART_PREFIX)
-            or name == METRICS_NAME
-        ):
+    base = path.rstrip("/")
+    if fs.get_file_info(base).type == pafs.FileType.NotFound:
+        return []
+    removed = []
+    for f in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+        if f.type != pafs.FileType.File:
+            continue
+        name = f.path[len(base) + 1 :]
+        if name != MANIFEST_NAME and (manifest.owns(name) or name in foreign_parquet):
             fs.delete_file(f.path)
-            removed += 1
-        elif f.type == pafs.FileType.Directory and name == CHECKPOINT_NAME:
-            fs.delete_dir(f.path)
+            removed.append(name)
+    checkpoint = f"{base}/{CHECKPOINT_NAME}"
+    if (
+        manifest.owns(f"{CHECKPOINT_NAME}/")
+        and fs.get_file_info(checkpoint).type == pafs.FileType.Directory
+    ):
+        fs.delete_dir(checkpoint)  # empty by now: every file in it was the manifest's
     return removed
+
+
+def owned_parts(uri: str) -> list[str]:
+    """The complete part files of an output folder that its manifest owns, in name order
+    (what a reader of the job's results reads; anything else in the folder is not the
+    job's)."""
+    fs, path = open_filesystem(uri)
+    base = path.rstrip("/")
+    if fs.get_file_info(base).type != pafs.FileType.Directory:
+        return []
+    manifest = Manifest.read(uri)
+    if manifest is None:
+        return []
+    return sorted(
+        f.path
+        for f in fs.get_file_info(pafs.FileSelector(base, recursive=False))
+        if f.type == pafs.FileType.File
+        and f.base_name.endswith(".parquet")
+        and not f.base_name.startswith(".")
+        and manifest.owns(f.base_name)
+    )
 
 
 def committed_parts(uri: str) -> list[str]:
@@ -108,10 +145,14 @@ def write_metrics(uri: str, snapshot: dict[str, Any]) -> str:
 
 
 class _PartNames(FilenameProvider):
-    """``part-<write>-<task>.parquet``: deterministic per write task, as checkpointing needs."""
+    """``part-<run id>-<task>.parquet``: deterministic per write task, as checkpointing
+    needs, and the run's own (``manifest.part_name``)."""
+
+    def __init__(self, run_id: str):
+        self._run_id = run_id
 
     def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        return f"{PART_PREFIX}{write_uuid[:12]}-{task_index:06d}.parquet"
+        return part_name(self._run_id, task_index)
 
 
 class AtomicParquetDatasink(ParquetDatasink):
@@ -123,13 +164,20 @@ class AtomicParquetDatasink(ParquetDatasink):
     of pending (uncommitted) checkpoints are deleted and their rows redone.
     """
 
-    def __init__(self, uri: str, *, min_rows_per_file: int = 10_000, compression: str = "zstd"):
+    def __init__(
+        self,
+        uri: str,
+        *,
+        run_id: str,
+        min_rows_per_file: int = 10_000,
+        compression: str = "zstd",
+    ):
         fs, path = open_filesystem(uri)
         super().__init__(
             path,
             filesystem=fs,
             min_rows_per_file=min_rows_per_file,
-            filename_provider=_PartNames(),
+            filename_provider=_PartNames(run_id),
             mode=SaveMode.APPEND,
         )
         self._compression = compression

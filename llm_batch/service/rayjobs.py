@@ -14,8 +14,6 @@ checkpoint.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import threading
@@ -67,8 +65,7 @@ JOB_ID_KEY = "llm_batch_job_id"  # the service's job id (service jobs only)
 
 def spec_digest(spec: JobSpec) -> str:
     """A short digest of the whole job: equal digests run the very same job."""
-    text = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return spec.digest()
 
 
 def submission_metadata(spec: JobSpec, *, job_id: str | None = None) -> dict[str, str]:

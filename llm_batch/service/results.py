@@ -22,7 +22,6 @@ import pyarrow.parquet as pq
 __all__ = ["PARQUET_MEDIA_TYPE", "iter_jsonl", "iter_parquet", "part_files"]
 
 PARQUET_MEDIA_TYPE = "application/vnd.apache.parquet"
-_PART_PREFIX = "part-"  # llm_batch.pipeline.write.PART_PREFIX
 _JSONL_BATCH_ROWS = 1024
 _PARQUET_BATCH_ROWS = 64 * 1024  # a row group each
 
@@ -34,17 +33,11 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def part_files(output_path: str) -> list[str]:
-    """The complete Parquet part files in an output folder, in name order."""
-    fs, path = _filesystem(output_path)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return []
-    return sorted(
-        f.path
-        for f in fs.get_file_info(pafs.FileSelector(path, recursive=False))
-        if f.type == pafs.FileType.File
-        and f.base_name.startswith(_PART_PREFIX)
-        and f.base_name.endswith(".parquet")
-    )
+    """The complete Parquet part files the job wrote in its output folder (its manifest
+    says which: other files there are not its rows), in name order."""
+    from llm_batch.pipeline.write import owned_parts
+
+    return owned_parts(output_path)
 
 
 def _batches(

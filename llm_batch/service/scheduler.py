@@ -4,7 +4,7 @@ One background thread with its own database sessions, so API requests never
 wait on Ray. Each pass:
 
 1. follows every running or cancelling job: asks Ray for its state and reads
-   the driver's status file (``<output>/_status.json``) for progress, written
+   the driver's status file (``<data_dir>/jobs/<id>/status.json``) for progress, written
    to the database at most every ``progress_interval`` seconds per job;
 2. starts queued jobs (priority, then age) while fewer than
    ``max_running_jobs`` run: claims the row, writes the final spec to
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_batch.errors import LLMBatchError
-from llm_batch.job.spec import JobSpec, OutputSpec
+from llm_batch.job.spec import JobSpec
 from llm_batch.service.errors import ServiceUnavailable
 from llm_batch.service.raycluster import RayCluster
 from llm_batch.service.rayjobs import (
@@ -53,14 +53,11 @@ logger = logging.getLogger(__name__)
 _RAY_ACTIVE = ("PENDING", "RUNNING")
 
 
-def status_uri(output_path: str) -> str:
-    """Where the job driver of a job writing ``output_path`` keeps its status file: the
-    driver's own default, which depends on the output alone (a stored spec is not
-    validated again on every pass)."""
-    from llm_batch.pipeline.driver import default_status_uri
-
-    output = OutputSpec.model_construct(path=output_path)
-    return default_status_uri(JobSpec.model_construct(output=output))
+def status_uri(settings: Settings, job_id: str) -> str:
+    """Where a job's driver keeps its status file: beside its spec in the service's data
+    directory (shared with the cluster's nodes in cluster mode), not in the job's output
+    folder, which may hold other files."""
+    return str(settings.jobs_dir / job_id / "status.json")
 
 
 def initial_progress(rows_total: int | None) -> dict[str, Any]:
@@ -73,16 +70,16 @@ def initial_progress(rows_total: int | None) -> dict[str, Any]:
     }
 
 
-def _read_status(output_path: str) -> dict[str, Any] | None:
+def _read_status(uri: str) -> dict[str, Any] | None:
     from llm_batch.pipeline.driver import read_status
 
-    return read_status(status_uri(output_path))
+    return read_status(uri)
 
 
-def _remove_status(output_path: str) -> None:
+def _remove_status(uri: str) -> None:
     from llm_batch.pipeline.driver import remove_status
 
-    remove_status(status_uri(output_path))
+    remove_status(uri)
 
 
 class Scheduler:
@@ -174,7 +171,7 @@ class Scheduler:
             logger.info("job %s: stopping its Ray run %s", job.id, submission)
             self.jobs.stop(submission)
             self._stop_sent.add(job.id)
-        status = _read_status(job.output_path) or {}
+        status = _read_status(status_uri(self.settings, job.id)) or {}
         progress = self._merge_progress(job, status.get("progress"))
         if state in _RAY_ACTIVE:
             self._write_progress(job, progress)
@@ -271,12 +268,12 @@ class Scheduler:
         os.replace(tmp, spec_path)
         if self.jobs.status(job.id) is None:
             # The status file of an earlier run would show its progress as this run's.
-            _remove_status(job.output_path)
+            _remove_status(status_uri(self.settings, job.id))
         from llm_batch.pipeline.driver import driver_env, entrypoint
 
         fresh = self.jobs.submit(
             job.id,
-            entrypoint(str(spec_path)),
+            entrypoint(str(spec_path), status=status_uri(self.settings, job.id)),
             runtime_env={"env_vars": driver_env()},
             metadata=submission_metadata(spec, job_id=job.id),
         )

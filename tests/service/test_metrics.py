@@ -99,9 +99,7 @@ def running_job(client: TestClient, settings: Settings, ray: InMemoryRay) -> str
     job_id = queue(store, settings, "labels")
     scheduler_pass(client)
     ray.set(job_id, "RUNNING")
-    StatusFile(status_uri(store.get(job_id).output_path)).write(
-        "running", live_snapshot(), force=True
-    )
+    StatusFile(status_uri(settings, job_id)).write("running", live_snapshot(), force=True)
     scheduler_pass(client)
     return job_id
 

@@ -130,7 +130,7 @@ def queue(
 
 
 def write_status(
-    store: JobStore, job_id: str, state: str, rows_done: int, error: str | None = None
+    settings: Settings, job_id: str, state: str, rows_done: int, error: str | None = None
 ) -> None:
     progress = {
         "rows_total": 10,
@@ -140,7 +140,7 @@ def write_status(
         "rows_per_second": 2.5,
         "eta_seconds": 3.0,
     }
-    StatusFile(status_uri(store.get(job_id).output_path)).write(state, progress, error, force=True)
+    StatusFile(status_uri(settings, job_id)).write(state, progress, error, force=True)
 
 
 def test_runs_jobs_by_priority_then_age_up_to_the_limit(scheduler, store, settings, ray):
@@ -166,7 +166,8 @@ def test_submission_runs_the_driver_on_the_final_spec(scheduler, store, settings
     spec = json.loads(spec_path.read_text())
     assert spec["output"]["path"] == str(settings.outputs_dir / job_id)
     entrypoint = ray.jobs[job_id]["entrypoint"]
-    assert entrypoint.endswith(f"-m llm_batch.pipeline.driver {spec_path}")
+    status = settings.jobs_dir / job_id / "status.json"
+    assert entrypoint.endswith(f"-m llm_batch.pipeline.driver {spec_path} --status {status}")
     assert "VLLM_LOGGING_LEVEL" in ray.jobs[job_id]["runtime_env"]["env_vars"]
     assert store.get(job_id).ray_submission_id == job_id
     # What `llm-batch run --address` looks for before it writes an output.
@@ -240,7 +241,7 @@ def test_progress_comes_from_the_status_file(scheduler, store, settings, ray):
     ray.set(job_id, "RUNNING")
     scheduler.run_once()
     assert store.get(job_id).progress == initial_progress(10)  # nothing reported yet
-    write_status(store, job_id, "running", 4)
+    write_status(settings, job_id, "running", 4)
     scheduler.run_once()
     progress = store.get(job_id).progress
     assert (progress["rows_done"], progress["rows_failed"], progress["output_tokens"]) == (4, 1, 16)
@@ -254,14 +255,14 @@ def test_progress_writes_are_rate_limited(store, settings, ray):
     job_id = queue(store, settings)
     slow.run_once()
     ray.set(job_id, "RUNNING")
-    write_status(store, job_id, "running", 2)
+    write_status(settings, job_id, "running", 2)
     slow.run_once()
     assert store.get(job_id).progress["rows_done"] == 2
-    write_status(store, job_id, "running", 5)
+    write_status(settings, job_id, "running", 5)
     slow.run_once()
     assert store.get(job_id).progress["rows_done"] == 2  # within the interval
     ray.set(job_id, "SUCCEEDED")
-    write_status(store, job_id, "succeeded", 10)
+    write_status(settings, job_id, "succeeded", 10)
     slow.run_once()
     assert store.get(job_id).progress["rows_done"] == 10  # the final one always lands
 
@@ -269,7 +270,7 @@ def test_progress_writes_are_rate_limited(store, settings, ray):
 def test_failure_reports_the_drivers_message(scheduler, store, settings, ray):
     job_id = queue(store, settings)
     scheduler.run_once()
-    write_status(store, job_id, "failed", 3, "input.path: '/in.parquet' does not exist")
+    write_status(settings, job_id, "failed", 3, "input.path: '/in.parquet' does not exist")
     ray.set(job_id, "FAILED", logs="Traceback ...\nInputError: ...")
     scheduler.run_once()
     job = store.get(job_id)
@@ -293,7 +294,7 @@ def test_cancel_stops_the_ray_run_once_then_ends_cancelled(scheduler, store, set
     job_id = queue(store, settings)
     scheduler.run_once()
     ray.set(job_id, "RUNNING")
-    write_status(store, job_id, "running", 6)
+    write_status(settings, job_id, "running", 6)
     assert store.cancel(job_id).status == "cancelling"
     scheduler.run_once()
     scheduler.run_once()
@@ -323,7 +324,7 @@ def test_restart_follows_a_job_ray_still_runs(store, settings, ray):
 def test_restart_requeues_a_job_ray_forgot(store, settings, ray):
     job_id = queue(store, settings)
     Scheduler(store=store, settings=settings, jobs=ray).run_once()
-    write_status(store, job_id, "running", 7)
+    write_status(settings, job_id, "running", 7)
     # The cluster restarted: it knows no job any more.
     fresh = InMemoryRay()
     Scheduler(store=store, settings=settings, jobs=fresh).run_once()
@@ -332,7 +333,7 @@ def test_restart_requeues_a_job_ray_forgot(store, settings, ray):
     assert list(fresh.jobs) == [job_id]  # queued again and resubmitted
     assert job.progress == initial_progress(10)
     # The old run's status file would have shown its progress as the new run's.
-    assert not Path(status_uri(job.output_path)).exists()
+    assert not Path(status_uri(settings, job.id)).exists()
 
 
 def test_a_cancelling_job_ray_forgot_is_cancelled(store, settings, ray):
@@ -346,11 +347,11 @@ def test_a_cancelling_job_ray_forgot_is_cancelled(store, settings, ray):
 def test_ray_already_running_the_submission_is_followed(scheduler, store, settings, ray):
     job_id = queue(store, settings)
     ray.jobs[job_id] = {"status": "RUNNING", "entrypoint": "x", "runtime_env": None, "logs": ""}
-    write_status(store, job_id, "running", 5)
+    write_status(settings, job_id, "running", 5)
     scheduler.run_once()
     assert store.get(job_id).status == "running"
     assert ray.jobs[job_id]["entrypoint"] == "x"
-    assert Path(status_uri(store.get(job_id).output_path)).exists()  # its progress is kept
+    assert Path(status_uri(settings, job_id)).exists()  # its progress is kept
 
 
 def test_unreachable_ray_leaves_the_job_queued(scheduler, store, settings, ray):

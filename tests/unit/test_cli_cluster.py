@@ -23,6 +23,7 @@ from llm_batch.cli import main
 from llm_batch.cli_cluster import on_this_machine
 from llm_batch.job.spec import JobSpec
 from llm_batch.pipeline.driver import StatusFile
+from llm_batch.pipeline.manifest import Manifest
 from llm_batch.service.errors import ServiceUnavailable
 from llm_batch.service.process import free_port
 from llm_batch.service.rayjobs import submission_metadata
@@ -68,6 +69,10 @@ class InMemoryCluster:
             raise step
         ray_state, driver_state, snap, error = step
         if driver_state is not None:
+            # As the real driver does: the output folder is claimed before its status.
+            out = str(Path(self.status_file._uri).parent)
+            if Manifest.read(out) is None:
+                Manifest("job", files=["_status.json"]).write(out)
             self.status_file.write(driver_state, snap, error, force=True)
         if ray_state not in ("PENDING", "RUNNING"):
             self.unfinished.pop(submission_id, None)
@@ -127,6 +132,8 @@ def run(job: Path, address: str = REMOTE) -> int:
 
 def test_submits_the_driver_and_prints_the_local_runs_final_line(job, cluster, tmp_path, capsys):
     (tmp_path / "out").mkdir()
+    # An earlier run's status file, in a folder llm-batch wrote (its manifest says so).
+    Manifest("job", files=["_status.json"]).write(str(tmp_path / "out"))
     StatusFile(str(tmp_path / "out" / "_status.json")).write("succeeded", progress(4), force=True)
     ray = cluster(SUCCESS)
     assert run(job) == 0

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from llm_batch.pipeline.manifest import Manifest
 from llm_batch.service.api.routes.dashboard import STATIC_DIR
 
 PARQUET = "application/vnd.apache.parquet"
@@ -51,6 +52,7 @@ def job_with_rows(client, job_body, settings) -> str:
     table = pa.table({"id": ids, "generated_text": [f"text {i}" for i in range(300)]})
     pq.write_table(table.slice(0, 200), out / "part-a-000000.parquet")
     pq.write_table(table.slice(200), out / "part-a-000001.parquet")
+    Manifest("test", files=["part-a-000000.parquet", "part-a-000001.parquet"]).write(str(out))
     store = client.app.state.service.store
     store.claim(job_id, submission_id=job_id)
     return job_id

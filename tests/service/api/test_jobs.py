@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 
+from llm_batch.pipeline.manifest import Manifest
 from llm_batch.service.app import create_app
 from llm_batch.service.settings import Settings
 from llm_batch.service.store import JobStatus, JobStore
@@ -212,6 +213,7 @@ def finished_job(client, job_body, settings) -> tuple[str, pa.Table]:
     pq.write_table(table.slice(1500), out / "part-a-000001.parquet")
     pq.write_table(table.slice(0, 10), out / ".part-a-000002.parquet.inprogress")
     (out / "_status.json").write_text("{}")
+    Manifest("test", files=["part-a-000000.parquet", "part-a-000001.parquet"]).write(str(out))
     store = JobStore(settings.database_url)
     store.claim(job_id, submission_id=job_id)
     store.finish(job_id, JobStatus.SUCCEEDED)

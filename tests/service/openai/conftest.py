@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 
+from llm_batch.pipeline.manifest import Manifest
 from llm_batch.service.app import create_app
 from llm_batch.service.process import free_port
 from llm_batch.service.settings import Settings
@@ -159,6 +160,7 @@ def finish_job(
     out.mkdir(parents=True, exist_ok=True)
     if rows:
         pq.write_table(pa.Table.from_pylist(rows), out / "part-000000000000-000000.parquet")
+        Manifest("test", files=["part-000000000000-000000.parquet"]).write(str(out))
     assert store.finish(
         job.id, status, from_statuses=("queued", "running", "cancelling", "cancelled")
     )
