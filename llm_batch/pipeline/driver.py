@@ -9,8 +9,8 @@ can read whether the driver runs beside it or on a cluster) up to date:
     {"state": "running" | "succeeded" | "failed", "progress": {...}, "error": str | null,
      "updated_at": float}
 
-The service's scheduler and ``llm-batch run`` on a cluster submit it the same way
-(``entrypoint``, ``driver_env``) and follow it through that file.
+The service's scheduler and ``llm-batch run`` on a cluster launch it the same way
+(``llm_batch.drivers.launch_driver``) and follow it through that file.
 
 Exit codes: 0 succeeded, 2 the job is invalid (bad spec, unreadable input),
 1 anything else.
@@ -22,21 +22,17 @@ import argparse
 import contextlib
 import json
 import logging
-import os
-import shlex
 import sys
 import time
 from typing import Any
 
 from llm_batch.errors import LLMBatchError
 from llm_batch.job.spec import JobSpec
-from llm_batch.pipeline.write import open_filesystem
+from llm_batch.pipeline.fs import open_filesystem
 
 __all__ = [
     "StatusFile",
     "default_status_uri",
-    "driver_env",
-    "entrypoint",
     "main",
     "read_status",
     "remove_status",
@@ -49,21 +45,6 @@ STATUS_NAME = "_status.json"  # write.STATUS_NAME: listed in the output's manife
 
 def default_status_uri(spec: JobSpec) -> str:
     return spec.output_path.rstrip("/") + "/" + STATUS_NAME
-
-
-def entrypoint(spec_path: str, *, python: str | None = None, status: str | None = None) -> str:
-    """The shell command that runs this driver on ``spec_path`` as a Ray job, with
-    ``python`` (default: this interpreter), keeping its status at ``status`` (default:
-    ``_status.json`` in the output folder)."""
-    args = [python or sys.executable, "-m", "llm_batch.pipeline.driver", spec_path]
-    return shlex.join(args + (["--status", status] if status else []))
-
-
-def driver_env() -> dict[str, str]:
-    """Environment variables for a driver submitted to Ray (its engine actors inherit them):
-    vLLM's per-request INFO lines would bury the job's log, whose tail is what a failed
-    job reports."""
-    return {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
 
 
 class StatusFile:

@@ -28,6 +28,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from llm_batch.errors import JobSpecError
+from llm_batch.pipeline.fs import open_filesystem
 
 __all__ = [
     "MANIFEST_NAME",
@@ -58,12 +59,6 @@ def new_run_id() -> str:
 def part_name(run_id: str, task_index: int) -> str:
     """A part file's name: deterministic per write task of a run, as checkpointing needs."""
     return f"part-{run_id}-{task_index:06d}.parquet"
-
-
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    from llm_batch.pipeline.write import open_filesystem
-
-    return open_filesystem(uri)
 
 
 @dataclasses.dataclass
@@ -114,7 +109,7 @@ class Manifest:
     def read(cls, uri: str) -> Manifest | None:
         """The manifest of the output folder ``uri``, or None when it has none. One that
         does not parse is an error: the folder's files cannot be told apart."""
-        fs, path = _filesystem(uri)
+        fs, path = open_filesystem(uri)
         target = f"{path.rstrip('/')}/{MANIFEST_NAME}"
         try:
             with fs.open_input_stream(target) as f:
@@ -137,7 +132,7 @@ class Manifest:
     def write(self, uri: str) -> None:
         """Write atomically: a temporary name, then a rename (in place on object stores,
         where an upload becomes visible only when complete)."""
-        fs, path = _filesystem(uri)
+        fs, path = open_filesystem(uri)
         base = path.rstrip("/")
         fs.create_dir(base, recursive=True)
         final = f"{base}/{MANIFEST_NAME}"
@@ -161,7 +156,7 @@ class OutputFolder:
 
     @classmethod
     def inspect(cls, uri: str) -> OutputFolder:
-        fs, path = _filesystem(uri)
+        fs, path = open_filesystem(uri)
         base = path.rstrip("/")
         info = fs.get_file_info(base)
         if info.type == pafs.FileType.NotFound:

@@ -30,7 +30,7 @@ from ray.data.block import BlockMetadata
 
 from llm_batch import columns
 from llm_batch.errors import InputError, JobSpecError
-from llm_batch.pipeline.write import open_filesystem
+from llm_batch.pipeline.fs import open_filesystem
 
 __all__ = ["InputDatasource", "InputInfo", "check_columns", "inspect_input"]
 

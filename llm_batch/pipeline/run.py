@@ -32,6 +32,7 @@ from llm_batch.errors import EngineUnavailable, JobSpecError
 from llm_batch.job.spec import JobSpec
 from llm_batch.pipeline.accumulators import JobContext
 from llm_batch.pipeline.engine import EngineStage
+from llm_batch.pipeline.fs import open_filesystem
 from llm_batch.pipeline.limits import check_model_limits
 from llm_batch.pipeline.manifest import (
     MANIFEST_NAME,
@@ -51,7 +52,6 @@ from llm_batch.pipeline.write import (
     AtomicParquetDatasink,
     clear_output,
     committed_parts,
-    open_filesystem,
     write_metrics,
 )
 

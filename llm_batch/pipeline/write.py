@@ -25,6 +25,7 @@ from ray.data._internal.savemode import SaveMode
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.filename_provider import FilenameProvider
 
+from llm_batch.pipeline.fs import open_filesystem
 from llm_batch.pipeline.manifest import MANIFEST_NAME, Manifest, part_name
 
 __all__ = [
@@ -34,7 +35,6 @@ __all__ = [
     "AtomicParquetDatasink",
     "clear_output",
     "committed_parts",
-    "open_filesystem",
     "owned_parts",
     "write_metrics",
 ]
@@ -49,14 +49,6 @@ OWN_FILES = [f"{CHECKPOINT_NAME}/", METRICS_NAME, STATUS_NAME]
 logger = logging.getLogger(__name__)
 
 PART_PREFIX = "part-"
-
-
-def open_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem and path for a local path or URI."""
-    try:
-        return pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowInvalid, ValueError):
-        return pafs.LocalFileSystem(), uri
 
 
 def clear_output(uri: str, manifest: Manifest, *, foreign_parquet: list[str] = ()) -> list[str]:

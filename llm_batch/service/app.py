@@ -16,6 +16,8 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.staticfiles import StaticFiles
 
+from llm_batch.drivers import JobsAPI, RayJobs
+from llm_batch.errors import ServiceUnavailable
 from llm_batch.job.spec import JobSpec
 from llm_batch.service.api.deps import OpenAIState, ServiceState
 from llm_batch.service.api.errors import install_error_handlers
@@ -23,12 +25,10 @@ from llm_batch.service.api.limits import RequestLimits
 from llm_batch.service.api.routes import batches, dashboard, files, health, jobs
 from llm_batch.service.api.routes import metrics as metrics_routes
 from llm_batch.service.catalog import ModelCatalog
-from llm_batch.service.errors import ServiceUnavailable
 from llm_batch.service.metrics import RequestTimer, ServiceMetrics
 from llm_batch.service.openai.runner import BatchRunner
 from llm_batch.service.openai.store import BatchStore
 from llm_batch.service.raycluster import RayCluster
-from llm_batch.service.rayjobs import JobsAPI, RayJobs
 from llm_batch.service.scheduler import Scheduler
 from llm_batch.service.settings import Settings
 from llm_batch.service.store import JobStore
@@ -50,7 +50,7 @@ def create_app(
     """The app, its database schema created or migrated. ``run_scheduler=False`` serves the
     API only (jobs stay queued): for tests of the API. Raises ``SettingsError`` for settings
     it cannot run with (in cluster mode, a data directory that is not shared)."""
-    settings = settings or Settings()
+    settings = _loopback_without_keys(settings or Settings())
     settings.check_cluster_storage()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = JobStore(settings.database_url)
@@ -117,6 +117,27 @@ def create_app(
     app.include_router(batches.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _loopback_without_keys(settings: Settings) -> Settings:
+    """Without API keys anyone who can reach the port could run jobs and read results:
+    such a service binds the loopback address only, whatever host it was given."""
+    if settings.keys():
+        return settings
+    if settings.host not in _LOOPBACK:
+        logger.warning(
+            "no API keys configured (LLM_BATCH_API_KEYS): binding 127.0.0.1 instead of %s",
+            settings.host,
+        )
+        settings = settings.model_copy(update={"host": "127.0.0.1"})
+    logger.warning(
+        "no API keys configured: the service is open to anyone on this machine "
+        "(loopback only); set LLM_BATCH_API_KEYS to require keys"
+    )
+    return settings
 
 
 def _maybe_stop_ray(state: ServiceState) -> None:

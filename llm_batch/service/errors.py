@@ -5,6 +5,7 @@
     ├── JobConflict          the request contradicts the job's state    → 409
     │                        (cancel a finished job, reuse an Idempotency-Key)
     ├── ServiceUnavailable   the database or Ray cannot be reached      → 503
+    │                        (``llm_batch.errors``: Ray's Jobs API raises it too)
     └── SettingsError        the service cannot start with these settings
                              (the message names the variable)
 
@@ -13,7 +14,7 @@ Only the API layer turns these into HTTP status codes.
 
 from __future__ import annotations
 
-from llm_batch.errors import LLMBatchError
+from llm_batch.errors import LLMBatchError, ServiceUnavailable
 
 __all__ = ["JobConflict", "JobNotFound", "ServiceUnavailable", "SettingsError"]
 
@@ -25,10 +26,6 @@ class JobNotFound(LLMBatchError, LookupError):
 
 
 class JobConflict(LLMBatchError):
-    pass
-
-
-class ServiceUnavailable(LLMBatchError):
     pass
 
 

@@ -27,7 +27,7 @@ _PARQUET_BATCH_ROWS = 64 * 1024  # a row group each
 
 
 def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    from llm_batch.pipeline.write import open_filesystem
+    from llm_batch.pipeline.fs import open_filesystem
 
     return open_filesystem(uri)
 

@@ -23,26 +23,16 @@ none, starts over on a cleared output folder: either way each row once.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from llm_batch.errors import LLMBatchError
+from llm_batch.drivers import JobsAPI, busy_output, driver_error, launch_driver, output_writers
+from llm_batch.errors import LLMBatchError, ServiceUnavailable
 from llm_batch.job.spec import JobSpec
-from llm_batch.service.errors import ServiceUnavailable
 from llm_batch.service.raycluster import RayCluster
-from llm_batch.service.rayjobs import (
-    JobsAPI,
-    busy_output,
-    driver_error,
-    output_writers,
-    submission_metadata,
-)
 from llm_batch.service.settings import Settings
 from llm_batch.service.store import ACTIVE, Job, JobStatus, JobStore
 
@@ -74,12 +64,6 @@ def _read_status(uri: str) -> dict[str, Any] | None:
     from llm_batch.pipeline.driver import read_status
 
     return read_status(uri)
-
-
-def _remove_status(uri: str) -> None:
-    from llm_batch.pipeline.driver import remove_status
-
-    remove_status(uri)
 
 
 class Scheduler:
@@ -260,24 +244,16 @@ class Scheduler:
         other = next((s for s in output_writers(self.jobs, job.output_path) if s != job.id), None)
         if other is not None:
             raise LLMBatchError(busy_output(job.output_path, other))
-        folder = self.settings.jobs_dir / job.id
-        folder.mkdir(parents=True, exist_ok=True)
-        spec_path = folder / "spec.json"
-        tmp = folder / ".spec.json.tmp"
-        tmp.write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
-        os.replace(tmp, spec_path)
-        if self.jobs.status(job.id) is None:
-            # The status file of an earlier run would show its progress as this run's.
-            _remove_status(status_uri(self.settings, job.id))
-        from llm_batch.pipeline.driver import driver_env, entrypoint
-
-        fresh = self.jobs.submit(
-            job.id,
-            entrypoint(str(spec_path), status=status_uri(self.settings, job.id)),
-            runtime_env={"env_vars": driver_env()},
-            metadata=submission_metadata(spec, job_id=job.id),
+        fresh = launch_driver(
+            self.jobs,
+            spec,
+            submission_id=job.id,
+            spec_dir=self.settings.jobs_dir / job.id,
+            status=status_uri(self.settings, job.id),
+            job_id=job.id,
+            clear_status=self.jobs.status(job.id) is None,
         )
         if fresh:
-            logger.info("job %s: submitted to Ray (%s)", job.id, Path(spec_path))
+            logger.info("job %s: submitted to Ray", job.id)
         else:
             logger.info("job %s: Ray already runs this submission; following it", job.id)

@@ -119,7 +119,7 @@ class Settings(BaseSettings):
         default=None,
         description="Comma-separated vllm.EngineArgs fields that submitted jobs may set in "
         "model.engine.extra_args, besides the tuning fields allowed by default "
-        "(llm_batch.service.validation.SAFE_ENGINE_ARGS); `field.key` allows one key of "
+        "(llm_batch.service.engine_args.SAFE_ENGINE_ARGS); `field.key` allows one key of "
         "a mapping-valued field. Any other is refused with 422: some fields make vLLM "
         "import or run code the job names (trust_remote_code, worker_cls, "
         "logits_processors...) or open paths outside the storage roots (tokenizer, "
@@ -239,7 +239,7 @@ class Settings(BaseSettings):
 
     def engine_args(self) -> frozenset[str]:
         """The ``vllm.EngineArgs`` fields submitted jobs may set in ``engine.extra_args``."""
-        from llm_batch.service.validation import SAFE_ENGINE_ARGS
+        from llm_batch.service.engine_args import SAFE_ENGINE_ARGS
 
         extra = (self.allowed_engine_args or "").split(",")
         return SAFE_ENGINE_ARGS | {name for name in extra if name}

@@ -33,8 +33,10 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from llm_batch.errors import InputError, JobSpecError
+from llm_batch.job.paths import absolute_paths
 from llm_batch.job.spec import EngineSpec, JobSpec, ReplicaRange
 from llm_batch.service.catalog import ModelCatalog
+from llm_batch.service.engine_args import SAFE_ENGINE_ARGS
 from llm_batch.service.storage import SharedStorage, StorageRoots, is_hub_id
 
 if TYPE_CHECKING:
@@ -44,59 +46,10 @@ __all__ = [
     "SAFE_ENGINE_ARGS",
     "Admission",
     "Submission",
-    "absolute_paths",
     "check_job",
     "parse_job_text",
     "prepare_submission",
 ]
-
-# The ``vllm.EngineArgs`` fields a submitted job may set in ``model.engine.extra_args``
-# unless the operator allows more (LLM_BATCH_ALLOWED_ENGINE_ARGS): tuning that takes
-# numbers, flags or names from vLLM's own registries, and names no path, host, class,
-# plugin or hub repository of code. ``a.b`` allows key ``b`` of the mapping ``a`` only:
-# ``structured_outputs_config`` also holds ``reasoning_parser_plugin``, a file vLLM
-# imports. Left out on purpose, among others: trust_remote_code, code_revision,
-# worker_cls, worker_extension_cls, model_impl, hf_overrides, model_class_overrides,
-# logits_processors, scheduler_cls, io_processor_plugin, reasoning_parser_plugin,
-# distributed_executor_backend (import paths or remote code); model, tokenizer,
-# hf_config_path, download_dir, load_format, model_loader_extra_config,
-# generation_config, speculative_config, allowed_local_media_path, log_config_file
-# (paths and other models); hf_token (the service's credentials); compilation_config,
-# kv_transfer_config (custom passes and connectors by import path); data_parallel_*,
-# master_addr/port (processes and ports beyond the engine's placement).
-SAFE_ENGINE_ARGS = frozenset(
-    {
-        # scheduling and batching
-        "max_num_batched_tokens",
-        "long_prefill_token_threshold",
-        "enable_chunked_prefill",
-        "async_scheduling",
-        # the KV cache
-        "block_size",
-        "kv_cache_dtype",
-        "enable_prefix_caching",
-        "num_gpu_blocks_override",
-        "cpu_offload_gb",
-        "disable_sliding_window",
-        "disable_cascade_attn",
-        # CUDA graphs
-        "max_cudagraph_capture_size",
-        "cudagraph_capture_sizes",
-        # weights and tokenizer, by registry name or hub revision
-        "quantization",
-        "tokenizer_mode",
-        "revision",
-        "tokenizer_revision",
-        "enable_expert_parallel",
-        # logprobs
-        "max_logprobs",
-        "logprobs_mode",
-        # structured outputs (prompts/review-records.yaml uses these)
-        "structured_outputs_config.backend",
-        "structured_outputs_config.disable_any_whitespace",
-        "structured_outputs_config.disable_additional_properties",
-    }
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,33 +60,6 @@ class Submission:
 
 def _is_local(path: str) -> bool:
     return "://" not in path
-
-
-def absolute_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
-    """A copy of a raw job mapping whose local input/output paths are absolute, and whose
-    model paths are too when they name a folder that exists under ``base`` (a relative
-    path that does not is taken for a model hub id)."""
-    out = dict(data)
-
-    def fix(block: Any, *, must_exist: bool) -> Any:
-        if not isinstance(block, dict) or not isinstance(block.get("path"), str):
-            return block
-        path = block["path"]
-        if not _is_local(path) or Path(path).expanduser().is_absolute():
-            return {**block, "path": str(Path(path).expanduser())} if _is_local(path) else block
-        candidate = base / path
-        if must_exist and not candidate.exists():
-            return block
-        return {**block, "path": str(candidate.resolve())}
-
-    out["input"] = fix(out.get("input"), must_exist=False)
-    if out.get("output") is not None:
-        out["output"] = fix(out["output"], must_exist=False)
-    if "model" in out:
-        out["model"] = fix(out["model"], must_exist=True)
-    if isinstance(out.get("models"), list):
-        out["models"] = [fix(m, must_exist=True) for m in out["models"]]
-    return {k: v for k, v in out.items() if k in data}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
+from llm_batch.drivers import submission_metadata
 from llm_batch.errors import LLMBatchError
 from llm_batch.job.spec import JobSpec
 from llm_batch.pipeline.driver import StatusFile
 from llm_batch.service.errors import ServiceUnavailable
-from llm_batch.service.rayjobs import spec_digest, submission_metadata
 from llm_batch.service.scheduler import Scheduler, initial_progress, status_uri
 from llm_batch.service.settings import Settings
 from llm_batch.service.store import JobStore, new_job_id
@@ -175,7 +175,7 @@ def test_submission_runs_the_driver_on_the_final_spec(scheduler, store, settings
         "name": "j",
         "llm_batch_job_id": job_id,
         "llm_batch_output": str(settings.outputs_dir / job_id),
-        "llm_batch_spec": spec_digest(JobSpec.from_dict(spec)),
+        "llm_batch_spec": JobSpec.from_dict(spec).digest(),
     }
 
 
@@ -222,12 +222,12 @@ def test_an_output_another_ray_job_still_writes_fails_the_job(
 def test_the_cli_refuses_an_output_a_service_job_still_writes(
     scheduler, store, settings, ray, monkeypatch
 ):
-    from llm_batch.cli_cluster import run_on_cluster
+    from llm_batch.cli.cluster import run_on_cluster
 
     job_id = queue(store, settings)
     scheduler.run_once()
     output = store.get(job_id).output_path
-    monkeypatch.setattr("llm_batch.cli_cluster._quiet_ray_client", lambda: None)
+    monkeypatch.setattr("llm_batch.cli.cluster._quiet_ray_client", lambda: None)
     with pytest.raises(
         LLMBatchError, match=f"^output.path: '{output}' is being written by {job_id}"
     ):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llm_batch.service.validation import absolute_paths
+from llm_batch.job.paths import absolute_paths
 
 
 def test_local_paths_become_absolute(tmp_path):

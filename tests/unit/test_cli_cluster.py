@@ -20,13 +20,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from llm_batch.cli import main
-from llm_batch.cli_cluster import on_this_machine
+from llm_batch.cli.cluster import on_this_machine
+from llm_batch.drivers import submission_metadata
 from llm_batch.job.spec import JobSpec
 from llm_batch.pipeline.driver import StatusFile
 from llm_batch.pipeline.manifest import Manifest
 from llm_batch.service.errors import ServiceUnavailable
 from llm_batch.service.process import free_port
-from llm_batch.service.rayjobs import submission_metadata
 
 REMOTE = "http://10.255.0.1:8265"  # never contacted: the cluster is in memory
 
@@ -114,8 +114,8 @@ def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         made.append(InMemoryCluster(tmp_path / "out", steps))
         return made[-1]
 
-    monkeypatch.setattr("llm_batch.service.rayjobs.RayJobs", lambda address: made[-1])
-    monkeypatch.setattr("llm_batch.cli_cluster.time.sleep", lambda s: None)
+    monkeypatch.setattr("llm_batch.cli.cluster.RayJobs", lambda address: made[-1])
+    monkeypatch.setattr("llm_batch.cli.cluster.time.sleep", lambda s: None)
     return make
 
 
@@ -232,7 +232,7 @@ def test_another_job_still_writing_the_output_is_refused(job, cluster, tmp_path,
 
 
 def test_a_dashboard_that_stays_unreachable_ends_following(job, cluster, monkeypatch, capsys):
-    monkeypatch.setattr("llm_batch.cli_cluster.UNREACHABLE_GRACE", -1.0)
+    monkeypatch.setattr("llm_batch.cli.cluster.UNREACHABLE_GRACE", -1.0)
     cluster([("RUNNING", None, None, None), ServiceUnavailable("Ray at x is not reachable")])
     assert run(job) == 2
     err = capsys.readouterr().err

@@ -9,12 +9,12 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 
+from llm_batch.drivers import JobsAPI
 from llm_batch.service.catalog import ModelCatalog
 from llm_batch.service.metrics import ServiceMetrics
 from llm_batch.service.openai.runner import BatchRunner
 from llm_batch.service.openai.store import BatchStore
 from llm_batch.service.raycluster import RayCluster
-from llm_batch.service.rayjobs import JobsAPI
 from llm_batch.service.scheduler import Scheduler
 from llm_batch.service.settings import Settings
 from llm_batch.service.store import JobStore

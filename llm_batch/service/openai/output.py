@@ -161,7 +161,7 @@ class _Lines:
 
 def _requests(job: Job) -> Iterator[list[dict[str, Any]]]:
     """The job's written output rows, grouped per request (its samples, consecutive)."""
-    from llm_batch.pipeline.write import open_filesystem
+    from llm_batch.pipeline.fs import open_filesystem
 
     files = results.part_files(job.output_path)
     if not files:

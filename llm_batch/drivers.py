@@ -1,25 +1,33 @@
-"""Ray's Jobs API, reduced to the calls the scheduler and ``llm-batch run --address`` make.
+"""Job drivers on Ray's Jobs API: the one way a job is launched on a cluster.
 
-A thin face over ``ray.job_submission.JobSubmissionClient`` that turns its
-errors into answers: an unknown submission is ``None`` (the cluster was
-restarted and forgot it), an unreachable cluster is ``ServiceUnavailable``.
-It is also the seam where the scheduler's unit tests put an in-memory cluster.
+A job's driver is ``python -m llm_batch.pipeline.driver SPEC [--status URI]``
+(``pipeline/driver.py``), submitted through Ray's Jobs API. The service's
+scheduler and ``llm-batch run --address`` both launch it with ``launch_driver``
+and follow it through ``JobsAPI``:
 
-Both submitters tag each job driver with the same metadata
-(``submission_metadata``), which is how either one finds the Ray job still
-writing an output (``output_writers``) before it starts a second driver there:
-two drivers on one output delete each other's uncommitted part files and
-checkpoint.
+- ``RayJobs`` is a thin face over ``ray.job_submission.JobSubmissionClient`` that
+  turns its errors into answers: an unknown submission is ``None`` (the cluster
+  was restarted and forgot it), an unreachable cluster is ``ServiceUnavailable``.
+  It is also the seam where unit tests put an in-memory cluster.
+- Every driver is tagged with the same metadata (``submission_metadata``), which is
+  how either submitter finds the Ray job still writing an output
+  (``output_writers``) before it starts a second driver there: two drivers on one
+  output delete each other's uncommitted part files and checkpoint.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shlex
+import sys
+import tempfile
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from llm_batch.service.errors import ServiceUnavailable
+from llm_batch.errors import ServiceUnavailable
 
 if TYPE_CHECKING:
     from llm_batch.job.spec import JobSpec
@@ -31,9 +39,11 @@ __all__ = [
     "JobsAPI",
     "RayJobs",
     "busy_output",
+    "driver_env",
     "driver_error",
+    "entrypoint",
+    "launch_driver",
     "output_writers",
-    "spec_digest",
     "submission_metadata",
 ]
 
@@ -63,18 +73,72 @@ SPEC_KEY = "llm_batch_spec"  # spec_digest of the job it runs
 JOB_ID_KEY = "llm_batch_job_id"  # the service's job id (service jobs only)
 
 
-def spec_digest(spec: JobSpec) -> str:
-    """A short digest of the whole job: equal digests run the very same job."""
-    return spec.digest()
-
-
 def submission_metadata(spec: JobSpec, *, job_id: str | None = None) -> dict[str, str]:
     """The Ray job metadata every job driver is submitted with, by the service (``job_id``:
     its job's id) and by ``llm-batch run --address`` alike."""
-    metadata = {"name": spec.name[:100], OUTPUT_KEY: spec.output_path, SPEC_KEY: spec_digest(spec)}
+    metadata = {"name": spec.name[:100], OUTPUT_KEY: spec.output_path, SPEC_KEY: spec.digest()}
     if job_id is not None:
         metadata[JOB_ID_KEY] = job_id
     return metadata
+
+
+def entrypoint(spec_path: str, *, python: str | None = None, status: str | None = None) -> str:
+    """The shell command that runs the job driver on ``spec_path`` as a Ray job, with
+    ``python`` (default: this interpreter), keeping its status at ``status`` (default:
+    ``_status.json`` in the output folder)."""
+    args = [python or sys.executable, "-m", "llm_batch.pipeline.driver", spec_path]
+    return shlex.join(args + (["--status", status] if status else []))
+
+
+def driver_env() -> dict[str, str]:
+    """Environment variables for a driver submitted to Ray (its engine actors inherit them):
+    vLLM's per-request INFO lines would bury the job's log, whose tail is what a failed
+    job reports."""
+    return {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+
+
+SPEC_NAME = "spec.json"
+
+
+def launch_driver(
+    jobs: JobsAPI,
+    spec: JobSpec,
+    *,
+    submission_id: str,
+    spec_dir: Path | None = None,
+    status: str | None = None,
+    python: str | None = None,
+    job_id: str | None = None,
+    clear_status: bool = True,
+) -> bool:
+    """Submit the driver of ``spec`` (absolute paths, validated) under ``submission_id``;
+    False when Ray already runs that submission (then it is followed, not started again).
+
+    The spec goes to ``spec_dir/spec.json`` when the cluster's nodes read that folder (the
+    service's data directory); without one, it travels as the Ray job's working directory
+    (uploaded by the Jobs API). With ``clear_status``, a status file left by an earlier
+    run is removed first: it would show that run's progress as this one's.
+    """
+    from llm_batch.pipeline.driver import default_status_uri, remove_status
+
+    body = json.dumps(spec.model_dump(mode="json"), indent=2)
+    if clear_status:
+        remove_status(status or default_status_uri(spec))
+    metadata = submission_metadata(spec, job_id=job_id)
+    env = {"env_vars": driver_env()}
+    if spec_dir is not None:
+        spec_dir.mkdir(parents=True, exist_ok=True)
+        tmp = spec_dir / f".{SPEC_NAME}.tmp"
+        tmp.write_text(body)
+        os.replace(tmp, spec_dir / SPEC_NAME)
+        command = entrypoint(str(spec_dir / SPEC_NAME), python=python, status=status)
+        return jobs.submit(submission_id, command, runtime_env=env, metadata=metadata)
+    with tempfile.TemporaryDirectory(prefix="llm-batch-run-") as folder:
+        (Path(folder) / SPEC_NAME).write_text(body)
+        command = entrypoint(SPEC_NAME, python=python, status=status)
+        return jobs.submit(
+            submission_id, command, runtime_env={**env, "working_dir": folder}, metadata=metadata
+        )
 
 
 def _output_key(path: str) -> str:

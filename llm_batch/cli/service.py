@@ -23,9 +23,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from llm_batch.cli.terminal import ProgressView
 from llm_batch.errors import JobSpecError
+from llm_batch.job.paths import load_job_mapping
 
-__all__ = ["add_service_commands"]
+__all__ = ["add_commands"]
 
 DEMO_JOB = Path("prompts/reviews-sentiment.yaml")
 DEMO_DATA = Path("data/demo")
@@ -67,21 +69,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if not settings.keys():
-        # Without keys anyone who can reach the port could run jobs and read results.
-        if settings.host not in ("127.0.0.1", "localhost", "::1"):
-            logging.getLogger(__name__).warning(
-                "no API keys configured (LLM_BATCH_API_KEYS): binding 127.0.0.1 instead of %s",
-                settings.host,
-            )
-            settings = settings.model_copy(update={"host": "127.0.0.1"})
-        logging.getLogger(__name__).warning(
-            "no API keys configured: the service is open to anyone on this machine "
-            "(loopback only); set LLM_BATCH_API_KEYS to require keys"
-        )
     # One line per request is uvicorn's access log; the Jobs API client's would double it.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     app = create_app(settings)
+    settings = app.state.service.settings  # as the app runs them (the bind address: loopback
+    # without API keys)
     logging.getLogger(__name__).info(
         "llm_batch service on http://%s:%d (data %s, database %s)",
         settings.host,
@@ -102,31 +94,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 # -- submit / status / cancel ----------------------------------------------------------
 
 
-def load_job_file(path: str | Path) -> dict[str, Any]:
-    """A job file as a mapping, its relative local paths made absolute against the current
-    directory (the service runs elsewhere)."""
-    import yaml
-
-    from llm_batch.service.validation import absolute_paths
-
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise JobSpecError(f"job file {str(p)!r} does not exist") from None
-    try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as e:
-        raise JobSpecError(f"job file {str(p)!r} does not parse: {e}") from None
-    if not isinstance(data, dict):
-        raise JobSpecError(f"job file {str(p)!r}: expected a mapping of job fields")
-    return absolute_paths(data, Path.cwd())
-
-
 def _cmd_submit(args: argparse.Namespace) -> int:
     from llm_batch.service.client import JobsClient
 
-    data = load_job_file(args.job)
+    data = load_job_mapping(args.job)
     with JobsClient(args.server) as client:
         # One key per invocation: a connection retry cannot make a second job.
         job = client.submit(data, idempotency_key=uuid.uuid4().hex)
@@ -138,8 +109,6 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 def _follow(client: Any, job: dict[str, Any]) -> int:
     """Show a job's progress until it ends; 0 when it succeeded."""
-    from llm_batch.cli import ProgressView
-
     job_id = job["id"]
     last_status = job["status"]
     try:
@@ -261,7 +230,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise JobSpecError(
             f"demo job {str(job_file)!r} not found; run `make demo` from the repository root"
         )
-    data = load_job_file(job_file)
+    data = load_job_mapping(job_file)
     # A fresh data folder: a job left from an interrupted demo would run first.
     shutil.rmtree(DEMO_DATA, ignore_errors=True)
     service = ServiceProcess(
@@ -298,11 +267,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _print_metrics(job: dict[str, Any]) -> None:
-    """The accumulators of a finished job, from its ``_metrics.json`` (the job's output)."""
-    path = Path(job["output"]["path"]) / "_metrics.json"
-    if not path.exists():
-        return
-    metrics = json.loads(path.read_text()).get("metrics", {})
+    """The accumulators of a finished job, as the service reports them."""
+    metrics = (job.get("progress") or {}).get("metrics") or {}
     for model, values in metrics.items():
         usage = values.get("token_usage", {})
         print(
@@ -344,7 +310,7 @@ def _shorten(row: dict[str, Any], width: int = 60) -> dict[str, Any]:
 # -- wiring ----------------------------------------------------------------------------
 
 
-def add_service_commands(sub: Any) -> None:
+def add_commands(sub: Any) -> None:
     """Add serve, submit, status, cancel and demo to the ``llm-batch`` subparsers."""
     serve = sub.add_parser("serve", help="run the job service (REST API, queue, scheduler)")
     serve.add_argument("--host", help="bind address (LLM_BATCH_HOST, default 127.0.0.1)")

@@ -1,9 +1,9 @@
 """``llm-batch run`` on a Ray cluster: the job's driver runs there, as a Ray job.
 
 With ``--address`` (or ``RAY_ADDRESS``), ``llm-batch run`` does for one job what the
-service's scheduler does for each of its jobs: it submits the job driver
-(``python -m llm_batch.pipeline.driver``, ``pipeline/driver.py``) through Ray's Jobs
-API (``service/rayjobs.RayJobs``) and follows it from here: Ray for the job's state,
+service's scheduler does for each of its jobs: it launches the job driver
+(``python -m llm_batch.pipeline.driver``) through Ray's Jobs API with
+``llm_batch.drivers.launch_driver`` and follows it from here: Ray for the job's state,
 the driver's status file (``<output>/_status.json``) for its progress, shown with the
 same progress view as a local run. The driver belongs to the cluster, so the job
 keeps running when this process ends; Ctrl-C only stops following, and says how to
@@ -19,24 +19,31 @@ cluster's ``python``, or with this interpreter when the cluster is on this machi
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import shlex
 import socket
-import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from llm_batch.errors import LLMBatchError
+from llm_batch.cli.terminal import ProgressView, terminal
+from llm_batch.drivers import (
+    SPEC_KEY,
+    RayJobs,
+    busy_output,
+    driver_error,
+    launch_driver,
+    output_writers,
+)
+from llm_batch.errors import LLMBatchError, ServiceUnavailable
+from llm_batch.job.paths import absolute_paths
 from llm_batch.job.spec import JobSpec
+from llm_batch.pipeline.driver import default_status_uri, read_status
 
 __all__ = ["on_this_machine", "run_on_cluster"]
 
-SPEC_NAME = "spec.json"  # in the Ray job's working directory
 _ACTIVE = ("PENDING", "RUNNING")
 # How long the dashboard may be unreachable while following (a head restarting)
 # before giving up on following; the job itself is Ray's.
@@ -71,8 +78,6 @@ def on_this_machine(address: str) -> bool:
 
 def _absolute(spec: JobSpec) -> JobSpec:
     # The driver runs in the Ray job's working directory, not here.
-    from llm_batch.service.validation import absolute_paths
-
     data = spec.model_dump(mode="json")
     return JobSpec.from_dict(absolute_paths(data, Path.cwd()), source="job")
 
@@ -93,63 +98,46 @@ def run_on_cluster(
     ``address`` and follow it to its end; the exit code of ``llm-batch run`` (0 when the
     job succeeded, its output at ``spec.output_path``). ``jobs`` is the Jobs API
     (default: ``RayJobs(address)``), the seam for tests."""
-    from llm_batch.pipeline.driver import default_status_uri, driver_env, entrypoint, remove_status
-    from llm_batch.service.rayjobs import RayJobs, submission_metadata
-
     _quiet_ray_client()
     spec = _absolute(spec)
     jobs = jobs if jobs is not None else RayJobs(address)
     status_uri = default_status_uri(spec)
-    metadata = submission_metadata(spec)
     started = time.monotonic()
     submission_id = _already_running(jobs, spec, address)
     if submission_id is not None:
         said = f"following {submission_id}, which already runs this job on the cluster"
     else:
         submission_id = _submission_id(spec.name)
-        remove_status(status_uri)  # an earlier run's progress would show as this one's
         python = None if on_this_machine(address) else "python"
-        with tempfile.TemporaryDirectory(prefix="llm-batch-run-") as folder:
-            (Path(folder) / SPEC_NAME).write_text(json.dumps(spec.model_dump(mode="json")))
-            jobs.submit(
-                submission_id,
-                entrypoint(SPEC_NAME, python=python),
-                runtime_env={"working_dir": folder, "env_vars": driver_env()},
-                metadata=metadata,
-            )
+        launch_driver(jobs, spec, submission_id=submission_id, python=python)
         said = f"submitted {spec.name} to the Ray cluster at {address} as {submission_id}"
     # From here on the job runs without us: a Ctrl-C, even one that lands while this line
     # is printed (a user who reacts to it does), only stops following.
     try:
-        print(said, file=sys.stderr)
+        terminal.error(said)
         state, status = _follow(jobs, submission_id, status_uri, spec.name, address, poll=poll)
     except KeyboardInterrupt:
-        print(
+        terminal.error(
             f"\nstopped following; {submission_id} keeps running on the Ray cluster "
-            "(run the same command again to follow it)\n" + _commands(submission_id, address),
-            file=sys.stderr,
+            "(run the same command again to follow it)\n" + _commands(submission_id, address)
         )
         return 130
     progress = status.get("progress") or {}
     if state == "SUCCEEDED":
         wall = max(time.monotonic() - started, float(progress.get("elapsed_seconds") or 0))
-        print(
+        terminal.say(
             f"wrote {progress.get('rows_done', 0)} rows ({progress.get('rows_failed', 0)} "
-            f"with errors) to {spec.output_path} in {wall:.1f}s",
-            file=sys.stdout,
+            f"with errors) to {spec.output_path} in {wall:.1f}s"
         )
         return 0
     if state == "STOPPED":
-        print(
+        terminal.error(
             f"llm-batch: error: {submission_id} was stopped on the cluster; "
             f"{progress.get('rows_done', 0)} rows are in {spec.output_path} (running the job "
-            "again resumes from them)",
-            file=sys.stderr,
+            "again resumes from them)"
         )
         return 1
-    from llm_batch.service.rayjobs import driver_error
-
-    print(f"llm-batch: error: {driver_error(jobs, submission_id, status)}", file=sys.stderr)
+    terminal.error(f"llm-batch: error: {driver_error(jobs, submission_id, status)}")
     return 1
 
 
@@ -181,9 +169,7 @@ def _already_running(jobs: Any, spec: JobSpec, address: str) -> str | None:
     """A Ray job still running this very job (an earlier ``run`` stopped following it):
     its submission id, to follow instead of starting a second driver on the same output.
     Another job still writing the output, a service's job included, is refused."""
-    from llm_batch.service.rayjobs import SPEC_KEY, busy_output, output_writers, spec_digest
-
-    digest = spec_digest(spec)
+    digest = spec.digest()
     for submission_id, metadata in output_writers(jobs, spec.output_path).items():
         if metadata.get(SPEC_KEY) == digest:
             return str(submission_id)
@@ -197,10 +183,6 @@ def _follow(
     jobs: Any, submission_id: str, status_uri: str, label: str, address: str, *, poll: float
 ) -> tuple[str, dict[str, Any]]:
     """Show the job's progress until Ray reports it ended: (Ray's state, last status)."""
-    from llm_batch.cli import ProgressView
-    from llm_batch.pipeline.driver import read_status
-    from llm_batch.service.errors import ServiceUnavailable
-
     unreachable_since: float | None = None
     status: dict[str, Any] = {}
     with ProgressView(label) as view:

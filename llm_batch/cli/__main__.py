@@ -1,0 +1,5 @@
+import sys
+
+from llm_batch.cli.main import main
+
+sys.exit(main())

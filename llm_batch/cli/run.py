@@ -1,0 +1,118 @@
+"""``llm-batch run`` and ``llm-batch tiny-model``.
+
+``run`` validates the job (``plan_job``: every check that needs no engine) before
+anything starts, then runs it on a local Ray of its own, quietly: the progress bar
+and a summary on the terminal, Ray's and vLLM's own output in the run's log
+(``--verbose``: on the terminal too). With ``--address`` / ``RAY_ADDRESS`` the job
+runs as a Ray job on that cluster instead (``cluster.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from llm_batch.cli.terminal import ProgressView, RunLog, default_log_path, terminal
+
+__all__ = ["add_commands"]
+
+
+def _quiet_engines() -> None:
+    # Engine actors inherit the driver's environment on a local Ray; vLLM's
+    # per-request INFO lines would bury the log.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from llm_batch.job.spec import JobSpec
+    from llm_batch.pipeline.run import plan_job, run_job
+
+    spec = JobSpec.from_file(args.job)
+    if args.output or spec.output is None:
+        spec = spec.with_output(args.output or f"out/{spec.name}")
+    plan = plan_job(spec)  # fails fast, before Ray or an engine starts
+    _quiet_engines()
+    if args.address:
+        # Ray's Jobs API client takes RAY_ADDRESS over the address it is given.
+        os.environ["RAY_ADDRESS"] = args.address
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        from llm_batch.cli.cluster import run_on_cluster
+
+        code = run_on_cluster(spec, address=address)
+        if code == 0 and args.show:
+            _print_rows(spec.output_path, args.show)
+        return code
+    if not args.verbose:
+        RunLog(Path(args.log) if args.log else default_log_path(spec.name)).start()
+    with ProgressView(spec.name) as view:
+        result = run_job(spec, plan=plan, on_progress=view.update)
+    snap = result.progress
+    terminal.say(
+        f"wrote {snap['rows_done']} rows ({snap['rows_failed']} with errors) to "
+        f"{result.output_path} in {result.wall_seconds:.1f}s"
+    )
+    if args.show:
+        _print_rows(result.output_path, args.show)
+    return 0
+
+
+def _print_rows(path: str, n: int) -> None:
+    import pyarrow.dataset as pads
+
+    from llm_batch import columns
+    from llm_batch.pipeline.write import owned_parts
+
+    files = owned_parts(path)
+    if not files:
+        return
+    table = pads.dataset(files, format="parquet").head(n)
+    shown = [c for c in table.column_names if c not in (columns.NUM_INPUT_TOKENS,)]
+    for row in table.select(shown).to_pylist():
+        terminal.say("  " + "  ".join(f"{k}={_short(v)}" for k, v in row.items()))
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _cmd_tiny_model(args: argparse.Namespace) -> int:
+    from llm_batch.models.tiny import write_tiny_model
+
+    out = write_tiny_model(args.dir, seed=args.seed)
+    terminal.say(f"wrote a tiny model (seed {args.seed}) to {out}")
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    run = sub.add_parser(
+        "run", help="run a job file (YAML or JSON) on a local Ray, or on a Ray cluster"
+    )
+    run.add_argument("job", help="the job file")
+    run.add_argument("--output", help="override output.path")
+    run.add_argument(
+        "--address",
+        help="Ray cluster to run on as a Ray job: dashboard URL http://head:8265, "
+        "ray://head:10001 or head:6379 (default: RAY_ADDRESS; unset: a local Ray here)",
+    )
+    run.add_argument("--show", type=int, default=0, metavar="N", help="print N output rows")
+    run.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's and vLLM's own output on the terminal instead of only in the log",
+    )
+    run.add_argument(
+        "--log",
+        metavar="FILE",
+        help="the run's log (default: ~/.local/state/llm-batch/logs/<job>-<time>.log)",
+    )
+    run.set_defaults(func=_cmd_run)
+
+    tiny = sub.add_parser("tiny-model", help="write a small deterministic model to DIR")
+    tiny.add_argument("dir", type=Path)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=_cmd_tiny_model)
