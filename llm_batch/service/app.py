@@ -25,6 +25,8 @@ from llm_batch.service.api.limits import RequestLimits
 from llm_batch.service.api.routes import batches, dashboard, files, health, jobs
 from llm_batch.service.api.routes import metrics as metrics_routes
 from llm_batch.service.catalog import ModelCatalog
+from llm_batch.service.files import FileStorage
+from llm_batch.service.jobs import JobService
 from llm_batch.service.metrics import RequestTimer, ServiceMetrics
 from llm_batch.service.openai.runner import BatchRunner
 from llm_batch.service.openai.store import BatchStore
@@ -66,11 +68,10 @@ def create_app(
         cluster=cluster,
         on_job_end=metrics.job_ended,
     )
-    state = ServiceState(settings, store, catalog, jobs_api, cluster, scheduler)
+    job_service = JobService(store=store, settings=settings, catalog=catalog, scheduler=scheduler)
+    state = ServiceState(settings, store, catalog, jobs_api, cluster, scheduler, job_service)
     batch_store = BatchStore(store)
-    runner = BatchRunner(
-        store=store, batches=batch_store, settings=settings, catalog=catalog, scheduler=scheduler
-    )
+    runner = BatchRunner(jobs=job_service, batches=batch_store, settings=settings, catalog=catalog)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -94,7 +95,10 @@ def create_app(
     )
     app.state.service = state
     app.state.api_keys = settings.keys()  # read once; compared in api.deps.authenticate
-    app.state.openai = OpenAIState(batch_store, runner)
+    storage = FileStorage(
+        folder=settings.files_dir, store=batch_store, max_bytes=settings.max_upload_bytes
+    )
+    app.state.openai = OpenAIState(batch_store, runner, storage)
     install_error_handlers(app)
     # Body size and JSON nesting, before any route parses a body (api/limits.py). Uploads
     # stream to their route, which cuts them at max_upload_bytes; this backs it up.

@@ -6,6 +6,8 @@
     │                        (cancel a finished job, reuse an Idempotency-Key)
     ├── ServiceUnavailable   the database or Ray cannot be reached      → 503
     │                        (``llm_batch.errors``: Ray's Jobs API raises it too)
+    ├── FileRefused          an upload the Files API does not take      → 400
+    │                        (``param`` and ``code`` say which field and why)
     └── SettingsError        the service cannot start with these settings
                              (the message names the variable)
 
@@ -16,7 +18,13 @@ from __future__ import annotations
 
 from llm_batch.errors import LLMBatchError, ServiceUnavailable
 
-__all__ = ["JobConflict", "JobNotFound", "ServiceUnavailable", "SettingsError"]
+__all__ = [
+    "FileRefused",
+    "JobConflict",
+    "JobNotFound",
+    "ServiceUnavailable",
+    "SettingsError",
+]
 
 
 class JobNotFound(LLMBatchError, LookupError):
@@ -31,3 +39,10 @@ class JobConflict(LLMBatchError):
 
 class SettingsError(LLMBatchError):
     pass
+
+
+class FileRefused(LLMBatchError):
+    def __init__(self, message: str, *, param: str, code: str):
+        super().__init__(message)
+        self.param = param
+        self.code = code

@@ -34,9 +34,9 @@ from llm_batch.errors import LLMBatchError, ServiceUnavailable
 from llm_batch.job.spec import JobSpec
 from llm_batch.service.raycluster import RayCluster
 from llm_batch.service.settings import Settings
-from llm_batch.service.store import ACTIVE, Job, JobStatus, JobStore
+from llm_batch.service.store import ACTIVE, Job, JobStatus, JobStore, initial_progress
 
-__all__ = ["Scheduler", "initial_progress", "status_uri"]
+__all__ = ["Scheduler", "status_uri"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +48,6 @@ def status_uri(settings: Settings, job_id: str) -> str:
     directory (shared with the cluster's nodes in cluster mode), not in the job's output
     folder, which may hold other files."""
     return str(settings.jobs_dir / job_id / "status.json")
-
-
-def initial_progress(rows_total: int | None) -> dict[str, Any]:
-    return {
-        "rows_total": rows_total,
-        "rows_done": 0,
-        "rows_failed": 0,
-        "output_tokens": 0,
-        "rows_per_second": 0.0,
-    }
 
 
 def _read_status(uri: str) -> dict[str, Any] | None:

@@ -46,6 +46,7 @@ __all__ = [
     "JobStatus",
     "JobStore",
     "StoredFile",
+    "initial_progress",
     "new_job_id",
     "utcnow",
 ]
@@ -68,6 +69,17 @@ TERMINAL = (JobStatus.CANCELLED.value, JobStatus.SUCCEEDED.value, JobStatus.FAIL
 
 def new_job_id() -> str:
     return "job_" + secrets.token_hex(12)
+
+
+def initial_progress(rows_total: int | None) -> dict[str, Any]:
+    """A job's progress before its driver has reported anything."""
+    return {
+        "rows_total": rows_total,
+        "rows_done": 0,
+        "rows_failed": 0,
+        "output_tokens": 0,
+        "rows_per_second": 0.0,
+    }
 
 
 def utcnow() -> dt.datetime:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,14 +85,22 @@ class Admission:
     private: Path | None = None
     engine_args: Collection[str] | None = None
     max_replicas: int | None = None
+    own: tuple[Path, ...] = ()
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, *, catalog: ModelCatalog, base: Path, admin: bool
+        cls,
+        settings: Settings,
+        *,
+        catalog: ModelCatalog,
+        base: Path,
+        admin: bool,
+        own: Sequence[Path] = (),
     ) -> Admission:
-        """What ``POST /v1/jobs`` admits from a key. A key that is not an admin's may not
-        name paths in the service's data directory: other keys' outputs, uploads and job
-        files live there (its own default output is placed there by the service)."""
+        """What a service admits from a key, through either door. A key that is not an
+        admin's may not name paths in the service's data directory: other keys' outputs,
+        uploads and job files live there; ``own`` are the folders in it the service itself
+        placed this submission's files in (an OpenAI batch's input and outputs)."""
         return cls(
             catalog=catalog,
             base=base,
@@ -102,6 +110,7 @@ class Admission:
             private=None if admin else settings.data_dir,
             engine_args=settings.engine_args(),
             max_replicas=settings.max_replicas,
+            own=tuple(own),
         )
 
 
@@ -122,7 +131,7 @@ def check_job(body: Any, admission: Admission) -> JobSpec:
     data = absolute_paths(data, base)
     spec = JobSpec.from_dict(data, source="job")
     if admission.private is not None:
-        _check_private(spec, admission.private)
+        _check_private(spec, admission.private, admission.own)
     if admission.shared is not None:
         _check_shared(spec, admission.shared, catalog)
     if admission.accumulators is not None:
@@ -174,8 +183,9 @@ def _written_models(body: dict[str, Any]) -> set[str]:
     return fields
 
 
-def _check_private(spec: JobSpec, private: Path) -> None:
+def _check_private(spec: JobSpec, private: Path, own: Sequence[Path]) -> None:
     folder = os.path.realpath(private)
+    placed = [os.path.realpath(p) for p in own]
     named = [("input.path", spec.input.path)]
     if spec.output is not None:
         named.append(("output.path", spec.output.path))
@@ -183,6 +193,8 @@ def _check_private(spec: JobSpec, private: Path) -> None:
         if "://" in path and not path.startswith("file://"):
             continue
         real = os.path.realpath(path.removeprefix("file://"))
+        if any(os.path.commonpath([real, p]) == p for p in placed):
+            continue
         if os.path.commonpath([real, folder]) == folder:
             raise JobSpecError(
                 f"{field}: {path!r} is inside the service's data directory, which holds other "

@@ -20,9 +20,9 @@ from llm_batch.errors import LLMBatchError
 from llm_batch.job.spec import JobSpec
 from llm_batch.pipeline.driver import StatusFile
 from llm_batch.service.errors import ServiceUnavailable
-from llm_batch.service.scheduler import Scheduler, initial_progress, status_uri
+from llm_batch.service.scheduler import Scheduler, status_uri
 from llm_batch.service.settings import Settings
-from llm_batch.service.store import JobStore, new_job_id
+from llm_batch.service.store import JobStore, initial_progress, new_job_id
 
 
 class InMemoryRay:

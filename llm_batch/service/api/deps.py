@@ -11,6 +11,8 @@ from fastapi import Depends, HTTPException, Request
 
 from llm_batch.drivers import JobsAPI
 from llm_batch.service.catalog import ModelCatalog
+from llm_batch.service.files import FileStorage
+from llm_batch.service.jobs import JobService, Principal
 from llm_batch.service.metrics import ServiceMetrics
 from llm_batch.service.openai.runner import BatchRunner
 from llm_batch.service.openai.store import BatchStore
@@ -23,10 +25,12 @@ __all__ = [
     "BatchRunnerDep",
     "BatchStoreDep",
     "CatalogDep",
+    "FileStorageDep",
     "OpenAIState",
     "Principal",
     "PrincipalDep",
     "authenticate",
+    "JobServiceDep",
     "JobsAPIDep",
     "MetricsDep",
     "SchedulerDep",
@@ -46,6 +50,7 @@ class ServiceState:
     jobs: JobsAPI
     cluster: RayCluster | None
     scheduler: Scheduler
+    job_service: JobService
 
 
 def _state(request: Request) -> ServiceState:
@@ -72,11 +77,16 @@ def _scheduler(request: Request) -> Scheduler:
     return _state(request).scheduler
 
 
+def _job_service(request: Request) -> JobService:
+    return _state(request).job_service
+
+
 SettingsDep = Annotated[Settings, Depends(_settings)]
 StoreDep = Annotated[JobStore, Depends(_store)]
 CatalogDep = Annotated[ModelCatalog, Depends(_catalog)]
 JobsAPIDep = Annotated[JobsAPI, Depends(_jobs)]
 SchedulerDep = Annotated[Scheduler, Depends(_scheduler)]
+JobServiceDep = Annotated[JobService, Depends(_job_service)]
 
 
 def _metrics(request: Request) -> ServiceMetrics:
@@ -92,6 +102,7 @@ class OpenAIState:
 
     batches: BatchStore
     runner: BatchRunner
+    files: FileStorage
 
 
 def _openai(request: Request) -> OpenAIState:
@@ -106,16 +117,13 @@ def _batch_runner(request: Request) -> BatchRunner:
     return _openai(request).runner
 
 
+def _file_storage(request: Request) -> FileStorage:
+    return _openai(request).files
+
+
 BatchStoreDep = Annotated[BatchStore, Depends(_batch_store)]
 BatchRunnerDep = Annotated[BatchRunner, Depends(_batch_runner)]
-
-
-@dataclasses.dataclass(frozen=True)
-class Principal:
-    """Who is calling: ``owner`` is a digest of their API key (never the key itself)."""
-
-    owner: str | None
-    admin: bool
+FileStorageDep = Annotated[FileStorage, Depends(_file_storage)]
 
 
 _OPEN = Principal(owner=None, admin=True)

@@ -3,9 +3,9 @@
 One background thread; each pass looks at every batch that is not final:
 
     validating   convert the input file (``convert.convert_input``); invalid → failed
-                 with line-numbered errors; valid → one job per group of requests
-                 (queued through the same store and scheduler as ``POST /v1/jobs``) →
-                 in_progress
+                 with line-numbered errors; valid → one job per group of requests,
+                 submitted through the job service as ``POST /v1/jobs`` submits (the
+                 same admission, on behalf of the batch's key) → in_progress
     in_progress  request_counts follow the jobs' progress; when every job has ended →
                  finalizing
     finalizing   write the output and error files (``output.write_results``) → completed,
@@ -30,12 +30,12 @@ from typing import Any
 from llm_batch.errors import LLMBatchError
 from llm_batch.service.catalog import ModelCatalog
 from llm_batch.service.errors import JobConflict
+from llm_batch.service.jobs import JobService, Principal
 from llm_batch.service.openai.convert import LineError, convert_input, job_body
 from llm_batch.service.openai.output import write_results
 from llm_batch.service.openai.store import BatchStore
-from llm_batch.service.scheduler import Scheduler, initial_progress
 from llm_batch.service.settings import Settings
-from llm_batch.service.store import TERMINAL, Batch, Job, JobStatus, JobStore, new_job_id, utcnow
+from llm_batch.service.store import TERMINAL, Batch, Job, JobStatus, utcnow
 
 __all__ = ["BatchRunner"]
 
@@ -46,17 +46,16 @@ class BatchRunner:
     def __init__(
         self,
         *,
-        store: JobStore,
+        jobs: JobService,
         batches: BatchStore,
         settings: Settings,
         catalog: ModelCatalog,
-        scheduler: Scheduler | None = None,
     ):
-        self.store = store
+        self.jobs = jobs
+        self.store = jobs.store
         self.batches = batches
         self.settings = settings
         self.catalog = catalog
-        self.scheduler = scheduler
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -88,8 +87,8 @@ class BatchRunner:
             self._wake.clear()
 
     def _wake_scheduler(self) -> None:
-        if self.scheduler is not None:
-            self.scheduler.wake()
+        if self.jobs.scheduler is not None:
+            self.jobs.scheduler.wake()
 
     # -- one pass --------------------------------------------------------------------
 
@@ -131,18 +130,10 @@ class BatchRunner:
             self._fail(batch, conversion.errors)
             shutil.rmtree(folder, ignore_errors=True)
             return
-        from llm_batch.service.validation import Admission, prepare_submission
-
-        # In cluster mode the batch's files are in the data directory, which the settings
-        # declare shared (the service does not start otherwise). A batch's jobs name the
-        # catalog's models only (job_body): no request carries engine arguments or replicas.
-        admission = Admission(
-            catalog=self.catalog,
-            base=self.settings.data_dir,
-            shared=self.settings.shared_storage(),
-            engine_args=self.settings.engine_args(),
-            max_replicas=self.settings.max_replicas,
-        )
+        # The batch's own key submits its jobs, under the same admission as POST /v1/jobs;
+        # the converted input and the outputs are in the batch's folder, which the service
+        # placed (allowed though the data directory is private).
+        principal = Principal(owner=batch.owner, admin=False)
         runs: list[dict[str, Any]] = []
         try:
             for group in conversion.groups:
@@ -154,17 +145,12 @@ class BatchRunner:
                     groups=len(conversion.groups),
                     output_path=folder / f"output-{group.index}",
                 )
-                submission = prepare_submission(body, admission)
-                spec = submission.spec
-                job, _ = self.store.create(
-                    job_id=new_job_id(),
-                    name=spec.name,
-                    spec=spec.model_dump(mode="json"),
-                    output_path=spec.output_path,
-                    priority=spec.priority,
-                    progress=initial_progress(submission.rows_total),
+                job, _ = self.jobs.submit(
+                    body,
+                    principal,
                     idempotency_key=f"openai-batch:{batch.id}:{group.index}",
-                    owner=batch.owner,
+                    base=self.settings.data_dir,
+                    own=[folder],
                 )
                 runs.append({"job_id": job.id, "model": group.model, "requests": group.requests})
         except LLMBatchError as e:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from llm_batch.service.store import Batch, StoredFile
 
@@ -75,8 +76,12 @@ class FileDeleted(BaseModel):
     deleted: bool
 
 
+METADATA_PAIRS, METADATA_KEY, METADATA_VALUE = 16, 64, 512
+
+
 class BatchCreate(BaseModel):
-    """The body of ``POST /v1/batches``."""
+    """The body of ``POST /v1/batches``. A refusal's pydantic error ``type`` is OpenAI's
+    error ``code`` (``unsupported_value``, ``invalid_value``)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -89,6 +94,40 @@ class BatchCreate(BaseModel):
     output_expires_after: dict[str, Any] | None = Field(
         default=None, description="Accepted for compatibility; output files here never expire."
     )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        from llm_batch.service.openai.convert import ENDPOINTS
+
+        if value not in ENDPOINTS:
+            raise PydanticCustomError(
+                "unsupported_value",
+                "endpoint {endpoint!r} is not supported here; use one of {allowed}",
+                {"endpoint": value, "allowed": ", ".join(ENDPOINTS)},
+            )
+        return value
+
+    @field_validator("completion_window")
+    @classmethod
+    def _window(cls, value: str) -> str:
+        if value != "24h":
+            raise PydanticCustomError("invalid_value", "completion_window must be 24h")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        pairs = value or {}
+        if len(pairs) > METADATA_PAIRS or any(
+            len(k) > METADATA_KEY or len(v) > METADATA_VALUE for k, v in pairs.items()
+        ):
+            raise PydanticCustomError(
+                "invalid_value",
+                f"metadata holds at most {METADATA_PAIRS} pairs, keys up to {METADATA_KEY} "
+                f"and values up to {METADATA_VALUE} characters",
+            )
+        return value
 
 
 class BatchError(BaseModel):

@@ -20,7 +20,6 @@ from llm_batch.service.api.deps import (
     SchedulerDep,
 )
 from llm_batch.service.api.errors import OpenAIError
-from llm_batch.service.openai.convert import ENDPOINTS
 from llm_batch.service.openai.schemas import BatchCreate, BatchList, BatchObject, batch_object
 from llm_batch.service.openai.store import new_batch_id
 from llm_batch.service.store import Batch
@@ -32,7 +31,6 @@ router = APIRouter(prefix="/v1/batches", tags=["batches"])
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"description": "No batch with this id (for this key)."}
 }
-_METADATA_PAIRS, _METADATA_KEY, _METADATA_VALUE = 16, 64, 512
 
 
 def _batch(store: BatchStoreDep, principal: PrincipalDep, batch_id: str) -> Batch:
@@ -42,40 +40,22 @@ def _batch(store: BatchStoreDep, principal: PrincipalDep, batch_id: str) -> Batc
     return row
 
 
+_CODES = ("unsupported_value", "invalid_value")
+
+
 def _request(body: Any) -> BatchCreate:
     if not isinstance(body, dict):
         raise OpenAIError(400, "the request body must be a JSON object")
     try:
-        request = BatchCreate.model_validate(body)
+        return BatchCreate.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
         param = ".".join(str(p) for p in err["loc"])
-        message = "unknown parameter" if err["type"] == "extra_forbidden" else err["msg"]
-        raise OpenAIError(400, f"{param}: {message}", param=param) from None
-    if request.endpoint not in ENDPOINTS:
-        raise OpenAIError(
-            400,
-            f"endpoint {request.endpoint!r} is not supported here; use one of "
-            f"{', '.join(ENDPOINTS)}",
-            param="endpoint",
-            code="unsupported_value",
-        )
-    if request.completion_window != "24h":
-        raise OpenAIError(
-            400, "completion_window must be 24h", param="completion_window", code="invalid_value"
-        )
-    metadata = request.metadata or {}
-    if len(metadata) > _METADATA_PAIRS or any(
-        len(k) > _METADATA_KEY or len(v) > _METADATA_VALUE for k, v in metadata.items()
-    ):
-        raise OpenAIError(
-            400,
-            f"metadata holds at most {_METADATA_PAIRS} pairs, keys up to {_METADATA_KEY} and "
-            f"values up to {_METADATA_VALUE} characters",
-            param="metadata",
-            code="invalid_value",
-        )
-    return request
+        if err["type"] == "extra_forbidden":
+            raise OpenAIError(400, f"{param}: unknown parameter", param=param) from None
+        if err["type"] in _CODES:  # BatchCreate's own checks: the message is whole
+            raise OpenAIError(400, err["msg"], param=param, code=err["type"]) from None
+        raise OpenAIError(400, f"{param}: {err['msg']}", param=param) from None
 
 
 @router.post(

@@ -1,25 +1,22 @@
 """``/v1/files``: OpenAI's Files API, for batch input files and batch output files.
 
-Uploads are streamed to ``<data_dir>/files/<id>`` as they arrive (never held in
-memory, never stored in the database) and cut off with ``413`` once they pass
-``max_upload_bytes``. A key sees only the files it uploaded (and the output files
-of its batches); an admin key sees all.
+The routes translate HTTP to the service's file storage (``service/files.py``) and
+back: uploads are streamed to disk as they arrive (never held in memory, never
+stored in the database) and cut off with ``413`` once they pass ``max_upload_bytes``.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
-from llm_batch.service.api.deps import BatchStoreDep, PrincipalDep, SettingsDep
+from llm_batch.service.api.deps import BatchStoreDep, FileStorageDep, PrincipalDep
 from llm_batch.service.api.errors import OpenAIError
+from llm_batch.service.errors import FileRefused
 from llm_batch.service.openai.schemas import FileDeleted, FileList, FileObject, file_object
-from llm_batch.service.openai.store import new_file_id
-from llm_batch.service.openai.upload import UploadInvalid, UploadTooLarge, receive_upload
+from llm_batch.service.openai.upload import UploadInvalid, UploadTooLarge
 from llm_batch.service.store import StoredFile
 
 __all__ = ["router"]
@@ -48,8 +45,8 @@ _UPLOAD_BODY = {
 }
 
 
-def _file(store: BatchStoreDep, principal: PrincipalDep, file_id: str) -> StoredFile:
-    row = store.get_file(file_id, owner=principal.owner, admin=principal.admin)
+def _file(files: FileStorageDep, principal: PrincipalDep, file_id: str) -> StoredFile:
+    row = files.get(file_id, principal)
     if row is None:
         raise OpenAIError(404, f"No such File object: {file_id}", param="file_id")
     return row
@@ -66,49 +63,17 @@ def _file(store: BatchStoreDep, principal: PrincipalDep, file_id: str) -> Stored
     },
 )
 async def create_file(
-    request: Request, settings: SettingsDep, store: BatchStoreDep, principal: PrincipalDep
+    request: Request, files: FileStorageDep, principal: PrincipalDep
 ) -> FileObject:
     """Multipart fields `file` (the JSONL batch input) and `purpose` (`batch`)."""
-    folder = settings.files_dir
     try:
-        upload = await receive_upload(request, folder, max_bytes=settings.max_upload_bytes)
+        row = await files.receive(request, principal)
     except UploadTooLarge as e:
         raise OpenAIError(413, str(e), param="file", code="file_too_large") from None
     except UploadInvalid as e:
         raise OpenAIError(400, str(e)) from None
-    try:
-        purpose = upload.fields.get("purpose")
-        if upload.path is None:
-            raise OpenAIError(
-                400, "send the file as the multipart field `file`", param="file",
-                code="missing_required_parameter",
-            )  # fmt: skip
-        if purpose is None:
-            raise OpenAIError(
-                400, "purpose is required", param="purpose", code="missing_required_parameter"
-            )
-        if purpose != "batch":
-            raise OpenAIError(
-                400,
-                f"purpose {purpose!r} is not supported: this service takes batch input files "
-                "(purpose `batch`)",
-                param="purpose",
-                code="invalid_value",
-            )
-        file_id = new_file_id()
-        os.replace(upload.path, folder / file_id)
-    except BaseException:
-        if upload.path is not None:
-            upload.path.unlink(missing_ok=True)
-        raise
-    row = await run_in_threadpool(
-        store.add_file,
-        file_id=file_id,
-        filename=upload.filename or "upload",
-        purpose=purpose,
-        size=upload.size,
-        owner=principal.owner,
-    )
+    except FileRefused as e:
+        raise OpenAIError(400, str(e), param=e.param, code=e.code) from None
     return file_object(row)
 
 
@@ -141,8 +106,8 @@ def list_files(
 
 
 @router.get("/{file_id}", response_model=FileObject, responses=_NOT_FOUND, summary="Get a file")
-def get_file(file_id: str, store: BatchStoreDep, principal: PrincipalDep) -> FileObject:
-    return file_object(_file(store, principal, file_id))
+def get_file(file_id: str, files: FileStorageDep, principal: PrincipalDep) -> FileObject:
+    return file_object(_file(files, principal, file_id))
 
 
 @router.get(
@@ -151,12 +116,10 @@ def get_file(file_id: str, store: BatchStoreDep, principal: PrincipalDep) -> Fil
     responses=_NOT_FOUND,
     summary="Download a file's content",
 )
-def file_content(
-    file_id: str, store: BatchStoreDep, principal: PrincipalDep, settings: SettingsDep
-) -> FileResponse:
-    row = _file(store, principal, file_id)
-    path = settings.files_dir / row.id
-    if not path.is_file():
+def file_content(file_id: str, files: FileStorageDep, principal: PrincipalDep) -> FileResponse:
+    row = _file(files, principal, file_id)
+    path = files.content(row)
+    if path is None:
         raise OpenAIError(404, f"the content of {file_id} is gone", param="file_id")
     return FileResponse(path, media_type="application/octet-stream", filename=row.filename)
 
@@ -164,12 +127,8 @@ def file_content(
 @router.delete(
     "/{file_id}", response_model=FileDeleted, responses=_NOT_FOUND, summary="Delete a file"
 )
-def delete_file(
-    file_id: str, store: BatchStoreDep, principal: PrincipalDep, settings: SettingsDep
-) -> FileDeleted:
+def delete_file(file_id: str, files: FileStorageDep, principal: PrincipalDep) -> FileDeleted:
     """The file and its bytes; a batch already validated keeps running (its input was
     converted when it was validated)."""
-    row = _file(store, principal, file_id)
-    deleted = store.delete_file(row.id)
-    (settings.files_dir / row.id).unlink(missing_ok=True)
-    return FileDeleted(id=row.id, deleted=deleted)
+    row = _file(files, principal, file_id)
+    return FileDeleted(id=row.id, deleted=files.delete(row))

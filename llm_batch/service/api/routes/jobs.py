@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from llm_batch.service import results
-from llm_batch.service.api.deps import (
-    CatalogDep,
-    PrincipalDep,
-    SchedulerDep,
-    SettingsDep,
-    StoreDep,
-)
-from llm_batch.service.errors import JobConflict, JobNotFound
-from llm_batch.service.scheduler import initial_progress
+from llm_batch.service.api.deps import JobServiceDep, PrincipalDep, SettingsDep
+from llm_batch.service.errors import JobNotFound
 from llm_batch.service.schemas import JobList, JobPublic, to_public
-from llm_batch.service.store import JobStatus, new_job_id
-from llm_batch.service.validation import Admission, parse_job_text, prepare_submission
+from llm_batch.service.validation import parse_job_text
 
 __all__ = ["router"]
 
@@ -49,10 +40,8 @@ def create_job(
     # still shows the job format (app._openapi).
     body: Annotated[Any, Body()],
     response: Response,
-    store: StoreDep,
+    jobs: JobServiceDep,
     settings: SettingsDep,
-    catalog: CatalogDep,
-    scheduler: SchedulerDep,
     principal: PrincipalDep,
     idempotency_key: Annotated[
         str | None,
@@ -69,33 +58,15 @@ def create_job(
     (`application/yaml`); relative paths are resolved on the service."""
     if isinstance(body, bytes):  # not JSON: FastAPI leaves the bytes as they came
         body = parse_job_text(body, max_depth=settings.max_json_depth)
-    admission = Admission.from_settings(
-        settings, catalog=catalog, base=Path.cwd(), admin=principal.admin
-    )
-    submission = prepare_submission(body, admission)
-    spec = submission.spec
-    job_id = new_job_id()
-    output = spec.output.path if spec.output is not None else str(settings.outputs_dir / job_id)
-    job, created = store.create(
-        job_id=job_id,
-        name=spec.name,
-        spec=spec.model_dump(mode="json"),
-        output_path=output,
-        priority=spec.priority,
-        progress=initial_progress(submission.rows_total),
-        idempotency_key=idempotency_key,
-        owner=principal.owner,
-    )
-    if created:
-        scheduler.wake()
-    else:
+    job, created = jobs.submit(body, principal, idempotency_key=idempotency_key)
+    if not created:
         response.headers["Idempotent-Replayed"] = "true"
     return to_public(job)
 
 
 @router.get("", response_model=JobList, summary="List jobs, newest first")
 def list_jobs(
-    store: StoreDep,
+    jobs: JobServiceDep,
     principal: PrincipalDep,
     status: Annotated[
         Literal["queued", "running", "cancelling", "cancelled", "succeeded", "failed"] | None,
@@ -107,25 +78,19 @@ def list_jobs(
     ] = None,
 ) -> JobList:
     try:
-        jobs, has_more = store.page(
-            status=status,
-            limit=limit,
-            after=after,
-            owner=principal.owner,
-            admin=principal.admin,
-        )
+        page, has_more = jobs.page(principal, status=status, limit=limit, after=after)
     except JobNotFound:
         raise HTTPException(422, detail=f"after: no job with id {after!r}") from None
     return JobList(
-        data=[to_public(j) for j in jobs],
+        data=[to_public(j) for j in page],
         has_more=has_more,
-        next_after=jobs[-1].id if has_more and jobs else None,
+        next_after=page[-1].id if has_more and page else None,
     )
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=_ERRORS, summary="Get a job")
-def get_job(job_id: str, store: StoreDep, principal: PrincipalDep) -> JobPublic:
-    return to_public(store.get(job_id, owner=principal.owner, admin=principal.admin))
+def get_job(job_id: str, jobs: JobServiceDep, principal: PrincipalDep) -> JobPublic:
+    return to_public(jobs.get(job_id, principal))
 
 
 @router.post(
@@ -134,15 +99,10 @@ def get_job(job_id: str, store: StoreDep, principal: PrincipalDep) -> JobPublic:
     summary="Cancel a job",
     responses={**_ERRORS, 409: {"description": "The job already succeeded or failed."}},
 )
-def cancel_job(
-    job_id: str, store: StoreDep, scheduler: SchedulerDep, principal: PrincipalDep
-) -> JobPublic:
+def cancel_job(job_id: str, jobs: JobServiceDep, principal: PrincipalDep) -> JobPublic:
     """A queued job is cancelled at once; a running one becomes `cancelling` until Ray has
     stopped it (its engines released), then `cancelled`. Rows already written stay readable."""
-    store.get(job_id, owner=principal.owner, admin=principal.admin)  # 404 for others' jobs
-    job = store.cancel(job_id)
-    scheduler.wake()
-    return to_public(job)
+    return to_public(jobs.cancel(job_id, principal))
 
 
 @router.get(
@@ -161,17 +121,14 @@ def cancel_job(
 def job_results(
     job_id: str,
     request: Request,
-    store: StoreDep,
+    jobs: JobServiceDep,
     principal: PrincipalDep,
     limit: Annotated[
         int | None, Query(ge=1, description="At most this many rows (the first ones written).")
     ] = None,
 ) -> StreamingResponse:
     """The rows written so far (all of them once the job has succeeded)."""
-    job = store.get(job_id, owner=principal.owner, admin=principal.admin)
-    files = [] if job.status == JobStatus.QUEUED.value else results.part_files(job.output_path)
-    if not files:
-        raise JobConflict(f"job {job_id} has written no rows yet (status: {job.status})")
+    job, files = jobs.result_files(job_id, principal)
     headers = {"X-Job-Status": job.status}
     if results.PARQUET_MEDIA_TYPE in request.headers.get("accept", ""):
         headers["Content-Disposition"] = f'attachment; filename="{job_id}.parquet"'
