@@ -464,7 +464,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     """
     from llm_batch.bench.workload import generate_workload
     from llm_batch.job.spec import JobSpec
-    from llm_batch.pipeline.engine import build_engine_args
+    from llm_batch.pipeline.engine_args import build_engine_args
 
     check_shared_clock()
     out = Path(config.out).resolve()

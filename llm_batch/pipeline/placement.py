@@ -29,6 +29,8 @@ __all__ = [
     "engine_map_kwargs",
     "on_gpu",
     "pg_scheduling",
+    "gpus_of",
+    "pool_options",
 ]
 
 # Ray's convention: a tiny amount of the accelerator resource pins the actor to
@@ -125,3 +127,54 @@ def engine_map_kwargs(model: dict[str, Any], *, cluster_gpus: float) -> dict[str
     )
     out["engine_overrides"] = {"distributed_executor_backend": "ray"}
     return out
+
+
+def pool_options(model: dict[str, Any], *, cluster_gpus: float) -> dict[str, Any]:
+    """Ray Serve deployment options placing a shared engine pool's replicas the way
+    ``engine_map_kwargs`` places a job's own engines: one GPU (or CPU) per replica held by
+    the replica itself, or a placement group of ``tensor × pipeline`` GPU bundles for
+    vLLM's Ray executor; ``replicas: N`` fixed, ``{min, max}`` autoscaled by Serve on the
+    batches in flight per replica. ``engine_overrides`` are engine arguments the caller
+    applies."""
+    engine = model["engine"]
+    gpus = engine["tensor_parallel_size"] * engine["pipeline_parallel_size"]
+    accel = model.get("accelerator_type")
+    resources = {f"accelerator_type:{accel}": _ACCELERATOR_SHARE} if accel else {}
+    replicas = model["replicas"]
+    out: dict[str, Any] = {"engine_overrides": {}}
+    if isinstance(replicas, dict):
+        out["autoscaling_config"] = {
+            "min_replicas": replicas["min"],
+            "max_replicas": replicas["max"],
+            "initial_replicas": replicas["min"],
+            # Serve counts handle calls: one call is one batch of one job.
+            "target_ongoing_requests": model["max_batches_in_flight"],
+        }
+    else:
+        out["num_replicas"] = replicas
+    actor: dict[str, Any] = {"num_cpus": 1, "num_gpus": 0}
+    if on_gpu(model, cluster_gpus=cluster_gpus):
+        if gpus == 1:
+            actor["num_gpus"] = 1
+        else:
+            actor = {"num_cpus": 0, "num_gpus": 0}
+            bundle = {"GPU": 1.0, "CPU": 1.0, **resources}
+            out["placement_group_bundles"] = [dict(bundle) for _ in range(gpus)]
+            out["placement_group_strategy"] = model["placement_strategy"]
+            out["engine_overrides"] = {"distributed_executor_backend": "ray"}
+            resources = {}
+    if resources:
+        actor["resources"] = resources
+    out["ray_actor_options"] = actor
+    return out
+
+
+def gpus_of(options: dict[str, Any]) -> float:
+    """GPUs a pool holds at its smallest (``pool_options``' output)."""
+    actor = options.get("ray_actor_options", {})
+    per_replica = actor.get("num_gpus", 0) + sum(
+        b.get("GPU", 0) for b in options.get("placement_group_bundles", [])
+    )
+    scaling = options.get("autoscaling_config")
+    replicas = scaling["min_replicas"] if scaling else options.get("num_replicas", 1)
+    return float(per_replica * replicas)

@@ -126,6 +126,7 @@ class ProgressTracker:
         self._resumed_rows = 0
         self._engines: dict[str, dict[str, Any]] = {}
         self._ledger = BatchLedger()
+        self._cancelled = False
 
     @staticmethod
     def _zero() -> dict[str, float]:
@@ -136,7 +137,17 @@ class ProgressTracker:
         self._ledger.engine_started(model)
 
     def begin_batch(self, key: str, **kwargs: Any) -> BatchDecision:
+        if self._cancelled:
+            return {"cancelled": True}
         return self._ledger.begin(key, **kwargs)
+
+    def cancel(self) -> None:
+        """Stop the job: no batch begins any more, and a shared engine pool aborts the job's
+        requests (``pool.EnginePool`` asks ``cancelled``)."""
+        self._cancelled = True
+
+    def cancelled(self) -> bool:
+        return self._cancelled
 
     def enter_batch(self, key: str, *, alone: bool) -> None:
         self._ledger.enter(key, alone=alone)

@@ -43,6 +43,7 @@ from llm_batch.pipeline.manifest import (
     new_run_id,
 )
 from llm_batch.pipeline.placement import engine_batch_size, engine_map_kwargs
+from llm_batch.pipeline.pool import JobCancelled, pool_stage_config, send_to_pool
 from llm_batch.pipeline.progress import ProgressTracker, Snapshot
 from llm_batch.pipeline.prompts import PromptRenderer
 from llm_batch.pipeline.read import InputDatasource, InputInfo, check_columns, inspect_input
@@ -56,6 +57,7 @@ from llm_batch.pipeline.write import (
 )
 
 __all__ = [
+    "Engines",
     "JobPlan",
     "JobResult",
     "OutputRun",
@@ -278,7 +280,7 @@ def input_dataset(spec: JobSpec, plan: JobPlan, *, rows_per_block: int) -> Any:
 # workers at niceness 15, below its own daemons and the driver; an engine's processes,
 # spawned from a worker, would lose a core to any of them in the middle of a step. Here
 # they run at normal priority, and each engine's front end lowers itself below them
-# (engine._yield_to_engine). On a cluster the cluster's setting stands.
+# (generation._yield_to_engine). On a cluster the cluster's setting stands.
 LOCAL_RAY_SYSTEM_CONFIG = {"worker_niceness": 0}
 
 
@@ -308,6 +310,19 @@ def ensure_ray(address: str | None = None) -> None:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Engines:
+    """How a job's models get their engines. By default each model starts engines of its
+    own (``EngineStage``, the actor class; replaceable, as the benchmark's timing stage
+    does). ``pools`` (model name, None for a single model → Serve application) sends the
+    batches of those models to a service's shared pools instead (``pool.py``), as job
+    ``job`` (a name shown by the pool) with the spec's priority."""
+
+    stage: type = EngineStage
+    pools: dict[str | None, str] = dataclasses.field(default_factory=dict)
+    job: str | None = None
+
+
 def run_job(
     spec: JobSpec,
     *,
@@ -315,6 +330,9 @@ def run_job(
     on_progress: Callable[[Snapshot], None] | None = None,
     progress_interval: float = 1.0,
     resume: bool = True,
+    engines: Engines | None = None,
+    tracker_class: type = ProgressTracker,
+    cancel: threading.Event | None = None,
 ) -> JobResult:
     """Run a job to completion on the connected (or a new local) Ray; blocks.
 
@@ -323,34 +341,41 @@ def run_job(
     (the default), a job whose earlier run of the very same spec was interrupted
     continues where it stopped, keeping what that run wrote; otherwise the files of
     earlier runs are replaced. ``on_progress`` is called once as soon as the folder is
-    claimed, then every ``progress_interval`` seconds.
+    claimed, then every ``progress_interval`` seconds. Setting ``cancel`` stops the
+    job (``JobCancelled``); rows already written stay.
     """
     import ray
     from ray.data import DataContext
 
     plan = plan or plan_job(spec)
     spec.output_path  # noqa: B018 - fails with a clear message when unset
+    engines = engines or Engines()
     ensure_ray()
     started = time.monotonic()
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # the CLI draws its own, from the tracker
     ctx.print_on_execution_start = False
 
-    tracker = _start_tracker(spec, plan)
-    run = claim_output(spec, resume=resume)
-    if run.resuming:
-        done = _preload(tracker, spec)
-        logger.info("resuming %s: %d rows already written", spec.name, done)
-    ctx.checkpoint_config = run.checkpoint_config()
-    if on_progress is not None:
-        on_progress(ray.get(tracker.snapshot.remote()))
+    tracker = _start_tracker(spec, plan, tracker_class)
+    try:
+        run = claim_output(spec, resume=resume)
+        if run.resuming:
+            done = _preload(tracker, spec)
+            logger.info("resuming %s: %d rows already written", spec.name, done)
+        if on_progress is not None:
+            on_progress(ray.get(tracker.snapshot.remote()))
 
-    ds = input_dataset(spec, plan, rows_per_block=_batch_rows(spec)[0])
-    ds = engine_pools(ds, spec, plan, tracker)
-    with _following(tracker, on_progress, progress_interval):
-        _write(ds, spec, run)
-    final = ray.get(tracker.snapshot.remote())
-    ray.kill(tracker)
+        ds = input_dataset(spec, plan, rows_per_block=_batch_rows(spec)[0])
+        # Per dataset, not on the process's DataContext: a service's long-lived driver runs
+        # several jobs at once, and each dataset keeps its own copy of the context.
+        ds.context.checkpoint_config = run.checkpoint_config()
+        ds = engine_pools(ds, spec, plan, tracker, engines)
+        with _following(tracker, on_progress, progress_interval, cancel):
+            _write(ds, spec, run)
+        final = ray.get(tracker.snapshot.remote())
+    finally:
+        with contextlib.suppress(Exception):
+            ray.kill(tracker)
     write_metrics(spec.output_path, final)
     run.finish()
     if on_progress is not None:
@@ -425,7 +450,7 @@ def claim_output(spec: JobSpec, *, resume: bool = True) -> OutputRun:
     return OutputRun(uri, run_id, resuming, manifest)
 
 
-def _start_tracker(spec: JobSpec, plan: JobPlan) -> Any:
+def _start_tracker(spec: JobSpec, plan: JobPlan, tracker_class: type = ProgressTracker) -> Any:
     """The job's progress tracker, beside the driver: losing a worker node must not lose
     progress."""
     import ray
@@ -436,7 +461,7 @@ def _start_tracker(spec: JobSpec, plan: JobPlan) -> Any:
         rows_total *= spec.sampling.n
     structured = spec.sampling.structured
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(num_cpus=0, scheduling_strategy=here)(ProgressTracker).remote(
+    return ray.remote(num_cpus=0, scheduling_strategy=here)(tracker_class).remote(
         rows_total,
         spec.model_names,
         job=JobContext(
@@ -464,9 +489,12 @@ def _batch_rows(spec: JobSpec) -> list[int]:
     ]
 
 
-def engine_pools(ds: Any, spec: JobSpec, plan: JobPlan, tracker: Any) -> Any:
-    """One engine pool per model, chained: the data is read once and every model sees
-    every row; the pools run at the same time on different batches."""
+def engine_pools(
+    ds: Any, spec: JobSpec, plan: JobPlan, tracker: Any, engines: Engines | None = None
+) -> Any:
+    """One engine stage per model, chained: the data is read once and every model sees
+    every row; the stages run at the same time on different batches."""
+    engines = engines or Engines()
     cluster_gpus = _cluster_gpus()
     named = spec.named_models()
     block_rows = None
@@ -479,20 +507,52 @@ def engine_pools(ds: Any, spec: JobSpec, plan: JobPlan, tracker: Any) -> Any:
             ds = ds.repartition(target_num_rows_per_block=rows, strict=True)
         block_rows = rows
         model_dict = model.model_dump()
+        drop = plan.drop_before_write if i == len(named) - 1 else []
+        pool = engines.pools.get(name)
+        if pool is not None:
+            ds = ds.map_batches(
+                send_to_pool,
+                fn_kwargs={
+                    "pool": pool,
+                    "config": pool_stage_config(
+                        model_dict,
+                        spec.sampling.model_dump(),
+                        model_name=name,
+                        metrics=spec.metrics.model_dump(),
+                        drop=drop,
+                    ),
+                    "job": {
+                        "key": tracker._actor_id.hex(),
+                        "name": engines.job or spec.name,
+                        "priority": spec.priority,
+                        "tracker": tracker,
+                    },
+                    "progress": tracker,
+                },
+                batch_format="pyarrow",
+                batch_size=rows,
+                zero_copy_batch=True,
+                # The job's admission limit in front of the pool: its batches in flight.
+                # Tasks that wait on the pool hold no CPU of the job's budget.
+                concurrency=model.max_batches_in_flight,
+                num_cpus=0,
+                max_retries=3,
+            )
+            continue
         placed = engine_map_kwargs(model_dict, cluster_gpus=cluster_gpus)
         model_dict["engine"]["extra_args"] = {
             **placed.pop("engine_overrides"),
             **model_dict["engine"]["extra_args"],
         }
         ds = ds.map_batches(
-            EngineStage,
+            engines.stage,
             fn_constructor_kwargs={
                 "model": model_dict,
                 "sampling": spec.sampling.model_dump(),
                 "model_name": name,
                 "progress": tracker,
                 "metrics": spec.metrics.model_dump(),
-                "drop": plan.drop_before_write if i == len(named) - 1 else [],
+                "drop": drop,
             },
             batch_format="pyarrow",
             batch_size=rows,
@@ -508,15 +568,21 @@ def engine_pools(ds: Any, spec: JobSpec, plan: JobPlan, tracker: Any) -> Any:
 
 @contextlib.contextmanager
 def _following(
-    tracker: Any, on_progress: Callable[[Snapshot], None] | None, interval: float
+    tracker: Any,
+    on_progress: Callable[[Snapshot], None] | None,
+    interval: float,
+    cancel: threading.Event | None = None,
 ) -> Iterator[None]:
-    """Report the tracker's snapshot every ``interval`` seconds while the job runs."""
+    """Report the tracker's snapshot every ``interval`` seconds while the job runs, and pass
+    a cancel on to the tracker (the engine stages ask it before each batch)."""
     import ray
 
     stop = threading.Event()
 
     def follow() -> None:
         while not stop.wait(interval):
+            if cancel is not None and cancel.is_set():
+                tracker.cancel.remote()
             try:
                 snap = ray.get(tracker.snapshot.remote(), timeout=10)
             except Exception:  # noqa: BLE001 - progress is best effort
@@ -544,7 +610,11 @@ def _write(ds: Any, spec: JobSpec, run: OutputRun) -> None:
     except Exception as e:
         # An engine that cannot start kills its actor; Ray reports the actor's
         # death with the whole traceback. Give the user the one line that matters.
-        found = re.search(r"EngineUnavailable: (.+)", str(e))
-        if found:
-            raise EngineUnavailable(found.group(1).strip()) from e
+        for kind, error in (
+            ("EngineUnavailable", EngineUnavailable),
+            ("JobCancelled", JobCancelled),
+        ):
+            found = re.search(kind + r": (.+)", str(e))
+            if found:
+                raise error(found.group(1).strip()) from e
         raise

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from llm_batch.job.spec import JobSpec
+from llm_batch.pipeline.generation import Generator
 
 pytestmark = [pytest.mark.e2e, pytest.mark.fault]
 
@@ -167,8 +168,8 @@ def _kill_leftovers(group: int) -> None:
 POISON = "POISON"
 
 
-class PoisonedEngineStage:
-    """Mixed into the real engine stage: a row whose prompt holds POISON SIGKILLs the
+class PoisonedGenerator(Generator):
+    """The real engine stage's generator: a row whose prompt holds POISON SIGKILLs the
     engine's core process each time it reaches the engine, as the kernel's OOM killer
     would. Everything else (the engine, its death, Ray's restart and retries) is real.
 
@@ -178,17 +179,17 @@ class PoisonedEngineStage:
 
     kill_log: str | None = None
 
-    async def _generate_one(self, prompt, params):  # noqa: ANN001, ANN201
+    async def _generate_one(self, prompt, params, *args):  # noqa: ANN001, ANN002, ANN201
         text = prompt.get("prompt") or ""
         if POISON in text:
-            manager = self._engine.engine_core.resources.engine_manager
+            manager = self.engine.engine_core.resources.engine_manager
             killed = [p.pid for p in manager.processes if p.is_alive()]
             for pid in killed:
                 os.kill(pid, signal.SIGKILL)
             if self.kill_log:
                 with open(self.kill_log, "a", encoding="utf-8") as log:
                     log.write(f"{time.time():.2f} actor {os.getpid()} {text!r} killed {killed}\n")
-        return await super()._generate_one(prompt, params)
+        return await super()._generate_one(prompt, params, *args)
 
 
 def _spans(rows: set[int]) -> str:
@@ -202,9 +203,7 @@ def _spans(rows: set[int]) -> str:
     return ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in spans) or "none"
 
 
-def test_batch_that_keeps_killing_its_engine_becomes_error_rows(
-    tmp_path, tiny_model, ray_local, monkeypatch
-):
+def test_batch_that_keeps_killing_its_engine_becomes_error_rows(tmp_path, tiny_model, ray_local):
     import ray.cloudpickle
 
     import llm_batch.pipeline.run as pipeline_run
@@ -225,13 +224,14 @@ def test_batch_that_keeps_killing_its_engine_becomes_error_rows(
     spec = JobSpec.from_dict(job)
 
     kills = tmp_path / "kills.log"
-    stage = type("PoisonedStage", (PoisonedEngineStage, EngineStage), {"kill_log": str(kills)})
+    generator = type("KillingGenerator", (PoisonedGenerator,), {"kill_log": str(kills)})
+    generator.__module__ = __name__
+    stage = type("PoisonedStage", (EngineStage,), {"generator_class": generator})
     stage.__module__ = __name__
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    monkeypatch.setattr(pipeline_run, "EngineStage", stage)
     before = engine_core_pids()
     try:
-        result = pipeline_run.run_job(spec)
+        result = pipeline_run.run_job(spec, engines=pipeline_run.Engines(stage=stage))
     finally:
         ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 

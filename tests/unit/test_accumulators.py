@@ -20,7 +20,7 @@ from llm_batch.pipeline.accumulators import (
     Latency,
     label_probabilities,
 )
-from llm_batch.pipeline.engine import LOGPROBS_TYPE
+from llm_batch.pipeline.rows import LOGPROBS_TYPE
 
 CHOICES = ("positive", "negative", "neutral")
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 from pydantic import BaseModel, ValidationError, field_validator
 
-from llm_batch.pipeline.engine import build_sampling_params, engine_failure, structured_complete
+from llm_batch.pipeline.engine_args import build_sampling_params, engine_failure
+from llm_batch.pipeline.rows import structured_complete
 
 SCHEMA = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from llm_batch.pipeline.engine import _BatchGate
+from llm_batch.pipeline.engine import BatchGate
 from llm_batch.pipeline.progress import BatchLedger, ProgressTracker
 
 KEY, OTHER = "00" * 12, "11" * 12
@@ -152,7 +152,7 @@ def test_an_engine_that_dies_on_every_batch_breaks_the_job_within_the_limit():
 
 def test_gate_runs_an_exclusive_holder_alone():
     async def scenario() -> list[str]:
-        gate, log = _BatchGate(), []
+        gate, log = BatchGate(), []
 
         async def shared(name: str, hold: float) -> None:
             async with gate.hold(exclusive=False):
@@ -179,7 +179,7 @@ def test_gate_runs_an_exclusive_holder_alone():
 
 def test_gate_lets_shared_holders_on_when_an_exclusive_waiter_is_cancelled():
     async def scenario() -> bool:
-        gate = _BatchGate()
+        gate = BatchGate()
         release = asyncio.Event()
 
         async def shared_until_released() -> None:

@@ -1,17 +1,16 @@
 """(c) This project's pipeline: a ``JobSpec`` of the same workload through ``run_job``.
 
-Two probes, neither on the data path. ``TimedEngineStage`` is the pipeline's
-engine stage, noting when its engine started and was ready. The timeline comes
-from the job's progress tracker, which every engine batch reports to; its own
-series is merged to about one point a second, too coarse for a short run, so
-the runner swaps in ``StampingTracker``: the same tracker, which also appends
-``(time.monotonic(), output tokens)`` for each report to a file. Reports are
-fire-and-forget calls to a separate actor; the stamp is when a batch's report
-arrives, about when the batch is handed on.
+Two probes, neither on the data path, handed to ``run_job`` as its engine stage and
+its tracker class. ``TimedEngineStage`` is the pipeline's engine stage, noting when
+its engine started and was ready. The timeline comes from the job's progress
+tracker, which every engine batch reports to; its own series is merged to about one
+point a second, too coarse for a short run, so the runner uses ``StampingTracker``:
+the same tracker, which also appends ``(time.monotonic(), output tokens)`` for each
+report to a file. Reports are fire-and-forget calls to a separate actor; the stamp
+is when a batch's report arrives, about when the batch is handed on.
 
-Should the swap stop taking (``run_job`` no longer creating the tracker by
-that name), the runner falls back to the tracker's series, placed on this
-process's clock through each snapshot's ``elapsed_seconds``: the tracker's
+Without stamps (none arrived), the runner falls back to the tracker's series, placed
+on this process's clock through each snapshot's ``elapsed_seconds``: the tracker's
 start is (receipt time - elapsed), at its smallest over all snapshots.
 """
 
@@ -60,8 +59,8 @@ class TimedEngineStage(EngineStage):
 
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
-    import llm_batch.pipeline.run as pipeline_run
     from llm_batch.job.spec import JobSpec
+    from llm_batch.pipeline.run import Engines, run_job
 
     spec = JobSpec.model_validate(cfg["job"])
     events_file = Path(cfg["result"]).with_name("events.txt")
@@ -71,25 +70,24 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     # The local Ray that run_job starts, and so its actors, inherit these.
     os.environ[EVENTS_ENV] = str(events_file)
     os.environ[ENGINE_STARTS_ENV] = str(engines_file)
-    probe = hasattr(pipeline_run, "ProgressTracker")
-    if probe:
-        pipeline_run.ProgressTracker = StampingTracker  # type: ignore[misc]
-    if hasattr(pipeline_run, "EngineStage"):
-        pipeline_run.EngineStage = TimedEngineStage  # type: ignore[misc]
-
     received: list[tuple[float, float]] = []
 
     def on_progress(snap: dict[str, Any]) -> None:
         received.append((time.monotonic(), snap["elapsed_seconds"]))
 
-    result = pipeline_run.run_job(spec, on_progress=on_progress)
+    result = run_job(
+        spec,
+        on_progress=on_progress,
+        engines=Engines(stage=TimedEngineStage),
+        tracker_class=StampingTracker,
+    )
     written = time.monotonic()
 
     import ray
 
     ray.shutdown()
     final = result.progress
-    events = _read_events(events_file) if probe else []
+    events = _read_events(events_file)
     source = "tracker reports (stamped)"
     if not events:
         events = _series_events(final["series"], received)

@@ -1,0 +1,444 @@
+"""Generation on one vLLM engine: rows in, one ``RowResult`` per row out.
+
+A ``Generator`` owns an ``AsyncLLM`` and submits every row of a batch as its own
+request, so the engine's continuous batching sees all of them at once and one long
+generation never holds back the rest. Per-request submission also makes failures
+per row: a prompt longer than ``max_model_len`` fails its own request, which becomes
+an error row. It serves a job-local engine stage (``engine.py``) and a pool shared by
+the jobs of a service (``pool.py``) alike; there, each request carries its job's key
+(to abort a job's requests at once) and a priority (vLLM's priority scheduling).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+import uuid
+from typing import Any
+
+import pyarrow as pa
+
+from llm_batch import columns
+from llm_batch.errors import EngineUnavailable
+from llm_batch.pipeline.engine_args import SamplingParamsCache, build_engine_args, engine_failure
+
+__all__ = ["BatchInputs", "EngineLoad", "Generator", "RowResult", "whereabouts"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowResult:
+    """What the engine made of one row (all None but ``error`` when it failed)."""
+
+    text: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+    logprobs: list[dict[str, Any]] | None = None  # OpenAI's shape, when asked for
+    latency: float | None = None  # seconds from submission to the last token
+
+    @classmethod
+    def failed(cls, error: str) -> RowResult:
+        return cls(error=error)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchInputs:
+    """The columns of a batch the engine reads, as plain lists (cheap to send to a pool):
+    the rendered prompt or chat messages, a render error, the sample index and the row's
+    sampling overrides."""
+
+    prompts: list[str | None]
+    messages: list[Any]
+    render_errors: list[str | None]
+    samples: list[int]
+    overrides: list[Any]
+
+    @classmethod
+    def from_table(cls, batch: pa.Table, *, overrides_column: str | None) -> BatchInputs:
+        n = batch.num_rows
+        names = batch.column_names
+
+        def column(name: str | None, default: Any) -> list[Any]:
+            if name is not None and name in names:
+                return batch.column(name).to_pylist()
+            return [default] * n
+
+        return cls(
+            prompts=column(columns.PROMPT, None),
+            messages=column(columns.MESSAGES, None),
+            render_errors=column(columns.RENDER_ERROR, None),
+            samples=column(columns.SAMPLE_INDEX, 0),
+            overrides=column(overrides_column, None),
+        )
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def _cpu_threads(wanted: int | None) -> None:
+    """Narrow the cores the CPU engine's worker computes on to the first ``wanted``.
+
+    vLLM binds its CPU worker's OpenMP threads itself (``VLLM_CPU_OMP_THREADS_BIND``,
+    by default one thread per core but one, which it keeps for its scheduler process)
+    and gives the worker a matching OMP_NUM_THREADS. Nothing else is touched: the
+    OMP_NUM_THREADS Ray gives this actor (one) is what the engine's scheduler process
+    uses for torch, and more threads there would spin after each op and take cycles from
+    the worker (vLLM warns of it at start).
+    """
+    if wanted:
+        cores = sorted(os.sched_getaffinity(0))[:wanted]
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
+
+
+def _exit_with_parent() -> None:
+    """Make the processes vLLM spawns from here exit when this actor dies, even by SIGKILL.
+
+    Spawned children start a fresh interpreter, which imports ``sitecustomize``
+    from ``PYTHONPATH``: ours starts a thread that watches the parent.
+    """
+    guard = os.path.join(os.path.dirname(__file__), "_orphan_guard")
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if guard not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([guard, *filter(None, paths)])
+    os.environ["LLM_BATCH_EXIT_WITH_PARENT"] = "1"
+
+
+def _yield_to_engine(niceness: int = 19) -> None:
+    """Lower the CPU priority of every thread of this process (the engine's front end).
+
+    Called once the engine's processes are running: they keep the priority they were
+    spawned with. The engine core and its worker take turns on every step (one
+    schedules while the other spins waiting) and a step of a small model lasts a few
+    milliseconds, so each time the front end (handing rows over, collecting outputs,
+    Ray's own threads) takes a core from one of them the whole step waits. At the
+    lowest priority it runs in the gaps their spinning yields; its queue of requests
+    is deep enough that the engine does not wait for it. Raising a niceness needs no
+    privilege. Measured on 2 cores: docs/decisions/0003-engine-front-end-priority.md.
+    """
+    with contextlib.suppress(OSError):
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError):  # a thread that has just ended
+                if os.getpriority(os.PRIO_PROCESS, int(tid)) < niceness:
+                    os.setpriority(os.PRIO_PROCESS, int(tid), niceness)
+
+
+def whereabouts() -> dict[str, Any]:
+    """Which Ray node and actor this engine runs on (for placement checks and the dashboard)."""
+    try:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {"node_id": ctx.get_node_id(), "actor_id": ctx.get_actor_id()}
+    except Exception:  # noqa: BLE001 - outside Ray (unit tests)
+        return {"node_id": None, "actor_id": None}
+
+
+class EngineLoad:
+    """What vLLM's stat loggers tell of the engine: requests running and waiting and KV-cache
+    use at its last step, and the time to first token of requests since the last ``take``.
+
+    The engine in an actor serves no metrics endpoint; these ride along with the stage's
+    progress reports instead.
+    """
+
+    def __init__(self) -> None:
+        self.running = self.waiting = 0
+        self.kv_cache_usage = 0.0
+        self._ttft: list[float] = []
+
+    def stat_logger(self) -> Any:
+        """A vLLM stat logger factory that records into this object.
+
+        It stands in for vLLM's Prometheus logger, which vLLM otherwise adds to every
+        engine: in an actor nothing serves its registry, and updating it costs the
+        frontend several percent of a core on every step.
+        """
+        from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+        load = self
+
+        class _Recorder(PrometheusStatLogger):
+            def __init__(self, vllm_config: Any, engine_indexes: Any = None):
+                pass  # none of the Prometheus logger's metrics
+
+            def record(
+                self,
+                scheduler_stats: Any,
+                iteration_stats: Any,
+                mm_cache_stats: Any = None,
+                engine_idx: int = 0,
+            ) -> None:
+                if scheduler_stats is not None:
+                    load.running = scheduler_stats.num_running_reqs
+                    load.waiting = scheduler_stats.num_waiting_reqs
+                    load.kv_cache_usage = scheduler_stats.kv_cache_usage
+                if iteration_stats is not None:
+                    load._ttft.extend(iteration_stats.time_to_first_tokens_iter)
+
+            def record_sleep_state(self, *args: Any, **kwargs: Any) -> None:
+                pass
+
+            def record_admission_rejection(self, reason: str) -> None:
+                pass
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+            def log(self) -> None:
+                pass
+
+        return _Recorder
+
+    def take(self) -> dict[str, Any]:
+        ttft, self._ttft = self._ttft, []
+        return {
+            "running": self.running,
+            "waiting": self.waiting,
+            "kv_cache_usage": round(self.kv_cache_usage, 4),
+            "ttft_sum": round(sum(ttft), 6),
+            "ttft_count": len(ttft),
+        }
+
+
+class _RowError(Exception):
+    """A row's failure whose message is complete as it is."""
+
+
+class Generator:
+    """One vLLM engine (``AsyncLLM``) and what it takes to feed it rows.
+
+    ``model`` is the job spec's plain ``model`` block. ``shared``: the engine serves the
+    jobs of a service's pool, whose requests vLLM schedules by priority. Raises
+    ``EngineUnavailable`` with vLLM's own reason when the engine does not start.
+    """
+
+    def __init__(self, model: dict[str, Any], *, shared: bool = False):
+        try:
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.platforms import current_platform
+            from vllm.renderers.inputs.preprocess import parse_model_prompt
+            from vllm.usage.usage_lib import UsageContext
+            from vllm.v1.engine.async_llm import AsyncLLM
+        except ImportError as e:  # pragma: no cover - depends on the install
+            raise EngineUnavailable(
+                f"vLLM is not installed ({e}); install the engine extra: "
+                "pip install 'llm_batch[cpu]' (no GPU) or 'llm_batch[gpu]' (CUDA)"
+            ) from e
+
+        on_cpu = current_platform.is_cpu()
+        args = build_engine_args(model, on_cpu=on_cpu, shared=shared)
+        if on_cpu:
+            _cpu_threads(model["engine"].get("cpu_threads"))
+        _exit_with_parent()
+        started = time.monotonic()
+        self.load = EngineLoad()
+        try:
+            self.engine = AsyncLLM.from_engine_args(
+                AsyncEngineArgs(**args),
+                stat_loggers=[self.load.stat_logger()],
+                # vLLM sizes its batches by who asks: an API server gets small ones
+                # for latency (on the CPU engine 128 sequences, 2048 tokens a step),
+                # offline `LLM` large ones for throughput (256, 4096). We are offline.
+                usage_context=UsageContext.LLM_CLASS,
+            )
+        except Exception as e:
+            raise EngineUnavailable(
+                f"the engine for {model['path']!r} failed to start: {engine_failure(e)}"
+            ) from e
+        self._tokenizer = self.engine.get_tokenizer()
+        # The engine's own tokenizing settings (special tokens, the over-long cut-off),
+        # applied to a whole batch at once: see _token_ids.
+        self._tok_params = self.engine.renderer.default_cmpl_tok_params
+        self._parse_prompt = parse_model_prompt
+        # vLLM reads its settings from the environment on every request unless told they
+        # are final, as its API server and engine core do once they are up.
+        import vllm.envs
+
+        vllm.envs.enable_envs_cache()
+        if on_cpu:
+            _yield_to_engine()
+        self._requests: dict[str, set[str]] = {}  # job key -> its requests in the engine
+        logger.info("engine for %s ready in %.1fs", model["path"], time.monotonic() - started)
+
+    @property
+    def errored(self) -> bool:
+        return bool(self.engine.errored)
+
+    def shutdown(self) -> None:
+        with contextlib.suppress(Exception):  # at interpreter exit, modules are gone
+            self.engine.shutdown()
+
+    @property
+    def jobs(self) -> dict[str, int]:
+        """Requests in the engine per job key."""
+        return {job: len(ids) for job, ids in self._requests.items() if ids}
+
+    async def abort(self, job: str) -> int:
+        """Abort every request of ``job`` in the engine at once (they finish as ``abort``)."""
+        ids = list(self._requests.get(job, ()))
+        if ids:
+            await self.engine.abort(ids)
+        return len(ids)
+
+    async def generate(
+        self,
+        inputs: BatchInputs,
+        params: SamplingParamsCache,
+        *,
+        job: str = "job",
+        priority: int = 0,
+        on_dead: Any = None,
+    ) -> list[RowResult]:
+        """One request per row, all at once; a row's failure is its ``error``.
+        ``on_dead(exception)`` is called when the engine itself died under a request."""
+        token_ids = self._token_ids(
+            [
+                p if e is None else None
+                for p, e in zip(inputs.prompts, inputs.render_errors, strict=True)
+            ]
+        )
+        k = params.sampling.get("logprobs")
+        ids = self._requests.setdefault(job, set())
+
+        async def row(i: int) -> RowResult:
+            if inputs.render_errors[i] is not None:
+                return RowResult.failed(inputs.render_errors[i])
+            try:
+                sampling = params.get(inputs.overrides[i], inputs.samples[i])
+            except Exception as e:  # noqa: BLE001
+                errors = getattr(e, "errors", None)
+                msg = (
+                    "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in errors())
+                    if callable(errors)
+                    else str(e).splitlines()[0]
+                )
+                column = params.sampling.get("overrides_column")
+                return RowResult.failed(f"sampling override ({column}): {msg}")
+            try:
+                prompt = self._engine_prompt(token_ids[i], inputs.prompts[i], inputs.messages[i])
+            except Exception as e:  # noqa: BLE001 - the engine's own words, as from generate
+                return RowResult.failed(
+                    str(e) if isinstance(e, _RowError) else f"{type(e).__name__}: {e}"
+                )
+            request_id = f"{job}-{uuid.uuid4().hex}"
+            ids.add(request_id)
+            try:
+                return await self._generate_one(prompt, sampling, request_id, priority, k, on_dead)
+            finally:
+                ids.discard(request_id)
+
+        try:
+            return await asyncio.gather(*(row(i) for i in range(len(inputs))))
+        finally:
+            if not ids:
+                self._requests.pop(job, None)
+
+    async def _generate_one(
+        self, prompt: Any, params: Any, request_id: str, priority: int, k: int | None, on_dead: Any
+    ) -> RowResult:
+        final = None
+        started = time.monotonic()
+        try:
+            async for out in self.engine.generate(prompt, params, request_id, priority=priority):
+                final = out
+        except Exception as e:  # noqa: BLE001 - a row's failure is data, not a crash
+            if self.engine.errored and on_dead is not None:
+                on_dead(e)
+            cause = e.__cause__ if e.__cause__ is not None else e
+            return RowResult.failed(f"{type(cause).__name__}: {cause}")
+        assert final is not None
+        completion = final.outputs[0]
+        return RowResult(
+            text=completion.text,
+            input_tokens=len(final.prompt_token_ids or ()),
+            output_tokens=len(completion.token_ids),
+            finish_reason=completion.finish_reason,
+            logprobs=_logprobs(completion, k) if k is not None else None,
+            latency=time.monotonic() - started,
+        )
+
+    def _token_ids(self, prompts: list[str | None]) -> list[Any]:
+        """Each text prompt's token ids, or the exception that refused it (None: no prompt).
+
+        Tokenized in one call per batch with the settings the engine itself would use,
+        so the engine gets ids and skips its own tokenizing, which it does one request
+        at a time in the front end: py-spy had that at a third of the front end's busy
+        time, taken from the engine on a machine where they share cores.
+        """
+        texts: list[str] = []
+        at: list[int] = []
+        out: list[Any] = [None] * len(prompts)
+        for i, prompt in enumerate(prompts):
+            if prompt is None:
+                continue
+            try:  # the engine's checks before tokenizing (e.g. a text far too long)
+                texts.append(
+                    self._tok_params.apply_pre_tokenization(self._tokenizer, {"prompt": prompt})[
+                        "prompt"
+                    ]
+                )
+                at.append(i)
+            except Exception as e:  # noqa: BLE001 - a row's failure is data
+                out[i] = e
+        if texts:
+            encoded = self._tokenizer(texts, **self._tok_params.get_encode_kwargs())
+            for i, ids in zip(at, encoded["input_ids"], strict=True):
+                out[i] = ids
+        return out
+
+    def _engine_prompt(
+        self, ids: Any, text: str | None, messages: list[dict[str, str]] | None
+    ) -> Any:
+        """The engine's input for a row's token ids (or chat messages), checked as the engine
+        checks it (a prompt longer than max_model_len raises here, for this row alone).
+
+        Handing the engine a rendered input, as vLLM's own docs show for power users,
+        also spares the front end a thread hop per request (vLLM runs raw prompts
+        through a thread pool so as not to block its event loop)."""
+        if messages is not None:
+            # The model's own chat template, tokenized once here; the engine gets ids.
+            try:
+                ids = self._tokenizer.apply_chat_template(
+                    messages, tokenize=True, add_generation_prompt=True, return_dict=False
+                )
+            except Exception as e:
+                raise _RowError(f"chat template failed: {type(e).__name__}: {e}") from e
+        elif isinstance(ids, Exception):
+            raise ids
+        # With its text, as vLLM's own rendering of a text prompt keeps it.
+        prompt = {"prompt_token_ids": list(ids)} | ({"prompt": text} if text is not None else {})
+        parsed = self._parse_prompt(self.engine.model_config, prompt)
+        (engine_input,) = self.engine.renderer.render_cmpl([parsed], self._tok_params)
+        return engine_input
+
+
+def _logprobs(completion: Any, k: int) -> list[dict[str, Any]] | None:
+    """OpenAI-shaped logprobs: each generated token and the top ``k`` at its step.
+
+    vLLM adds the sampled token to a step's dict when it is outside the top k;
+    it is reported as the step's token but not listed among the top k.
+    """
+    if completion is None or completion.logprobs is None:
+        return None
+    steps = []
+    for token_id, step in zip(completion.token_ids, completion.logprobs, strict=False):
+        chosen = step.get(token_id)
+        top = sorted(
+            (lp for lp in step.values() if lp.rank is not None and 1 <= lp.rank <= k),
+            key=lambda lp: lp.rank,
+        )
+        steps.append(
+            {
+                "token": chosen.decoded_token if chosen else None,
+                "logprob": chosen.logprob if chosen else None,
+                "top_logprobs": [{"token": lp.decoded_token, "logprob": lp.logprob} for lp in top],
+            }
+        )
+    return steps

@@ -1,0 +1,365 @@
+"""Engine pools shared by jobs: one Ray Serve application per model, and the engine stage
+that sends a job's batches to it.
+
+A pool (``EnginePool``, a Serve deployment) holds one vLLM engine per replica, with
+priority scheduling on. Jobs stay Ray Data pipelines with drivers of their own; only
+their engine stage changes (``send_to_pool``): it hands each batch to the pool
+through a Serve handle instead of starting an engine, so the requests of every job
+meet in the same engines, where continuous batching serves them together. Serve
+places the replicas (GPUs, placement groups, accelerator types), checks their health,
+replaces dead ones and scales them between ``replicas.min`` and ``replicas.max``.
+
+Fair share. Each request carries a vLLM priority (lower runs first):
+``-job priority × 2**20 + the output tokens the job has had in this replica / 1024``
+(capped). A job's share follows its ``priority`` first, then how little it has had:
+a small job that just arrived outranks the queued requests of a long-running one, so
+its rows enter the engine as soon as running sequences finish, within a few steps.
+vLLM does not preempt running sequences for it (only a KV-cache shortage does),
+so the big job loses a few slots for a few steps. In front of the pool, each job
+keeps at most ``max_batches_in_flight`` batches in it (its admission limit).
+
+Faults. A replica whose engine died fails its calls with ``PoolReplicaLost`` and
+fails Serve's health check, which replaces it; the engine stage retries the batch
+under the job's per-batch ledger (``progress.BatchLedger``), as a job-local engine
+stage does, so a poison row still ends as an error row. A job whose tracker is gone
+(its driver was stopped or killed) or cancelled has its requests aborted in the
+engine within a second, while the other jobs go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import time
+from typing import Any
+
+import pyarrow as pa
+
+from llm_batch.errors import EngineUnavailable, LLMBatchError
+from llm_batch.pipeline.engine import BatchGate, given_up_results, report_batch
+from llm_batch.pipeline.engine_args import SamplingParamsCache
+from llm_batch.pipeline.generation import BatchInputs, Generator, RowResult, whereabouts
+from llm_batch.pipeline.progress import BatchLedger
+from llm_batch.pipeline.rows import BatchFinisher, batch_key
+
+__all__ = [
+    "POOL_PREFIX",
+    "EnginePool",
+    "JobCancelled",
+    "PoolReplicaLost",
+    "pool_app",
+    "pool_key",
+    "pool_name",
+    "send_to_pool",
+    "wait_for_pool",
+]
+
+logger = logging.getLogger(__name__)
+
+POOL_PREFIX = "llm-batch-pool-"
+DEPLOYMENT = "EnginePool"
+_PRIORITY_SPAN = 1 << 20
+_TOKENS_PER_STEP = 1024  # output tokens a job has had per step of its fair-share rank
+
+
+class JobCancelled(LLMBatchError):
+    """The job was cancelled while its batches were in a pool."""
+
+
+class PoolReplicaLost(Exception):
+    """The replica's engine died under the call (Serve replaces the replica)."""
+
+
+# What a pool is made of: everything that changes the engine. Not what a job does with it
+# (batch size, batches in flight, retries) nor how many replicas serve it.
+_ENGINE_FIELDS = ("path", "engine", "device", "accelerator_type", "placement_strategy")
+
+
+def pool_key(model: dict[str, Any]) -> str:
+    """The identity of the engine a model block asks for (equal keys share a pool)."""
+    identity = {k: model.get(k) for k in _ENGINE_FIELDS}
+    text = json.dumps(identity, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def pool_name(model: dict[str, Any]) -> str:
+    """The Serve application name of a model's pool."""
+    return POOL_PREFIX + pool_key(model)
+
+
+class EnginePool:
+    """The Serve deployment of a pool: one ``Generator`` (vLLM engine) per replica, shared by
+    the jobs that call ``generate``."""
+
+    def __init__(self, model: dict[str, Any]):
+        self.model = model
+        self.generator = Generator(model, shared=True)
+        self.where = whereabouts()
+        self.gate = BatchGate()
+        self.params: dict[str, SamplingParamsCache] = {}
+        self.served: dict[str, int] = {}  # job key -> output tokens it has had here
+        self.jobs: dict[str, dict[str, Any]] = {}  # job key -> {"name", "tracker"}
+        self.started_at = time.time()
+        self.last_request_at = time.time()
+        self._dead: BaseException | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def check_health(self) -> None:
+        """Serve's health check: a replica whose engine died is replaced."""
+        if self.generator.errored or self._dead is not None:
+            raise RuntimeError(f"the engine of this replica is dead ({self._dead})")
+
+    def _on_dead(self, cause: BaseException) -> None:
+        self._dead = cause
+
+    def _sampling(self, sampling: dict[str, Any]) -> SamplingParamsCache:
+        key = json.dumps(sampling, sort_keys=True, default=str)
+        cache = self.params.get(key)
+        if cache is None:
+            if len(self.params) > 256:
+                self.params.clear()
+            cache = self.params[key] = SamplingParamsCache(sampling)
+        return cache
+
+    def priority(self, job: dict[str, Any]) -> int:
+        """vLLM's priority for a job's next requests (lower runs first; see the module)."""
+        had = min(self.served.get(job["key"], 0) // _TOKENS_PER_STEP, _PRIORITY_SPAN - 1)
+        return -int(job.get("priority", 0)) * _PRIORITY_SPAN + had
+
+    async def generate(
+        self, inputs: BatchInputs, sampling: dict[str, Any], job: dict[str, Any], alone: bool
+    ) -> dict[str, Any]:
+        """One batch of one job: ``{"results": [RowResult], "engine": load, "aborted": bool}``.
+        ``job``: ``key`` (unique per run), ``name``, ``priority``, ``tracker`` (its progress
+        tracker, whose end or cancel aborts its requests). ``alone``: the batch was in an
+        engine that died; it runs with nothing beside it."""
+        if self._dead is not None or self.generator.errored:
+            raise PoolReplicaLost(f"the engine of this replica is dead ({self._dead})")
+        if self._watcher is None:
+            self._watcher = asyncio.ensure_future(self._watch_jobs())
+        key = job["key"]
+        self.jobs.setdefault(key, {"name": job.get("name"), "tracker": job.get("tracker")})
+        self.last_request_at = time.time()
+        async with self.gate.hold(exclusive=alone):
+            results = await self.generator.generate(
+                inputs,
+                self._sampling(sampling),
+                job=key,
+                priority=self.priority(job),
+                on_dead=self._on_dead,
+            )
+        self.last_request_at = time.time()
+        if self._dead is not None or self.generator.errored:
+            raise PoolReplicaLost(f"the engine of this replica died ({self._dead})")
+        self.served[key] = self.served.get(key, 0) + sum(r.output_tokens or 0 for r in results)
+        aborted = any(r.finish_reason == "abort" for r in results)
+        return {
+            "results": results,
+            "engine": {**self.where, **self.generator.load.take()},
+            "aborted": aborted,
+        }
+
+    async def abort(self, job_key: str) -> int:
+        return await self.generator.abort(job_key)
+
+    def stats(self) -> dict[str, Any]:
+        """What the service shows of this replica (``GET /v1/engines``)."""
+        in_engine = self.generator.jobs
+        return {
+            "jobs": {
+                self.jobs.get(key, {}).get("name") or key: count for key, count in in_engine.items()
+            },
+            "requests": sum(in_engine.values()),
+            "running": self.generator.load.running,
+            "waiting": self.generator.load.waiting,
+            "started_at": self.started_at,
+            "last_request_at": self.last_request_at,
+            "node_id": self.where.get("node_id"),
+        }
+
+    async def _watch_jobs(self) -> None:
+        """Abort the requests of jobs whose tracker ended (the driver was stopped or
+        killed) or says the job is cancelled; forget jobs with nothing left here."""
+        while True:
+            await asyncio.sleep(1.0)
+            in_engine = self.generator.jobs
+            for key in list(self.jobs):
+                if key not in in_engine:
+                    if time.time() - self.last_request_at > 60:
+                        self.jobs.pop(key, None)
+                    continue
+                if not await self._job_alive(self.jobs[key].get("tracker")):
+                    aborted = await self.generator.abort(key)
+                    logger.info("job %s ended or was cancelled: aborted %d requests", key, aborted)
+
+    @staticmethod
+    async def _job_alive(tracker: Any) -> bool:
+        if tracker is None:
+            return True
+        try:
+            return not await asyncio.wait_for(tracker.cancelled.remote(), timeout=10)
+        except TimeoutError:
+            return True  # a busy tracker is not a dead one
+        except Exception:  # noqa: BLE001 - RayActorError: the job's driver is gone
+            return False
+
+
+def pool_app(model: dict[str, Any], options: dict[str, Any]) -> Any:
+    """The Serve application of a pool: ``options`` from ``placement.pool_options``."""
+    from ray import serve
+
+    options = dict(options)
+    overrides = options.pop("engine_overrides", {})
+    engine = {**model["engine"], "extra_args": {**overrides, **model["engine"]["extra_args"]}}
+    deployment = serve.deployment(
+        EnginePool,
+        name=DEPLOYMENT,
+        # Calls are batches of jobs, each job keeping a few in flight.
+        max_ongoing_requests=1000,
+        health_check_period_s=2,
+        health_check_timeout_s=30,
+        graceful_shutdown_timeout_s=5,
+        **options,
+    )
+    return deployment.bind({**model, "engine": engine})
+
+
+def wait_for_pool(name: str, *, timeout: float = 1800.0, poll: float = 0.5) -> None:
+    """Until the pool's application runs; ``EngineUnavailable`` with Serve's message when
+    it failed to deploy (an engine that did not start) or does not exist."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout
+    while True:
+        apps = serve.status().applications
+        app = apps.get(name)
+        if app is None:
+            raise EngineUnavailable(f"the engine pool {name} does not exist (it was released)")
+        status = str(getattr(app.status, "value", app.status))
+        if status == "RUNNING":
+            return
+        if status == "DEPLOY_FAILED":
+            raise EngineUnavailable(f"the engine pool {name} failed to start: {_reason(app)}")
+        if time.monotonic() > deadline:
+            raise EngineUnavailable(f"the engine pool {name} did not start in {timeout:.0f}s")
+        time.sleep(poll)
+
+
+def _reason(app: Any) -> str:
+    messages = [str(app.message or "")]
+    for deployment in (app.deployments or {}).values():
+        messages.append(str(getattr(deployment, "message", "") or ""))
+    text = " ".join(m for m in messages if m)
+    found = [line for line in text.splitlines() if "EngineUnavailable" in line or "Error" in line]
+    return (found[-1] if found else text.strip().splitlines()[-1] if text.strip() else "").strip()
+
+
+@functools.lru_cache(maxsize=32)
+def _handle(name: str) -> Any:
+    from ray import serve
+
+    return serve.get_deployment_handle(DEPLOYMENT, app_name=name)
+
+
+@functools.lru_cache(maxsize=32)
+def _finisher(config: str) -> tuple[BatchFinisher, int, int]:
+    c = json.loads(config)
+    finisher = BatchFinisher(
+        c["sampling"], model_name=c["model_name"], metrics=c["metrics"], drop=c["drop"]
+    )
+    return finisher, int(c["max_retries"]), int(c["restart_limit"])
+
+
+def pool_stage_config(
+    model: dict[str, Any],
+    sampling: dict[str, Any],
+    *,
+    model_name: str | None,
+    metrics: dict[str, Any],
+    drop: list[str],
+) -> str:
+    """What ``send_to_pool`` needs of the job, as one string (cached per worker)."""
+    retries = int(model["max_batch_retries"])
+    return json.dumps(
+        {
+            "sampling": sampling,
+            "model_name": model_name,
+            "metrics": metrics,
+            "drop": drop,
+            "max_retries": retries,
+            # A pool restarts one replica at a time: as a job-local pool of one.
+            "restart_limit": BatchLedger.restart_limit(1, retries, model["max_batches_in_flight"]),
+        },
+        sort_keys=True,
+    )
+
+
+def send_to_pool(
+    batch: pa.Table, *, pool: str, config: str, job: dict[str, Any], progress: Any
+) -> pa.Table:
+    """``map_batches`` function: one batch of one job through its model's pool, and the
+    model's columns appended (``rows.BatchFinisher``). A plain task, not an actor: nothing
+    to start per job, so a small job pays nothing but the call."""
+    import ray
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    finisher, max_retries, restart_limit = _finisher(config)
+    model_name = finisher._model_name
+    started = time.monotonic()
+    key = batch_key(batch, model_name)
+    overrides = json.loads(config)["sampling"].get("overrides_column")
+    inputs = BatchInputs.from_table(batch, overrides_column=overrides)
+    sampling = json.loads(config)["sampling"]
+    wait_for_pool(pool)
+    while True:
+        decision: dict[str, Any] = {}
+        if key is not None and progress is not None:
+            decision = ray.get(
+                progress.begin_batch.remote(
+                    key, model=model_name, max_retries=max_retries, restart_limit=restart_limit
+                )
+            )
+        if decision.get("cancelled"):
+            raise JobCancelled("the job was cancelled")
+        if decision.get("broken"):
+            raise EngineUnavailable(f"model {model_name or 'default'}: {decision['broken']}")
+        if decision.get("give_up"):
+            logger.warning("%s: %d rows", decision["give_up"], batch.num_rows)
+            results: list[RowResult] = given_up_results(batch, decision["give_up"])
+            engine: dict[str, Any] = {}
+            given_up = True
+            break
+        alone = bool(decision.get("alone"))
+        if key is not None and progress is not None:
+            progress.enter_batch.remote(key, alone=alone)
+        try:
+            reply = _handle(pool).generate.remote(inputs, sampling, job, alone).result()
+        except (PoolReplicaLost, ActorDiedError, ActorUnavailableError, RayActorError) as e:
+            # The replica (or its engine) died with this batch in it: Serve replaces it,
+            # the ledger decides how the batch goes on (alone, or given up).
+            logger.warning("engine pool %s lost a replica: %s", pool, type(e).__name__)
+            if progress is not None:
+                progress.engine_started.remote(model_name)
+            with contextlib.suppress(EngineUnavailable):
+                wait_for_pool(pool, timeout=30)
+            continue
+        if reply["aborted"]:
+            raise JobCancelled("the job was cancelled: its requests were aborted in the pool")
+        results, engine, given_up = reply["results"], reply["engine"], False
+        break
+    out, report = finisher.finish(batch, results)
+    if progress is not None:
+        report_batch(
+            progress,
+            report,
+            model_name=model_name,
+            engine=engine,
+            seconds=time.monotonic() - started,
+            key=key,
+            given_up=given_up,
+        )
+    return out

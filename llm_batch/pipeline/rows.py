@@ -1,0 +1,197 @@
+"""A batch's output columns: what an engine stage appends to the Arrow table it got.
+
+``BatchFinisher`` turns one ``RowResult`` per row into this model's columns
+(``generated_text`` … ``error``, ``parsed``, ``logprobs``), marks structured outputs
+cut by ``max_tokens`` as error rows, and computes the batch's accumulator partial
+and report for the job's tracker. The carryover columns are never converted to
+Python objects: columns are appended to the table as it came.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from typing import Any
+
+import pyarrow as pa
+
+from llm_batch import columns
+from llm_batch.job.jsonschema import arrow_type_for_schema, coerce
+from llm_batch.pipeline.accumulators import AccumulatorSet, BatchView, JobContext
+from llm_batch.pipeline.generation import RowResult
+
+__all__ = [
+    "LOGPROBS_TYPE",
+    "BatchFinisher",
+    "BatchReport",
+    "batch_key",
+    "output_schema",
+    "structured_complete",
+]
+
+_TOP = pa.struct([("token", pa.string()), ("logprob", pa.float64())])
+# OpenAI's shape: one entry per generated token, with its top alternatives.
+LOGPROBS_TYPE = pa.list_(
+    pa.struct([("token", pa.string()), ("logprob", pa.float64()), ("top_logprobs", pa.list_(_TOP))])
+)
+
+
+def output_schema(
+    model_name: str | None, sampling: dict[str, Any]
+) -> list[tuple[str, pa.DataType]]:
+    """The columns one model appends, in order."""
+    types: dict[str, pa.DataType] = {
+        columns.GENERATED_TEXT: pa.string(),
+        columns.NUM_INPUT_TOKENS: pa.int32(),
+        columns.NUM_OUTPUT_TOKENS: pa.int32(),
+        columns.FINISH_REASON: pa.string(),
+        columns.ERROR: pa.string(),
+    }
+    structured = sampling.get("structured") or {}
+    if structured.get("parse"):
+        types[columns.PARSED] = arrow_type_for_schema(structured["json_schema"])
+    if sampling.get("logprobs") is not None:
+        types[columns.LOGPROBS] = LOGPROBS_TYPE
+    return [(columns.model_column(model_name, c), t) for c, t in types.items()]
+
+
+def structured_complete(text: str | None, structured: dict[str, Any] | None) -> bool:
+    """Whether a structured output's text is whole: one of the choices, a full match of
+    the regex, or JSON that parses. A generation cut by ``max_tokens`` usually is not."""
+    if text is None or not structured:
+        return True
+    if structured.get("choice"):
+        return text in structured["choice"]
+    if structured.get("regex") is not None:
+        return re.fullmatch(structured["regex"], text) is not None
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def batch_key(batch: pa.Table, model_name: str | None) -> str | None:
+    """A batch's key in the tracker's ledger: its row ids (stable across retries, unique but
+    for a prompt's n samples) and the model."""
+    if columns.ROW_ID not in batch.column_names:
+        return None
+    digest = hashlib.blake2b(batch.column(columns.ROW_ID).to_numpy().tobytes(), digest_size=12)
+    digest.update(str(model_name).encode())
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchReport:
+    """What a finished batch tells the job's tracker (``ProgressTracker.report``)."""
+
+    rows: int
+    failed: int
+    input_tokens: int
+    output_tokens: int
+    metrics: dict[str, Any]
+
+
+class BatchFinisher:
+    """Appends one model's columns to batches of one job (plain-dict configuration, as the
+    job spec's ``sampling`` and ``metrics`` blocks dump)."""
+
+    def __init__(
+        self,
+        sampling: dict[str, Any],
+        *,
+        model_name: str | None = None,
+        metrics: dict[str, Any] | None = None,
+        drop: list[str] | tuple[str, ...] = (),
+    ):
+        metrics = metrics or {}
+        self._sampling = sampling
+        self._structured = sampling.get("structured") or None
+        self._model_name = model_name
+        self._drop = list(drop)
+        self._label_column = metrics.get("label_column")
+        choices = (self._structured or {}).get("choice")
+        self._accumulators = AccumulatorSet(
+            JobContext(
+                label_column=self._label_column,
+                choices=tuple(choices) if choices else None,
+            ),
+            metrics.get("accumulators") or (),
+        )
+        self._schema = output_schema(model_name, sampling)
+        # The same columns without the model prefix: what accumulators read.
+        self._plain_names = [c for c, _ in output_schema(None, sampling)]
+        parse = (self._structured or {}).get("parse")
+        self._parsed_type = (
+            arrow_type_for_schema(self._structured["json_schema"]) if parse else None
+        )
+
+    def finish(self, batch: pa.Table, results: list[RowResult]) -> tuple[pa.Table, BatchReport]:
+        n = batch.num_rows
+        texts = [r.text for r in results]
+        finishes = [r.finish_reason for r in results]
+        errors = [r.error for r in results]
+        if self._structured:
+            for i in range(n):
+                if (
+                    errors[i] is None
+                    and finishes[i] == "length"
+                    and not structured_complete(texts[i], self._structured)
+                ):
+                    # The cut text stays in generated_text for inspection; the row is an
+                    # error row, never a prediction.
+                    errors[i] = (
+                        f"structured output cut at max_tokens after {results[i].output_tokens} "
+                        "tokens, before it was complete; raise sampling.max_tokens"
+                    )
+        values: list[list[Any]] = [
+            texts,
+            [r.input_tokens for r in results],
+            [r.output_tokens for r in results],
+            finishes,
+            errors,
+        ]
+        if self._parsed_type is not None:
+            parsed = []
+            for i in range(n):
+                value, problem = self._parse(texts[i], finishes[i])
+                parsed.append(value)
+                if problem is not None and errors[i] is None:
+                    errors[i] = problem
+            values.append(parsed)
+        if self._sampling.get("logprobs") is not None:
+            values.append([r.logprobs for r in results])
+
+        out = batch.drop_columns([c for c in self._drop if c in batch.column_names])
+        arrays = [pa.array(v, type=t) for (_, t), v in zip(self._schema, values, strict=True)]
+        for (name, _), arr in zip(self._schema, arrays, strict=True):
+            out = out.append_column(name, arr)
+
+        view = pa.Table.from_arrays(arrays, names=self._plain_names)
+        if self._label_column is not None:
+            view = view.append_column(self._label_column, batch.column(self._label_column))
+        latencies = pa.array([r.latency for r in results], pa.float64())
+        partial = self._accumulators.update(BatchView(view, latencies, self._model_name))
+        report = BatchReport(
+            rows=n,
+            failed=sum(1 for e in errors if e is not None),
+            input_tokens=sum(r.input_tokens or 0 for r in results),
+            output_tokens=sum(r.output_tokens or 0 for r in results),
+            metrics=partial,
+        )
+        return out, report
+
+    def _parse(self, text: str | None, finish: str | None) -> tuple[Any, str | None]:
+        if text is None:
+            return None, None
+        try:
+            return coerce(json.loads(text), self._parsed_type), None
+        except (ValueError, TypeError) as e:
+            hint = (
+                " (the generation was cut at max_tokens; raise sampling.max_tokens)"
+                if (finish == "length")
+                else ""
+            )
+            return None, f"output does not parse as the schema: {e}{hint}"
