@@ -45,6 +45,7 @@ __all__ = [
     "launch_driver",
     "output_writers",
     "submission_metadata",
+    "write_spec",
 ]
 
 logger = logging.getLogger(__name__)
@@ -82,12 +83,18 @@ def submission_metadata(spec: JobSpec, *, job_id: str | None = None) -> dict[str
     return metadata
 
 
-def entrypoint(spec_path: str, *, python: str | None = None, status: str | None = None) -> str:
+def entrypoint(
+    spec_path: str,
+    *,
+    python: str | None = None,
+    status: str | None = None,
+    extra: list[str] | None = None,
+) -> str:
     """The shell command that runs the job driver on ``spec_path`` as a Ray job, with
     ``python`` (default: this interpreter), keeping its status at ``status`` (default:
     ``_status.json`` in the output folder)."""
     args = [python or sys.executable, "-m", "llm_batch.pipeline.driver", spec_path]
-    return shlex.join(args + (["--status", status] if status else []))
+    return shlex.join(args + (["--status", status] if status else []) + (extra or []))
 
 
 def driver_env() -> dict[str, str]:
@@ -98,6 +105,16 @@ def driver_env() -> dict[str, str]:
 
 
 SPEC_NAME = "spec.json"
+POOLS_NAME = "pools.json"
+
+
+def write_spec(folder: Path, spec: JobSpec) -> Path:
+    """``folder/spec.json``, atomically."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{SPEC_NAME}.tmp"
+    tmp.write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
+    os.replace(tmp, folder / SPEC_NAME)
+    return folder / SPEC_NAME
 
 
 def launch_driver(
@@ -110,6 +127,7 @@ def launch_driver(
     python: str | None = None,
     job_id: str | None = None,
     clear_status: bool = True,
+    pools: dict[str | None, str] | None = None,
 ) -> bool:
     """Submit the driver of ``spec`` (absolute paths, validated) under ``submission_id``;
     False when Ray already runs that submission (then it is followed, not started again).
@@ -117,25 +135,30 @@ def launch_driver(
     The spec goes to ``spec_dir/spec.json`` when the cluster's nodes read that folder (the
     service's data directory); without one, it travels as the Ray job's working directory
     (uploaded by the Jobs API). With ``clear_status``, a status file left by an earlier
-    run is removed first: it would show that run's progress as this one's.
+    run is removed first: it would show that run's progress as this one's. ``pools``
+    (model name → Serve application of the service's shared pools) has the job's engine
+    stages send their batches there instead of starting engines.
     """
-    from llm_batch.pipeline.driver import default_status_uri, remove_status
+    from llm_batch.pipeline.driver import default_status_uri, remove_status, write_pools
 
-    body = json.dumps(spec.model_dump(mode="json"), indent=2)
     if clear_status:
         remove_status(status or default_status_uri(spec))
     metadata = submission_metadata(spec, job_id=job_id)
     env = {"env_vars": driver_env()}
+    extra = ["--job-name", job_id] if job_id else []
     if spec_dir is not None:
-        spec_dir.mkdir(parents=True, exist_ok=True)
-        tmp = spec_dir / f".{SPEC_NAME}.tmp"
-        tmp.write_text(body)
-        os.replace(tmp, spec_dir / SPEC_NAME)
-        command = entrypoint(str(spec_dir / SPEC_NAME), python=python, status=status)
+        write_spec(spec_dir, spec)
+        if pools:
+            write_pools(spec_dir / POOLS_NAME, pools)
+            extra += ["--pools", str(spec_dir / POOLS_NAME)]
+        command = entrypoint(str(spec_dir / SPEC_NAME), python=python, status=status, extra=extra)
         return jobs.submit(submission_id, command, runtime_env=env, metadata=metadata)
     with tempfile.TemporaryDirectory(prefix="llm-batch-run-") as folder:
-        (Path(folder) / SPEC_NAME).write_text(body)
-        command = entrypoint(SPEC_NAME, python=python, status=status)
+        write_spec(Path(folder), spec)
+        if pools:
+            write_pools(Path(folder) / POOLS_NAME, pools)
+            extra += ["--pools", POOLS_NAME]
+        command = entrypoint(SPEC_NAME, python=python, status=status, extra=extra)
         return jobs.submit(
             submission_id, command, runtime_env={**env, "working_dir": folder}, metadata=metadata
         )

@@ -24,6 +24,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from llm_batch.errors import LLMBatchError
@@ -34,8 +35,10 @@ __all__ = [
     "StatusFile",
     "default_status_uri",
     "main",
+    "read_pools",
     "read_status",
     "remove_status",
+    "write_pools",
 ]
 
 logger = logging.getLogger(__name__)
@@ -96,16 +99,30 @@ def remove_status(uri: str) -> None:
         fs.delete_file(path)
 
 
+def write_pools(path: Path, pools: dict[str | None, str]) -> None:
+    """The ``--pools`` file: model name (``""`` for a job's only model) → engine pool."""
+    path.write_text(json.dumps({"" if k is None else k: v for k, v in pools.items()}))
+
+
+def read_pools(path: str) -> dict[str | None, str]:
+    with open(path, encoding="utf-8") as f:
+        return {None if k == "" else k: v for k, v in json.load(f).items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llm_batch.pipeline.driver")
     parser.add_argument("spec", help="the job spec as a JSON (or YAML) file")
     parser.add_argument("--status", help="status file URI (default: <output>/_status.json)")
+    parser.add_argument(
+        "--pools", help="JSON file: model name → the service's engine pool to send it to"
+    )
+    parser.add_argument("--job-name", help="how engine pools name this job")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
 
-    from llm_batch.pipeline.run import plan_job, run_job
+    from llm_batch.pipeline.run import Engines, plan_job, run_job
 
     try:
         spec = JobSpec.from_file(args.spec)
@@ -129,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         status.write("running", None, force=True)
     try:
         plan = plan_job(spec)
-        result = run_job(spec, plan=plan, on_progress=on_progress)
+        engines = Engines()
+        if args.pools:
+            engines = Engines(pools=read_pools(args.pools), job=args.job_name)
+        result = run_job(spec, plan=plan, on_progress=on_progress, engines=engines)
     except LLMBatchError as e:
         if claimed:
             status.write("failed", last, str(e), force=True)

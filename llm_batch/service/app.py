@@ -22,7 +22,7 @@ from llm_batch.job.spec import JobSpec
 from llm_batch.service.api.deps import OpenAIState, ServiceState
 from llm_batch.service.api.errors import install_error_handlers
 from llm_batch.service.api.limits import RequestLimits
-from llm_batch.service.api.routes import batches, dashboard, files, health, jobs
+from llm_batch.service.api.routes import batches, dashboard, engines, files, health, jobs
 from llm_batch.service.api.routes import metrics as metrics_routes
 from llm_batch.service.catalog import ModelCatalog
 from llm_batch.service.files import FileStorage
@@ -30,6 +30,7 @@ from llm_batch.service.jobs import JobService
 from llm_batch.service.metrics import RequestTimer, ServiceMetrics
 from llm_batch.service.openai.runner import BatchRunner
 from llm_batch.service.openai.store import BatchStore
+from llm_batch.service.pools import HOST_PREFIX, EnginePools
 from llm_batch.service.raycluster import RayCluster
 from llm_batch.service.scheduler import Scheduler
 from llm_batch.service.settings import Settings
@@ -60,16 +61,23 @@ def create_app(
     catalog = ModelCatalog.from_file(settings.models)
     cluster = RayCluster(settings) if jobs_api is None else None
     jobs_api = jobs_api or RayJobs(cluster.jobs_address)  # type: ignore[union-attr]
-    metrics = ServiceMetrics(store, finished_window=settings.metrics_finished_window)
+    # Shared engine pools need the real Ray (Serve); a test's in-memory Jobs API has none.
+    pools = (
+        EnginePools(settings=settings, catalog=catalog, jobs=jobs_api)
+        if settings.shared_engines and cluster is not None
+        else None
+    )
+    metrics = ServiceMetrics(store, finished_window=settings.metrics_finished_window, pools=pools)
     scheduler = Scheduler(
         store=store,
         settings=settings,
         jobs=jobs_api,
         cluster=cluster,
         on_job_end=metrics.job_ended,
+        pools=pools,
     )
     job_service = JobService(store=store, settings=settings, catalog=catalog, scheduler=scheduler)
-    state = ServiceState(settings, store, catalog, jobs_api, cluster, scheduler, job_service)
+    state = ServiceState(settings, store, catalog, jobs_api, cluster, scheduler, job_service, pools)
     batch_store = BatchStore(store)
     runner = BatchRunner(jobs=job_service, batches=batch_store, settings=settings, catalog=catalog)
 
@@ -119,6 +127,7 @@ def create_app(
     app.include_router(jobs.router)
     app.include_router(files.router)
     app.include_router(batches.router)
+    app.include_router(engines.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
@@ -149,7 +158,8 @@ def _maybe_stop_ray(state: ServiceState) -> None:
     if cluster is None or not cluster.local or not state.settings.stop_ray_on_exit:
         return
     try:
-        unfinished = state.jobs.unfinished()
+        # The engine host never ends by itself; it goes with the head.
+        unfinished = [s for s in state.jobs.unfinished() if not s.startswith(HOST_PREFIX)]
     except ServiceUnavailable:
         unfinished = []
     except Exception:  # noqa: BLE001 - not knowing means keeping the head

@@ -7,7 +7,9 @@ The file maps a name to a ``model:`` block of the job format::
       engine: {max_model_len: 512, dtype: bfloat16}
 
 A submitted job may then say ``model: reviews-tiny``, or list the name among
-``models:`` (it becomes that entry's column prefix).
+``models:`` (it becomes that entry's column prefix). ``warm: true`` in a block (not
+part of the job format) asks the service to start that model's engine pool with the
+service and keep it up, not only while jobs use it.
 """
 
 from __future__ import annotations
@@ -25,8 +27,11 @@ __all__ = ["ModelCatalog"]
 
 
 class ModelCatalog:
-    def __init__(self, models: dict[str, dict[str, Any]] | None = None):
+    def __init__(
+        self, models: dict[str, dict[str, Any]] | None = None, *, warm: list[str] | None = None
+    ):
         self._models = dict(models or {})
+        self.warm = list(warm or [])
 
     @classmethod
     def from_file(cls, path: str | Path | None) -> ModelCatalog:
@@ -43,10 +48,16 @@ class ModelCatalog:
         if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
             raise JobSpecError(f"{source}: expected a mapping of model names to model blocks")
         models = {}
+        warm = []
         for name, block in data.items():
             if not isinstance(block, dict):
                 raise JobSpecError(f"{source}: {name}: expected a model block (path, engine, ...)")
             block = dict(block)
+            keep_warm = block.pop("warm", False)
+            if not isinstance(keep_warm, bool):
+                raise JobSpecError(f"{source}: {name}.warm: expected true or false")
+            if keep_warm:
+                warm.append(name)
             local = p.parent / str(block.get("path", ""))
             if block.get("path") and not Path(block["path"]).is_absolute() and local.exists():
                 block["path"] = str(local.resolve())
@@ -55,7 +66,7 @@ class ModelCatalog:
             except ValidationError as e:
                 raise JobSpecError(format_validation_error(e, source=f"{source}: {name}")) from None
             models[name] = block
-        return cls(models)
+        return cls(models, warm=warm)
 
     @property
     def names(self) -> list[str]:

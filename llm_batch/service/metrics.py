@@ -51,7 +51,7 @@ _QUANTILES = (("0.5", "p50_s"), ("0.9", "p90_s"), ("0.99", "p99_s"))
 class ServiceMetrics:
     """One service's registry and what feeds it."""
 
-    def __init__(self, store: JobStore, *, finished_window: float):
+    def __init__(self, store: JobStore, *, finished_window: float, pools: Any = None):
         self.registry = CollectorRegistry()
         self.requests = Histogram(
             "llm_batch_http_request_duration_seconds",
@@ -69,6 +69,8 @@ class ServiceMetrics:
             registry=self.registry,
         )
         self.registry.register(_JobCollector(store, finished_window=finished_window))
+        if pools is not None:
+            self.registry.register(_PoolCollector(pools))
 
     def job_ended(self, job: Job, status: JobStatus) -> None:
         """Observe a job's duration (the scheduler's ``on_job_end``)."""
@@ -189,6 +191,44 @@ def _families() -> dict[str, Any]:
             "summary",
         ),
     }
+
+
+class _PoolCollector(Collector):
+    """The service's engine pools, as the engine host last reported them (``pools.py``)."""
+
+    def __init__(self, pools: Any):
+        self._pools = pools
+
+    def collect(self) -> Iterable[Metric]:
+        labels = ["pool", "model"]
+        state = GaugeMetricFamily(
+            "llm_batch_engine_pool_up",
+            "1 per engine pool, labelled with its state (starting, running, releasing, ...).",
+            labels=[*labels, "state"],
+        )
+        replicas = GaugeMetricFamily(
+            "llm_batch_engine_pool_replicas", "Replicas running.", labels=labels
+        )
+        jobs = GaugeMetricFamily(
+            "llm_batch_engine_pool_jobs", "Running jobs attached to the pool.", labels=labels
+        )
+        requests = GaugeMetricFamily(
+            "llm_batch_engine_pool_requests",
+            "Requests in the pool's engine (one replica's view).",
+            labels=labels,
+        )
+        try:
+            pools = self._pools.list()
+        except Exception:  # noqa: BLE001 - a scrape never fails on the pools
+            logger.exception("metrics: the engine pools could not be read")
+            pools = []
+        for pool in pools:
+            key = [pool["id"], str(pool["model"])]
+            state.add_metric([*key, pool["state"]], 1)
+            replicas.add_metric(key, pool["replicas"] or 0)
+            jobs.add_metric(key, len(pool["jobs"]))
+            requests.add_metric(key, pool["requests"] or 0)
+        yield from (state, replicas, jobs, requests)
 
 
 class _JobCollector(Collector):

@@ -27,11 +27,22 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from llm_batch.drivers import JobsAPI, busy_output, driver_error, launch_driver, output_writers
+from llm_batch.drivers import (
+    SPEC_NAME,
+    JobsAPI,
+    busy_output,
+    driver_error,
+    launch_driver,
+    output_writers,
+    write_spec,
+)
 from llm_batch.errors import LLMBatchError, ServiceUnavailable
 from llm_batch.job.spec import JobSpec
+from llm_batch.pipeline.driver import remove_status
+from llm_batch.service.pools import HOST_PREFIX, EnginePools
 from llm_batch.service.raycluster import RayCluster
 from llm_batch.service.settings import Settings
 from llm_batch.service.store import ACTIVE, Job, JobStatus, JobStore, initial_progress
@@ -65,10 +76,15 @@ class Scheduler:
         jobs: JobsAPI,
         cluster: RayCluster | None = None,
         on_job_end: Callable[[Job, JobStatus], None] | None = None,
+        pools: EnginePools | None = None,
     ):
         """``on_job_end(job, status)`` is called once for each job this scheduler ends (the
-        job as it was followed, before it ended): the service's metrics observe durations."""
+        job as it was followed, before it ended): the service's metrics observe durations.
+        With ``pools``, jobs run on the service's shared engine pools, small ones in its
+        engine host (``pools.py``); without, each job starts engines of its own."""
         self.store = store
+        self.pools = pools
+        self._specs: dict[str, JobSpec] = {}
         self._on_job_end = on_job_end
         self.settings = settings
         self.jobs = jobs
@@ -124,6 +140,8 @@ class Scheduler:
     # -- one pass --------------------------------------------------------------------
 
     def run_once(self) -> None:
+        if self.pools is not None:
+            self.pools.ensure_host()
         for job in self.store.active():
             try:
                 self._follow(job)
@@ -133,8 +151,26 @@ class Scheduler:
                 # One job's surprise must not stop the others from being followed.
                 logger.exception("job %s: following it failed; retrying", job.id)
         self._start_queued()
+        if self.pools is not None:
+            running = self.store.active()
+            self.pools.write_desired([(job.id, self._spec(job)) for job in running])
+            for gone in set(self._specs) - {job.id for job in running}:
+                self._specs.pop(gone, None)
+
+    def _spec(self, job: Job) -> JobSpec:
+        spec = self._specs.get(job.id)
+        if spec is None:
+            spec = self._specs[job.id] = JobSpec.from_dict(job.spec, source=f"job {job.id}")
+        return spec
+
+    def _hosted(self, job: Job) -> bool:
+        """Whether a job runs in the service's engine host (not a driver of its own)."""
+        return bool(job.ray_submission_id and job.ray_submission_id.startswith(HOST_PREFIX))
 
     def _follow(self, job: Job) -> None:
+        if self._hosted(job):
+            self._follow_hosted(job)
+            return
         submission = job.ray_submission_id or job.id
         state = self.jobs.status(submission)
         if state is None:
@@ -159,6 +195,28 @@ class Scheduler:
             )
         else:
             logger.warning("job %s: unexpected Ray job status %s", job.id, state)
+
+    def _follow_hosted(self, job: Job) -> None:
+        """A job of the engine host: its status file says how it goes; Ray says whether the
+        host (that ran it) still runs."""
+        assert self.pools is not None and job.ray_submission_id is not None
+        if job.status == JobStatus.CANCELLING.value and job.id not in self._stop_sent:
+            logger.info("job %s: cancelling it in the engine host", job.id)
+            self.pools.cancel(job.id)
+            self._stop_sent.add(job.id)
+        status = _read_status(status_uri(self.settings, job.id)) or {}
+        progress = self._merge_progress(job, status.get("progress"))
+        state = status.get("state")
+        if state == "succeeded":
+            self._end(job, JobStatus.SUCCEEDED, progress)
+        elif state == "cancelled":
+            self._end(job, JobStatus.CANCELLED, progress)
+        elif state == "failed":
+            self._end(job, JobStatus.FAILED, progress, error=str(status.get("error")))
+        elif self.jobs.status(job.ray_submission_id) not in _RAY_ACTIVE:
+            self._lost(job)
+        else:
+            self._write_progress(job, progress)
 
     def _lost(self, job: Job) -> None:
         if job.status == JobStatus.CANCELLING.value:
@@ -212,8 +270,11 @@ class Scheduler:
         if free <= 0:
             return
         for job in self.store.next_queued(free):
-            if not self.store.claim(job.id, submission_id=job.id):
+            hosted = self.pools is not None and self._small(job)
+            submission = self.pools.host_id if hosted and self.pools is not None else job.id
+            if not self.store.claim(job.id, submission_id=submission):
                 continue  # cancelled in between
+            job.ray_submission_id = submission
             try:
                 self._submit(job)
             except ServiceUnavailable:
@@ -227,6 +288,19 @@ class Scheduler:
                     job.id, JobStatus.FAILED, error=f"could not start the job on Ray: {e}"
                 )
 
+    def _small(self, job: Job) -> bool:
+        """A job small enough for the engine host: at most ``small_job_rows`` rows, or, when
+        its rows are unknown before reading (JSONL, CSV), at most ``small_job_bytes``."""
+        spec = self._spec(job)
+        rows = (job.progress or {}).get("rows_total")
+        if rows is not None:
+            return int(rows) * spec.sampling.n <= self.settings.small_job_rows
+        path = Path(spec.input.path.removeprefix("file://"))
+        if "://" in spec.input.path.removeprefix("file://") or not path.exists():
+            return False
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+        return sum(f.stat().st_size for f in files) <= self.settings.small_job_bytes
+
     def _submit(self, job: Job) -> None:
         spec = JobSpec.from_dict(job.spec, source=f"job {job.id}").with_output(job.output_path)
         # Two drivers on one output delete each other's uncommitted part files and
@@ -234,14 +308,25 @@ class Scheduler:
         other = next((s for s in output_writers(self.jobs, job.output_path) if s != job.id), None)
         if other is not None:
             raise LLMBatchError(busy_output(job.output_path, other))
+        pools = self.pools.pools_for(spec) if self.pools is not None else {}
+        folder = self.settings.jobs_dir / job.id
+        status = status_uri(self.settings, job.id)
+        if self._hosted(job):
+            assert self.pools is not None
+            write_spec(folder, spec)
+            remove_status(status)
+            self.pools.run(job.id, spec_path=folder / SPEC_NAME, status=status, pools=pools)
+            logger.info("job %s: running in the engine host", job.id)
+            return
         fresh = launch_driver(
             self.jobs,
             spec,
             submission_id=job.id,
-            spec_dir=self.settings.jobs_dir / job.id,
-            status=status_uri(self.settings, job.id),
+            spec_dir=folder,
+            status=status,
             job_id=job.id,
             clear_status=self.jobs.status(job.id) is None,
+            pools=pools,
         )
         if fresh:
             logger.info("job %s: submitted to Ray", job.id)

@@ -161,3 +161,29 @@ def to_public(job: Job) -> JobPublic:
         error=job.error,
         spec=job.spec,
     )
+
+
+class EnginePool(BaseModel):
+    object: Literal["engine_pool"] = "engine_pool"
+    id: str = Field(description="The pool's id (its Ray Serve application).")
+    model: str | None = Field(description="The catalog's name of its model, else its path.")
+    path: str | None = Field(default=None, description="The model's path.")
+    state: str = Field(
+        description="starting, running, deploying (a replica being replaced), releasing, "
+        "failed (the error says why)."
+    )
+    replicas: int = Field(default=0, description="Replicas running.")
+    warm: bool = Field(default=False, description="Kept up with the service (`warm: true`).")
+    jobs: list[str] = Field(default_factory=list, description="Running jobs attached to it.")
+    requests: int = Field(default=0, description="Requests in its engines (one replica's).")
+    running: int | None = Field(default=None, description="Sequences its engine runs.")
+    waiting: int | None = Field(default=None, description="Requests queued in its engine.")
+    idle_since: float | None = Field(
+        default=None, description="Unix time since when no job used it (null while used)."
+    )
+    error: str | None = Field(default=None, description="Why it failed to start.")
+
+
+class EngineList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EnginePool]

@@ -40,7 +40,30 @@ class Settings(BaseSettings):
         description="YAML file mapping model names to `model:` blocks of the job format; "
         "a job may then say `model: <name>`.",
     )
-    max_running_jobs: int = Field(default=1, ge=1, description="Jobs running on Ray at once.")
+    max_running_jobs: int = Field(
+        default=8,
+        ge=1,
+        description="Jobs running at once; their requests meet in the shared engine pools.",
+    )
+    shared_engines: bool = Field(
+        default=True,
+        description="Run jobs on engine pools the service keeps warm and shares between jobs "
+        "(Ray Serve); off: every job starts engines of its own, as `llm-batch run` does.",
+    )
+    engine_idle_seconds: float = Field(
+        default=600.0,
+        ge=0,
+        description="An engine pool no job has used for this long is released (its GPUs "
+        "freed); catalog models with `warm: true` are kept.",
+    )
+    small_job_rows: int = Field(
+        default=2000,
+        ge=0,
+        description="Jobs of at most this many rows (or, when the count is unknown before "
+        "reading, JSONL/CSV inputs of at most small_job_bytes) run in the service's "
+        "long-lived driver, paying no driver start of their own.",
+    )
+    small_job_bytes: int = Field(default=1 << 20, ge=0, description="See small_job_rows.")
     api_keys: str | None = Field(
         default=None,
         description="Comma-separated API keys; when set (or api_keys_file), every route but "

@@ -80,7 +80,7 @@ class InMemoryRay:
 
 @pytest.fixture
 def settings(tmp_path: Path, db_url: str) -> Settings:
-    return Settings(data_dir=tmp_path / "data", db=db_url, progress_interval=0)
+    return Settings(data_dir=tmp_path / "data", db=db_url, progress_interval=0, max_running_jobs=1)
 
 
 @pytest.fixture
@@ -167,7 +167,9 @@ def test_submission_runs_the_driver_on_the_final_spec(scheduler, store, settings
     assert spec["output"]["path"] == str(settings.outputs_dir / job_id)
     entrypoint = ray.jobs[job_id]["entrypoint"]
     status = settings.jobs_dir / job_id / "status.json"
-    assert entrypoint.endswith(f"-m llm_batch.pipeline.driver {spec_path} --status {status}")
+    assert entrypoint.endswith(
+        f"-m llm_batch.pipeline.driver {spec_path} --status {status} --job-name {job_id}"
+    )
     assert "VLLM_LOGGING_LEVEL" in ray.jobs[job_id]["runtime_env"]["env_vars"]
     assert store.get(job_id).ray_submission_id == job_id
     # What `llm-batch run --address` looks for before it writes an output.

@@ -16,6 +16,7 @@ from llm_batch.service.jobs import JobService, Principal
 from llm_batch.service.metrics import ServiceMetrics
 from llm_batch.service.openai.runner import BatchRunner
 from llm_batch.service.openai.store import BatchStore
+from llm_batch.service.pools import EnginePools
 from llm_batch.service.raycluster import RayCluster
 from llm_batch.service.scheduler import Scheduler
 from llm_batch.service.settings import Settings
@@ -28,6 +29,7 @@ __all__ = [
     "FileStorageDep",
     "OpenAIState",
     "Principal",
+    "PoolsDep",
     "PrincipalDep",
     "authenticate",
     "JobServiceDep",
@@ -51,6 +53,7 @@ class ServiceState:
     cluster: RayCluster | None
     scheduler: Scheduler
     job_service: JobService
+    pools: EnginePools | None = None
 
 
 def _state(request: Request) -> ServiceState:
@@ -81,12 +84,17 @@ def _job_service(request: Request) -> JobService:
     return _state(request).job_service
 
 
+def _pools(request: Request) -> EnginePools | None:
+    return _state(request).pools
+
+
 SettingsDep = Annotated[Settings, Depends(_settings)]
 StoreDep = Annotated[JobStore, Depends(_store)]
 CatalogDep = Annotated[ModelCatalog, Depends(_catalog)]
 JobsAPIDep = Annotated[JobsAPI, Depends(_jobs)]
 SchedulerDep = Annotated[Scheduler, Depends(_scheduler)]
 JobServiceDep = Annotated[JobService, Depends(_job_service)]
+PoolsDep = Annotated[EnginePools | None, Depends(_pools)]
 
 
 def _metrics(request: Request) -> ServiceMetrics:

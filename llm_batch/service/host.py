@@ -1,0 +1,375 @@
+"""The service's engine host: one long-lived driver on the Ray cluster.
+
+    python -m llm_batch.service.host HOST_FOLDER
+
+The service launches it through Ray's Jobs API (``pools.EnginePools``) and talks to
+it through files in ``HOST_FOLDER`` (``<data_dir>/host``, shared with the cluster's
+nodes in cluster mode), so the service itself never becomes a Ray driver and
+survives a Ray restart:
+
+    desired.json   written by the service: the pools it wants (model block, warm,
+                   the jobs attached to each), the idle time after which an unused
+                   pool is released
+    inbox/         messages from the service: ``run`` a small job here, ``cancel``
+                   one, ``release`` a pool
+    state.json     written here every second: the pools (Serve's status, replicas,
+                   requests in their engines, jobs seen, idle since) and the jobs
+                   running here
+
+It owns the engine pools (Ray Serve applications, ``pipeline/pool.py``): it deploys
+the pools desired, releases those idle for ``idle_seconds`` with no job attached,
+releases idle pools of other models when a new pool needs GPUs they hold, and
+finds its pools again after a restart (Serve keeps them; a pool nobody wants is
+released once idle). It also runs small jobs in threads of its own: a fresh
+driver process costs seconds (process start, imports, Ray Data planning, an actor
+per stage) that a ten-row job should not pay. Each such job keeps a status file as
+a job driver does (``pipeline/driver.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import json
+import logging
+import os
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Host", "Mailbox", "main", "read_json", "write_json"]
+
+logger = logging.getLogger("llm_batch.host")
+
+DESIRED = "desired.json"
+STATE = "state.json"
+INBOX = "inbox"
+
+
+def write_json(path: Path, body: Any) -> None:
+    """Atomically: a temporary name, then a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(body, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+class Mailbox:
+    """Messages as files, one each, read in the order they were sent."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def send(self, kind: str, body: dict[str, Any]) -> None:
+        name = f"{time.time_ns():020d}-{kind}-{uuid.uuid4().hex[:8]}.json"
+        write_json(self.folder / name, {"kind": kind, **body})
+
+    def receive(self) -> list[tuple[Path, dict[str, Any]]]:
+        if not self.folder.is_dir():
+            return []
+        out = []
+        for path in sorted(self.folder.glob("*.json")):
+            message = read_json(path)
+            if isinstance(message, dict):
+                out.append((path, message))
+        return out
+
+
+class Host:
+    def __init__(self, folder: Path, *, poll: float = 0.1, max_jobs: int = 16):
+        self.folder = folder
+        self.mailbox = Mailbox(folder / INBOX)
+        self.poll = poll
+        self.jobs: dict[str, threading.Event] = {}  # running here: job id -> its cancel
+        self.pools: dict[str, dict[str, Any]] = {}  # Serve app name -> what is known
+        self.starting: dict[str, threading.Thread] = {}
+        self.failed: dict[str, str] = {}  # pools that did not start -> why
+        self.detached_at: dict[str, float] = {}
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max_jobs, thread_name_prefix="llm-batch-job"
+        )
+        self._lock = threading.Lock()
+        self._last_refresh = 0.0
+        self._stopping = threading.Event()
+
+    # -- the loop --------------------------------------------------------------------
+
+    def run(self) -> None:
+        from ray import serve
+
+        serve.start(proxy_location="Disabled")  # handles only: no HTTP proxy on the nodes
+        logger.info("engine host up; pools found: %s", ", ".join(self._deployed()) or "none")
+        while not self._stopping.is_set():
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - one bad pass must not end the host
+                logger.exception("host pass failed")
+                self._stopping.wait(1.0)
+            self._stopping.wait(self.poll)
+
+    def step(self) -> None:
+        for path, message in self.mailbox.receive():
+            try:
+                self._handle(message)
+            except Exception:  # noqa: BLE001
+                logger.exception("message %s failed", message.get("kind"))
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        now = time.monotonic()
+        if now - self._last_refresh >= 1.0:
+            self._last_refresh = now
+            self.reconcile(read_json(self.folder / DESIRED) or {})
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        kind = message["kind"]
+        if kind == "run":
+            self._run_job(message)
+        elif kind == "cancel":
+            cancel = self.jobs.get(message["job_id"])
+            if cancel is not None:
+                cancel.set()
+        elif kind == "release":
+            self._release(message["pool"], why="released on request")
+        else:
+            logger.warning("unknown message %r", kind)
+
+    # -- pools ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _deployed() -> dict[str, str]:
+        from ray import serve
+
+        from llm_batch.pipeline.pool import POOL_PREFIX
+
+        return {
+            name: str(getattr(app.status, "value", app.status))
+            for name, app in serve.status().applications.items()
+            if name.startswith(POOL_PREFIX)
+        }
+
+    def reconcile(self, desired: dict[str, Any]) -> None:
+        """Deploy the pools desired, release the idle ones, write ``state.json``."""
+        wanted: dict[str, dict[str, Any]] = desired.get("pools") or {}
+        idle_seconds = float(desired.get("idle_seconds") or 600)
+        deployed = self._deployed()
+        for name, want in wanted.items():
+            if (want.get("jobs") or want.get("warm")) and name not in deployed:
+                self._ensure(name, want["model"], deployed, wanted)
+        now = time.time()
+        states = {}
+        for name, status in deployed.items():
+            want = wanted.get(name) or {}
+            attached = list(want.get("jobs") or [])
+            stats = self._stats(name) if status == "RUNNING" else {}
+            if attached:
+                self.detached_at.pop(name, None)
+            else:
+                self.detached_at.setdefault(name, now)
+            last = max(
+                float(stats.get("last_request_at") or 0),
+                self.detached_at.get(name, now) if not attached else now,
+            )
+            idle = not attached and not stats.get("requests")
+            state = {
+                "status": status,
+                "model": want.get("model") or self.pools.get(name, {}).get("model"),
+                "warm": bool(want.get("warm")),
+                "jobs_attached": attached,
+                "jobs_in_engine": stats.get("jobs") or {},
+                "requests": stats.get("requests", 0),
+                "running": stats.get("running"),
+                "waiting": stats.get("waiting"),
+                "replicas": self._replicas(name),
+                "idle_since": last if idle else None,
+                "started_at": stats.get("started_at"),
+            }
+            states[name] = state
+            if idle and not want.get("warm") and status == "RUNNING" and now - last >= idle_seconds:
+                self._release(name, why=f"idle for {now - last:.0f}s")
+                state["status"] = "RELEASING"
+        for name in self.starting:
+            states.setdefault(
+                name, {"status": "STARTING", "model": wanted.get(name, {}).get("model")}
+            )
+        for name, why in self.failed.items():
+            states.setdefault(name, {"status": "FAILED", "error": why})
+        self.pools = states
+        write_json(
+            self.folder / STATE,
+            {"updated_at": now, "pools": states, "jobs": sorted(self.jobs)},
+        )
+
+    def _ensure(
+        self, name: str, model: dict[str, Any], deployed: dict[str, str], wanted: dict[str, Any]
+    ) -> None:
+        if name in self.starting or name in self.failed:
+            return
+        import ray
+
+        from llm_batch.pipeline.placement import gpus_of, pool_options
+        from llm_batch.pipeline.pool import pool_app
+
+        options = pool_options(model, cluster_gpus=ray.cluster_resources().get("GPU", 0))
+        needed = gpus_of(options)
+        if needed:
+            self._make_room(needed, keep=name, deployed=deployed, wanted=wanted)
+
+        def deploy() -> None:
+            from ray import serve
+
+            try:
+                serve.run(pool_app(model, options), name=name, route_prefix=None)
+                logger.info("pool %s (%s) is up", name, model.get("path"))
+            except Exception as e:  # noqa: BLE001 - Serve's own words, for the jobs waiting
+                logger.exception("pool %s failed to start", name)
+                self.failed[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1]}"
+            finally:
+                self.starting.pop(name, None)
+
+        logger.info("starting pool %s for %s", name, model.get("path"))
+        thread = threading.Thread(target=deploy, name=f"deploy-{name}", daemon=True)
+        self.starting[name] = thread
+        thread.start()
+
+    def _make_room(
+        self, needed: float, *, keep: str, deployed: dict[str, str], wanted: dict[str, Any]
+    ) -> None:
+        """Release idle pools of other models until the cluster has ``needed`` GPUs free:
+        a job waiting for GPUs an unused pool holds would wait for nothing."""
+        import ray
+
+        free = ray.available_resources().get("GPU", 0)
+        if free >= needed:
+            return
+        idle = sorted(
+            (
+                (state.get("idle_since") or 0, name)
+                for name, state in self.pools.items()
+                if name != keep
+                and name in deployed
+                and not (wanted.get(name) or {}).get("jobs")
+                and not state.get("requests")
+            ),
+        )
+        for _, name in idle:
+            logger.info("releasing idle pool %s: pool %s needs %.0f GPU(s)", name, keep, needed)
+            self._release(name, why=f"its GPUs are needed by {keep}", blocking=True)
+            free = ray.available_resources().get("GPU", 0)
+            if free >= needed:
+                return
+
+    def _release(self, name: str, *, why: str, blocking: bool = False) -> None:
+        from ray import serve
+
+        logger.info("releasing pool %s: %s", name, why)
+        self.failed.pop(name, None)
+        self.detached_at.pop(name, None)
+        serve.delete(name, _blocking=blocking)
+        if blocking:
+            deadline = time.monotonic() + 60
+            while name in self._deployed() and time.monotonic() < deadline:
+                time.sleep(0.5)
+
+    @staticmethod
+    def _stats(name: str) -> dict[str, Any]:
+        from ray import serve
+
+        from llm_batch.pipeline.pool import DEPLOYMENT
+
+        try:
+            handle = serve.get_deployment_handle(DEPLOYMENT, app_name=name)
+            return dict(handle.stats.remote().result(timeout_s=5))
+        except Exception:  # noqa: BLE001 - a replica starting or being replaced
+            return {}
+
+    @staticmethod
+    def _replicas(name: str) -> int:
+        from ray import serve
+
+        from llm_batch.pipeline.pool import DEPLOYMENT
+
+        app = serve.status().applications.get(name)
+        if app is None or DEPLOYMENT not in app.deployments:
+            return 0
+        states = app.deployments[DEPLOYMENT].replica_states or {}
+        return int(sum(v for k, v in states.items() if str(k).endswith("RUNNING")))
+
+    # -- jobs ----------------------------------------------------------------------------
+
+    def _run_job(self, message: dict[str, Any]) -> None:
+        job_id = message["job_id"]
+        with self._lock:
+            if job_id in self.jobs:
+                return  # already running here (a message sent twice)
+            cancel = self.jobs[job_id] = threading.Event()
+        self._executor.submit(self._job, job_id, message, cancel)
+
+    def _job(self, job_id: str, message: dict[str, Any], cancel: threading.Event) -> None:
+        from llm_batch.errors import LLMBatchError
+        from llm_batch.job.spec import JobSpec
+        from llm_batch.pipeline.driver import StatusFile
+        from llm_batch.pipeline.pool import JobCancelled
+        from llm_batch.pipeline.run import Engines, plan_job, run_job
+
+        status = StatusFile(message["status"])
+        last: dict[str, Any] | None = None
+
+        def on_progress(snap: dict[str, Any]) -> None:
+            nonlocal last
+            first = last is None
+            last = snap
+            status.write("running", snap, force=first)
+
+        pools = {None if k == "" else k: v for k, v in (message.get("pools") or {}).items()}
+        try:
+            status.write("running", None, force=True)
+            spec = JobSpec.from_file(message["spec"])
+            result = run_job(
+                spec,
+                plan=plan_job(spec),
+                on_progress=on_progress,
+                engines=Engines(pools=pools, job=job_id),
+                cancel=cancel,
+            )
+            status.write("succeeded", result.progress, force=True)
+        except JobCancelled as e:
+            status.write("cancelled", last, str(e), force=True)
+        except LLMBatchError as e:
+            status.write("cancelled" if cancel.is_set() else "failed", last, str(e), force=True)
+        except Exception as e:  # noqa: BLE001 - the job's failure, not the host's
+            logger.exception("job %s failed", job_id)
+            state = "cancelled" if cancel.is_set() else "failed"
+            status.write(state, last, f"{type(e).__name__}: {e}", force=True)
+        finally:
+            with self._lock:
+                self.jobs.pop(job_id, None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llm_batch.service.host")
+    parser.add_argument("folder", type=Path, help="the service's host folder (<data_dir>/host)")
+    parser.add_argument("--max-jobs", type=int, default=16, help="small jobs run at once")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from llm_batch.pipeline.run import ensure_ray
+
+    ensure_ray()
+    Host(args.folder, max_jobs=args.max_jobs).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
