@@ -243,13 +243,15 @@ def wait_for_pool(name: str, *, timeout: float = 1800.0, poll: float = 0.5) -> N
         if status == "RUNNING":
             return
         if status == "DEPLOY_FAILED":
-            raise EngineUnavailable(f"the engine pool {name} failed to start: {_reason(app)}")
+            raise EngineUnavailable(
+                f"the engine pool {name} failed to start: {failure_reason(app)}"
+            )
         if time.monotonic() > deadline:
             raise EngineUnavailable(f"the engine pool {name} did not start in {timeout:.0f}s")
         time.sleep(poll)
 
 
-def _reason(app: Any) -> str:
+def failure_reason(app: Any) -> str:
     messages = [str(app.message or "")]
     for deployment in (app.deployments or {}).values():
         messages.append(str(getattr(deployment, "message", "") or ""))

@@ -93,9 +93,8 @@ class Host:
         self.poll = poll
         self.jobs: dict[str, threading.Event] = {}  # running here: job id -> its cancel
         self.pools: dict[str, dict[str, Any]] = {}  # Serve app name -> what is known
-        self.starting: dict[str, threading.Thread] = {}
-        self.failed: dict[str, str] = {}  # pools that did not start -> why
         self.detached_at: dict[str, float] = {}
+        self.released: list[dict[str, Any]] = []  # the last pools released, and why
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=max_jobs, thread_name_prefix="llm-batch-job"
         )
@@ -195,27 +194,33 @@ class Host:
                 "started_at": stats.get("started_at"),
             }
             states[name] = state
-            if idle and not want.get("warm") and status == "RUNNING" and now - last >= idle_seconds:
-                self._release(name, why=f"idle for {now - last:.0f}s")
+            if status == "DEPLOY_FAILED":
+                state["error"] = self._failure(name)
+                if not attached:  # its jobs have failed with the reason; the next try anew
+                    self._release(name, why=f"it failed to start: {state['error']}")
+                    state["status"] = "RELEASING"
+                    continue
+            if idle and not want.get("warm") and now - last >= idle_seconds:
+                # Also a pool that never started (failed, or waiting for resources the
+                # cluster lacks) once nobody wants it: it must not hold what it got.
+                self._release(name, why=f"unused for {now - last:.0f}s")
                 state["status"] = "RELEASING"
-        for name in self.starting:
-            states.setdefault(
-                name, {"status": "STARTING", "model": wanted.get(name, {}).get("model")}
-            )
-        for name, why in self.failed.items():
-            states.setdefault(name, {"status": "FAILED", "error": why})
         self.pools = states
         write_json(
             self.folder / STATE,
-            {"updated_at": now, "pools": states, "jobs": sorted(self.jobs)},
+            {
+                "updated_at": now,
+                "pools": states,
+                "jobs": sorted(self.jobs),
+                "released": self.released,
+            },
         )
 
     def _ensure(
         self, name: str, model: dict[str, Any], deployed: dict[str, str], wanted: dict[str, Any]
     ) -> None:
-        if name in self.starting or name in self.failed:
-            return
         import ray
+        from ray import serve
 
         from llm_batch.pipeline.placement import gpus_of, pool_options
         from llm_batch.pipeline.pool import pool_app
@@ -224,23 +229,12 @@ class Host:
         needed = gpus_of(options)
         if needed:
             self._make_room(needed, keep=name, deployed=deployed, wanted=wanted)
-
-        def deploy() -> None:
-            from ray import serve
-
-            try:
-                serve.run(pool_app(model, options), name=name, route_prefix=None)
-                logger.info("pool %s (%s) is up", name, model.get("path"))
-            except Exception as e:  # noqa: BLE001 - Serve's own words, for the jobs waiting
-                logger.exception("pool %s failed to start", name)
-                self.failed[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1]}"
-            finally:
-                self.starting.pop(name, None)
-
         logger.info("starting pool %s for %s", name, model.get("path"))
-        thread = threading.Thread(target=deploy, name=f"deploy-{name}", daemon=True)
-        self.starting[name] = thread
-        thread.start()
+        # Not waiting here: a pool takes tens of seconds to start, while jobs go on. Its
+        # state is Serve's (DEPLOYING, RUNNING, DEPLOY_FAILED), read on every pass; the
+        # jobs waiting for it read it too (pool.wait_for_pool).
+        serve._run(pool_app(model, options), name=name, route_prefix=None, _blocking=False)
+        deployed[name] = "DEPLOYING"
 
     def _make_room(
         self, needed: float, *, keep: str, deployed: dict[str, str], wanted: dict[str, Any]
@@ -273,13 +267,23 @@ class Host:
         from ray import serve
 
         logger.info("releasing pool %s: %s", name, why)
-        self.failed.pop(name, None)
+        self.released.append({"pool": name, "why": why, "at": time.time()})
+        del self.released[:-20]
         self.detached_at.pop(name, None)
         serve.delete(name, _blocking=blocking)
         if blocking:
             deadline = time.monotonic() + 60
             while name in self._deployed() and time.monotonic() < deadline:
                 time.sleep(0.5)
+
+    @staticmethod
+    def _failure(name: str) -> str:
+        from ray import serve
+
+        from llm_batch.pipeline.pool import failure_reason
+
+        app = serve.status().applications.get(name)
+        return failure_reason(app) if app is not None else ""
 
     @staticmethod
     def _stats(name: str) -> dict[str, Any]:

@@ -73,6 +73,11 @@ class EnginePools:
         state = self.host_state()
         if state in _RAY_ACTIVE:
             return
+        if self._host_launches == 0:
+            self.find_host()  # launched again by an earlier run of the service, maybe
+            state = self.host_state()
+            if state in _RAY_ACTIVE:
+                return
         submission = self.host_id if state is None else f"{self.host_id}-{time.time_ns()}"
         if state is not None:
             # Ray keeps an ended job's id: the new host runs under a new one, found by its
