@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from llm_batch.bench.systems import SYSTEMS
@@ -104,6 +105,19 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per system")
     p.add_argument(
+        "--service",
+        action="store_true",
+        help="benchmark the job service on warm, shared engine pools instead "
+        "(llm_batch/bench/service.py); --rows is then its steady job's size",
+    )
+    p.add_argument("--big-rows", type=int, default=20_000, help="--service: the large job's rows")
+    p.add_argument(
+        "--small-every",
+        type=float,
+        default=5.0,
+        help="--service: seconds between the 10-row jobs sent beside the large job",
+    )
+    p.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -164,8 +178,6 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run the benchmark and print the table; 1 when a system failed or its output is wrong."""
-    from pathlib import Path
-
     from rich.console import Console
 
     from llm_batch.bench.harness import failures, run_bench
@@ -176,6 +188,13 @@ def run_command(args: argparse.Namespace) -> int:
             level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
         )
     config = config_from_args(args)
+    if args.service:
+        from llm_batch.bench.service import render, run_service_bench
+
+        report = run_service_bench(config, big_rows=args.big_rows, small_every=args.small_every)
+        print(render(report))
+        print(f"report: {Path(config.out) / 'report.json'}")
+        return 0
     if threading.current_thread() is threading.main_thread():
         # SIGTERM, and SIGINT in a background job (where the shell ignores it), end
         # the run as Ctrl-C does: the running system's processes are ended, not orphaned.
