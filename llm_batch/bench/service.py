@@ -106,6 +106,7 @@ def run_service_bench(config: Any, *, big_rows: int, small_every: float) -> dict
     from llm_batch.service.process import ServiceProcess
 
     check_shared_clock()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     out = Path(config.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     model = str(Path(config.model).resolve()) if config.model else str(tiny_model_dir())

@@ -228,11 +228,19 @@ def pool_app(model: dict[str, Any], options: dict[str, Any]) -> Any:
     return deployment.bind({**model, "engine": engine})
 
 
+_SEEN_RUNNING: dict[str, float] = {}  # pool -> when this process last saw it running
+_TRUST_RUNNING = 10.0
+
+
 def wait_for_pool(name: str, *, timeout: float = 1800.0, poll: float = 0.5) -> None:
     """Until the pool's application runs; ``EngineUnavailable`` with Serve's message when
-    it failed to deploy (an engine that did not start) or does not exist."""
+    it failed to deploy (an engine that did not start) or does not exist. Seen running
+    lately (by this worker), it is not asked again: asking Serve's controller costs a
+    small job's batch more than its generation."""
     from ray import serve
 
+    if time.monotonic() - _SEEN_RUNNING.get(name, -1e9) < _TRUST_RUNNING:
+        return
     deadline = time.monotonic() + timeout
     while True:
         apps = serve.status().applications
@@ -241,6 +249,7 @@ def wait_for_pool(name: str, *, timeout: float = 1800.0, poll: float = 0.5) -> N
             raise EngineUnavailable(f"the engine pool {name} does not exist (it was released)")
         status = str(getattr(app.status, "value", app.status))
         if status == "RUNNING":
+            _SEEN_RUNNING[name] = time.monotonic()
             return
         if status == "DEPLOY_FAILED":
             raise EngineUnavailable(
@@ -346,6 +355,7 @@ def send_to_pool(
             logger.warning("engine pool %s lost a replica: %s", pool, type(e).__name__)
             if progress is not None:
                 progress.engine_started.remote(model_name)
+            _SEEN_RUNNING.pop(pool, None)
             with contextlib.suppress(EngineUnavailable):
                 wait_for_pool(pool, timeout=30)
             continue

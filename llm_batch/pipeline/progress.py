@@ -128,6 +128,10 @@ class ProgressTracker:
         self._ledger = BatchLedger()
         self._cancelled = False
 
+    def reset(self, *args: Any, **kwargs: Any) -> None:
+        """Start over for another job (a warm tracker of the service's engine host)."""
+        self.__init__(*args, **kwargs)  # type: ignore[misc]
+
     @staticmethod
     def _zero() -> dict[str, float]:
         return {"rows_done": 0, "rows_failed": 0, "input_tokens": 0, "output_tokens": 0}

@@ -64,6 +64,7 @@ __all__ = [
     "claim_output",
     "engine_pools",
     "ensure_ray",
+    "new_tracker",
     "input_dataset",
     "plan_job",
     "run_job",
@@ -236,7 +237,9 @@ def _preload(tracker: Any, spec: JobSpec, *, rows_per_call: int = 65_536) -> int
     return done
 
 
-def input_dataset(spec: JobSpec, plan: JobPlan, *, rows_per_block: int) -> Any:
+def input_dataset(
+    spec: JobSpec, plan: JobPlan, *, rows_per_block: int, task_cpus: float | None = None
+) -> Any:
     """The job's rows as Ray Data will hand them to the first engine pool: read, rendered
     (× n samples), in blocks of ``rows_per_block`` rows (the last block of a read task may
     be short), all in one fused task per read task.
@@ -261,9 +264,11 @@ def input_dataset(spec: JobSpec, plan: JobPlan, *, rows_per_block: int) -> Any:
         # one small block per scheduling round, slower than an engine drains it: the engine
         # held one batch instead of max_batches_in_flight and sat idle between batches.
         override_num_blocks=1,
+        **_cpus(task_cpus),
     )
     ds = ds.map_batches(
         _render_batch,
+        **_cpus(task_cpus),
         batch_format="pyarrow",
         batch_size=None,
         zero_copy_batch=True,
@@ -274,6 +279,10 @@ def input_dataset(spec: JobSpec, plan: JobPlan, *, rows_per_block: int) -> Any:
         },
     )
     return ds.repartition(target_num_rows_per_block=rows_per_block, strict=False)
+
+
+def _cpus(task_cpus: float | None) -> dict[str, Any]:
+    return {} if task_cpus is None else {"num_cpus": task_cpus}
 
 
 # For a Ray this project starts itself (here, and the service's local head). Ray starts
@@ -321,6 +330,10 @@ class Engines:
     stage: type = EngineStage
     pools: dict[str | None, str] = dataclasses.field(default_factory=dict)
     job: str | None = None
+    # CPUs each read, render and write task asks Ray for: 1 by default; a small job beside
+    # large ones (the service's engine host) asks for a sliver, so that its few tasks are
+    # not queued behind a large job's for a CPU slot they would barely use.
+    task_cpus: float | None = None
 
 
 def run_job(
@@ -332,6 +345,7 @@ def run_job(
     resume: bool = True,
     engines: Engines | None = None,
     tracker_class: type = ProgressTracker,
+    tracker: Any = None,
     cancel: threading.Event | None = None,
 ) -> JobResult:
     """Run a job to completion on the connected (or a new local) Ray; blocks.
@@ -342,7 +356,8 @@ def run_job(
     continues where it stopped, keeping what that run wrote; otherwise the files of
     earlier runs are replaced. ``on_progress`` is called once as soon as the folder is
     claimed, then every ``progress_interval`` seconds. Setting ``cancel`` stops the
-    job (``JobCancelled``); rows already written stay.
+    job (``JobCancelled``); rows already written stay. ``tracker``: a warm tracker actor
+    (``new_tracker()``) to reset for this job and leave running, instead of a new one.
     """
     import ray
     from ray.data import DataContext
@@ -356,28 +371,49 @@ def run_job(
     ctx.enable_progress_bars = False  # the CLI draws its own, from the tracker
     ctx.print_on_execution_start = False
 
-    tracker = _start_tracker(spec, plan, tracker_class)
+    args, kwargs = _tracker_args(spec, plan)
+    own_tracker = tracker is None
+    if tracker is None:
+        tracker = new_tracker(tracker_class, *args, **kwargs)
+    else:
+        tracker.reset.remote(*args, **kwargs)
+    phases = {"start": started}
     try:
         run = claim_output(spec, resume=resume)
+        phases["claim"] = time.monotonic()
         if run.resuming:
             done = _preload(tracker, spec)
             logger.info("resuming %s: %d rows already written", spec.name, done)
         if on_progress is not None:
             on_progress(ray.get(tracker.snapshot.remote()))
 
-        ds = input_dataset(spec, plan, rows_per_block=_batch_rows(spec)[0])
+        ds = input_dataset(
+            spec, plan, rows_per_block=_batch_rows(spec)[0], task_cpus=engines.task_cpus
+        )
         # Per dataset, not on the process's DataContext: a service's long-lived driver runs
         # several jobs at once, and each dataset keeps its own copy of the context.
         ds.context.checkpoint_config = run.checkpoint_config()
-        ds = engine_pools(ds, spec, plan, tracker, engines)
+        ds = engine_pools(ds, spec, plan, tracker, engines, job_run=run.run_id)
+        phases["plan"] = time.monotonic()
         with _following(tracker, on_progress, progress_interval, cancel):
-            _write(ds, spec, run)
+            _write(ds, spec, run, task_cpus=engines.task_cpus)
+        phases["pipeline"] = time.monotonic()
         final = ray.get(tracker.snapshot.remote())
     finally:
-        with contextlib.suppress(Exception):
-            ray.kill(tracker)
+        if own_tracker:
+            with contextlib.suppress(Exception):
+                ray.kill(tracker)
     write_metrics(spec.output_path, final)
     run.finish()
+    phases["finish"] = time.monotonic()
+    # Where a job's time goes (small jobs in a service pay each of these).
+    marks = list(phases.items())
+    logger.info(
+        "job %s done in %.2fs: %s",
+        engines.job or spec.name,
+        marks[-1][1] - started,
+        ", ".join(f"{name} {t - marks[i - 1][1]:.2f}s" for i, (name, t) in enumerate(marks) if i),
+    )
     if on_progress is not None:
         on_progress(final)
     return JobResult(spec.output_path, final, time.monotonic() - started)
@@ -450,26 +486,29 @@ def claim_output(spec: JobSpec, *, resume: bool = True) -> OutputRun:
     return OutputRun(uri, run_id, resuming, manifest)
 
 
-def _start_tracker(spec: JobSpec, plan: JobPlan, tracker_class: type = ProgressTracker) -> Any:
-    """The job's progress tracker, beside the driver: losing a worker node must not lose
-    progress."""
+def new_tracker(tracker_class: type = ProgressTracker, *args: Any, **kwargs: Any) -> Any:
+    """A progress tracker actor beside the driver: losing a worker node must not lose
+    progress. Without arguments, one to ``reset`` for a job later (a warm one)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0, scheduling_strategy=here)(tracker_class).remote(*args, **kwargs)
+
+
+def _tracker_args(spec: JobSpec, plan: JobPlan) -> tuple[tuple[Any, ...], dict[str, Any]]:
     rows_total = plan.input_info.rows_total
     if rows_total is not None:
         rows_total *= spec.sampling.n
     structured = spec.sampling.structured
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(num_cpus=0, scheduling_strategy=here)(tracker_class).remote(
-        rows_total,
-        spec.model_names,
-        job=JobContext(
-            label_column=spec.metrics.label_column,
-            choices=tuple(structured.choice) if structured and structured.choice else None,
-        ),
-        accumulators=spec.metrics.accumulators,
+    job = JobContext(
+        label_column=spec.metrics.label_column,
+        choices=tuple(structured.choice) if structured and structured.choice else None,
     )
+    return (rows_total, spec.model_names), {
+        "job": job,
+        "accumulators": spec.metrics.accumulators,
+    }
 
 
 def _cluster_gpus() -> float:
@@ -490,7 +529,13 @@ def _batch_rows(spec: JobSpec) -> list[int]:
 
 
 def engine_pools(
-    ds: Any, spec: JobSpec, plan: JobPlan, tracker: Any, engines: Engines | None = None
+    ds: Any,
+    spec: JobSpec,
+    plan: JobPlan,
+    tracker: Any,
+    engines: Engines | None = None,
+    *,
+    job_run: str = "",
 ) -> Any:
     """One engine stage per model, chained: the data is read once and every model sees
     every row; the stages run at the same time on different batches."""
@@ -522,7 +567,8 @@ def engine_pools(
                         drop=drop,
                     ),
                     "job": {
-                        "key": tracker._actor_id.hex(),
+                        # A warm tracker serves job after job: the key is this run's.
+                        "key": f"{tracker._actor_id.hex()[:16]}-{job_run}",
                         "name": engines.job or spec.name,
                         "priority": spec.priority,
                         "tracker": tracker,
@@ -530,7 +576,10 @@ def engine_pools(
                     "progress": tracker,
                 },
                 batch_format="pyarrow",
-                batch_size=rows,
+                # Whole blocks, which are one batch each already (input_dataset's cut):
+                # with a batch size, Ray Data holds a short last block back for about a
+                # second, looking for rows to fill it, which a ten-row job would pay.
+                batch_size=None,
                 zero_copy_batch=True,
                 # The job's admission limit in front of the pool: its batches in flight.
                 # Tasks that wait on the pool hold no CPU of the job's budget.
@@ -599,13 +648,14 @@ def _following(
         follower.join()
 
 
-def _write(ds: Any, spec: JobSpec, run: OutputRun) -> None:
+def _write(ds: Any, spec: JobSpec, run: OutputRun, *, task_cpus: float | None = None) -> None:
     assert spec.output is not None
     try:
         ds.write_datasink(
             AtomicParquetDatasink(
                 run.uri, run_id=run.run_id, min_rows_per_file=spec.output.rows_per_file
-            )
+            ),
+            ray_remote_args=_cpus(task_cpus),
         )
     except Exception as e:
         # An engine that cannot start kills its actor; Ray reports the actor's

@@ -45,6 +45,8 @@ __all__ = ["Host", "Mailbox", "main", "read_json", "write_json"]
 
 logger = logging.getLogger("llm_batch.host")
 
+# What a small job's read, render and write tasks ask Ray for (see run.Engines.task_cpus).
+SMALL_JOB_TASK_CPUS = 0.05
 DESIRED = "desired.json"
 STATE = "state.json"
 INBOX = "inbox"
@@ -101,6 +103,7 @@ class Host:
         self._lock = threading.Lock()
         self._last_refresh = 0.0
         self._stopping = threading.Event()
+        self._trackers: list[Any] = []  # warm progress trackers, one taken per job
 
     # -- the loop --------------------------------------------------------------------
 
@@ -109,6 +112,7 @@ class Host:
 
         serve.start(proxy_location="Disabled")  # handles only: no HTTP proxy on the nodes
         logger.info("engine host up; pools found: %s", ", ".join(self._deployed()) or "none")
+        self._warm_up()
         while not self._stopping.is_set():
             try:
                 self.step()
@@ -311,6 +315,53 @@ class Host:
 
     # -- jobs ----------------------------------------------------------------------------
 
+    def _warm_up(self, trackers: int = 8) -> None:
+        """Start what every small job needs before the first one comes: progress trackers
+        (an actor each, a worker process to start) and workers that have run a read, a
+        render and a write (their imports done)."""
+        import shutil
+        import tempfile
+
+        import pyarrow as pa
+        import ray.data
+
+        from llm_batch.pipeline.run import new_tracker
+
+        started = time.monotonic()
+        self._trackers = [new_tracker() for _ in range(trackers)]
+        import ray
+
+        ray.get([t.snapshot.remote() for t in self._trackers])
+        folder = tempfile.mkdtemp(prefix="llm-batch-warm-")
+        try:
+            cpus = {"num_cpus": SMALL_JOB_TASK_CPUS}
+            table = pa.table({"row_id": list(range(4)), "text": ["warm"] * 4})
+            ds = ray.data.from_arrow(table).map_batches(lambda b: b, batch_format="pyarrow", **cpus)
+            ds.write_parquet(folder, ray_remote_args=cpus)
+        except Exception:  # noqa: BLE001 - warming is an optimization
+            logger.exception("warming the host up failed")
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        logger.info("host warm in %.1fs", time.monotonic() - started)
+
+    def _take_tracker(self) -> Any:
+        with self._lock:
+            if self._trackers:
+                return self._trackers.pop()
+        from llm_batch.pipeline.run import new_tracker
+
+        return new_tracker()
+
+    def _give_tracker(self, tracker: Any, *, healthy: bool) -> None:
+        import ray
+
+        with self._lock:
+            if healthy and len(self._trackers) < 16:
+                self._trackers.append(tracker)
+                return
+        with contextlib.suppress(Exception):
+            ray.kill(tracker)
+
     def _run_job(self, message: dict[str, Any]) -> None:
         job_id = message["job_id"]
         with self._lock:
@@ -336,6 +387,8 @@ class Host:
             status.write("running", snap, force=first)
 
         pools = {None if k == "" else k: v for k, v in (message.get("pools") or {}).items()}
+        tracker = self._take_tracker()
+        healthy = False
         try:
             status.write("running", None, force=True)
             spec = JobSpec.from_file(message["spec"])
@@ -343,10 +396,12 @@ class Host:
                 spec,
                 plan=plan_job(spec),
                 on_progress=on_progress,
-                engines=Engines(pools=pools, job=job_id),
+                engines=Engines(pools=pools, job=job_id, task_cpus=SMALL_JOB_TASK_CPUS),
+                tracker=tracker,
                 cancel=cancel,
             )
             status.write("succeeded", result.progress, force=True)
+            healthy = True
         except JobCancelled as e:
             status.write("cancelled", last, str(e), force=True)
         except LLMBatchError as e:
@@ -356,6 +411,8 @@ class Host:
             state = "cancelled" if cancel.is_set() else "failed"
             status.write(state, last, f"{type(e).__name__}: {e}", force=True)
         finally:
+            # A tracker of a job that failed may be in any state: not kept.
+            self._give_tracker(tracker, healthy=healthy)
             with self._lock:
                 self.jobs.pop(job_id, None)
 

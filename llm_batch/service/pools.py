@@ -85,7 +85,7 @@ class EnginePools:
             logger.warning("the engine host ended (%s); launching it again", state)
         command = (
             f"{_python()} -m llm_batch.service.host {self.folder}"
-            f" --max-jobs {self.settings.max_running_jobs}"
+            f" --max-jobs {self.settings.host_parallel_jobs}"
         )
         self.folder.mkdir(parents=True, exist_ok=True)
         self.jobs.submit(

@@ -52,6 +52,7 @@ __all__ = ["Scheduler", "status_uri"]
 logger = logging.getLogger(__name__)
 
 _RAY_ACTIVE = ("PENDING", "RUNNING")
+HOSTED_POLL = 0.1
 
 
 def status_uri(settings: Settings, job_id: str) -> str:
@@ -96,6 +97,7 @@ class Scheduler:
         self._last_write: dict[str, float] = {}
         self._stop_sent: set[str] = set()
         self._last_warning = ""
+        self._hosted_running = False
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -114,12 +116,18 @@ class Scheduler:
         self._wake.set()
 
     def _loop(self) -> None:
+        last_full = -1e9
+        woken = True
         while not self._stopping.is_set():
             try:
                 if not self._cluster_ready and self.cluster is not None:
                     self.cluster.ensure()
                     self._cluster_ready = True
-                self.run_once()
+                if woken or time.monotonic() - last_full >= self.settings.poll_interval:
+                    last_full = time.monotonic()
+                    self.run_once()
+                else:
+                    self.follow_hosted()
                 self._last_warning = ""
             except ServiceUnavailable as e:
                 self._warn_once("scheduler waits for Ray: %s", e)
@@ -128,8 +136,17 @@ class Scheduler:
             except Exception:
                 logger.exception("scheduler pass failed; retrying")
                 self._stopping.wait(2.0)
-            self._wake.wait(self.settings.poll_interval)
+            # Jobs of the engine host end in a second or two: their status files (a local
+            # read each) are looked at every HOSTED_POLL seconds, the rest every poll_interval.
+            wait = HOSTED_POLL if self._hosted_running else self.settings.poll_interval
+            woken = self._wake.wait(min(wait, self.settings.poll_interval))
             self._wake.clear()
+
+    def follow_hosted(self) -> None:
+        """A quick pass: the engine host's jobs' status files only (no call to Ray)."""
+        for job in self.store.active():
+            if self._hosted(job):
+                self._follow_hosted(job, check_host=False)
 
     def _warn_once(self, fmt: str, *args: Any) -> None:
         message = fmt % args
@@ -142,7 +159,9 @@ class Scheduler:
     def run_once(self) -> None:
         if self.pools is not None:
             self.pools.ensure_host()
-        for job in self.store.active():
+        active = self.store.active()
+        self._hosted_running = any(self._hosted(job) for job in active)
+        for job in active:
             try:
                 self._follow(job)
             except ServiceUnavailable:
@@ -196,7 +215,7 @@ class Scheduler:
         else:
             logger.warning("job %s: unexpected Ray job status %s", job.id, state)
 
-    def _follow_hosted(self, job: Job) -> None:
+    def _follow_hosted(self, job: Job, *, check_host: bool = True) -> None:
         """A job of the engine host: its status file says how it goes; Ray says whether the
         host (that ran it) still runs."""
         assert self.pools is not None and job.ray_submission_id is not None
@@ -213,7 +232,7 @@ class Scheduler:
             self._end(job, JobStatus.CANCELLED, progress)
         elif state == "failed":
             self._end(job, JobStatus.FAILED, progress, error=str(status.get("error")))
-        elif self.jobs.status(job.ray_submission_id) not in _RAY_ACTIVE:
+        elif check_host and self.jobs.status(job.ray_submission_id) not in _RAY_ACTIVE:
             self._lost(job)
         else:
             self._write_progress(job, progress)

@@ -184,6 +184,15 @@ class EnginePool(BaseModel):
     error: str | None = Field(default=None, description="Why it failed to start.")
 
 
+class ReleasedPool(BaseModel):
+    pool: str = Field(description="The pool's id.")
+    why: str = Field(description="Idle for its time, its GPUs needed by another pool, ...")
+    at: float = Field(description="Unix time of the release.")
+
+
 class EngineList(BaseModel):
     object: Literal["list"] = "list"
     data: list[EnginePool]
+    released: list[ReleasedPool] = Field(
+        default_factory=list, description="The pools released lately, newest last, and why."
+    )

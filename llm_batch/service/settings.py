@@ -57,7 +57,7 @@ class Settings(BaseSettings):
         "freed); catalog models with `warm: true` are kept.",
     )
     small_job_rows: int = Field(
-        default=2000,
+        default=500,
         ge=0,
         description="Jobs of at most this many rows (or, when the count is unknown before "
         "reading, JSONL/CSV inputs of at most small_job_bytes) run in the service's "

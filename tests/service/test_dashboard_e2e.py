@@ -155,6 +155,16 @@ def test_submit_watch_and_inspect_a_job_in_the_browser(service, tiny_model, brow
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
 
+    # The engine pool that served the job, warm after it, on the engines page.
+    page.click("a[data-nav=engines]")
+    pool_row = page.wait_for_selector("table.engines tr[data-pool-id]", timeout=30_000)
+    pools = httpx.get(f"{service.url}/v1/engines", timeout=30).json()["data"]
+    mine = [p for p in pools if p["path"] == str(model)]
+    assert len(mine) == 1 and mine[0]["state"] == "running", pools
+    assert page.locator(f"tr[data-pool-id='{mine[0]['id']}'] .badge.running").count() == 1
+    assert pool_row is not None
+    page.screenshot(path=str(ARTIFACTS / "engines.png"), full_page=True)
+
     assert not problems, problems
     assert api_calls and all(auth == f"Bearer {KEY}" for _, auth in api_calls), api_calls
 
@@ -179,13 +189,15 @@ def test_submit_watch_and_inspect_a_job_in_the_browser(service, tiny_model, brow
         assert len(found) == 1, (name, labels)
         return found[0]
 
-    mine = {"job_id": job_id, "model": "default"}
+    ours = {"job_id": job_id, "model": "default"}
     assert one("llm_batch_job_info", job_id=job_id, status="succeeded") == 1
-    assert one("llm_batch_rows_done_total", **mine) == ROWS
-    assert one("llm_batch_generation_latency_seconds_count", **mine) == ROWS
-    assert 0 <= one("llm_batch_label_accuracy", **mine) <= 1
+    assert one("llm_batch_rows_done_total", **ours) == ROWS
+    assert one("llm_batch_generation_latency_seconds_count", **ours) == ROWS
+    assert 0 <= one("llm_batch_label_accuracy", **ours) <= 1
     assert one("llm_batch_job_duration_seconds_count", status="succeeded") >= 1
     assert one("llm_batch_jobs", status="succeeded") >= 1
+    assert one("llm_batch_engine_pool_up", pool=mine[0]["id"], state="running") == 1
+    assert one("llm_batch_engine_pool_replicas", pool=mine[0]["id"]) == 1
     routes = {
         labels["route"] for labels, _ in samples["llm_batch_http_request_duration_seconds_count"]
     }

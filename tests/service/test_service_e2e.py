@@ -1,14 +1,11 @@
 """The job service end to end: ``llm-batch serve`` on loopback, its own Ray head, the real
 vLLM CPU engine, everything over HTTP.
 
-Engines take tens of seconds to start, so two jobs carry every claim:
-
-- the first is watched while ``rows_done`` grows, then the service is SIGKILLed
-  mid-run and started again on the same data folder; the job (which kept running
-  on Ray) must finish with every input id exactly once, as JSON lines and as
-  Parquet;
-- the second is cancelled mid-run: it ends ``cancelled``, its engine process is
-  gone, and the rows it had written stay readable.
+Engines take tens of seconds to start, so one job carries every claim: it is
+watched while ``rows_done`` grows, then the service is SIGKILLed mid-run and started
+again on the same data folder; the job (which kept running on Ray) must finish with
+every input id exactly once, as JSON lines and as Parquet. Cancelling, and the shared
+engine pools, are ``test_pools_e2e.py``'s.
 """
 
 from __future__ import annotations
@@ -28,7 +25,6 @@ pytestmark = pytest.mark.e2e
 
 PARQUET = "application/vnd.apache.parquet"
 ROWS = 3000
-CANCEL_ROWS = 20_000
 
 
 def job_spec(input_path: Path, model: Path, *, name: str, max_tokens: int) -> dict[str, Any]:
@@ -164,49 +160,3 @@ def test_the_job_is_listed_as_succeeded(service, restarted):
     assert restarted["id"] in [j["id"] for j in page["data"]]
     ready = httpx.get(f"{service.url}/readyz", timeout=30)
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
-
-
-def engine_pids(service) -> set[int]:
-    """The vLLM engine processes working for the service's Ray head."""
-    return {p.pid for p in service.ray_head.engine_processes()}
-
-
-def test_cancel_mid_run(service, tiny_model: Path, tmp_path: Path):
-    spec = job_spec(
-        write_input(tmp_path / "in.parquet", CANCEL_ROWS), tiny_model, name="cancel", max_tokens=2
-    )
-    job_id = httpx.post(f"{service.url}/v1/jobs", json=spec, timeout=60).json()["id"]
-
-    def written(job: dict[str, Any]) -> bool:
-        # Some rows through the engine and some in part files (the writer trails the engine
-        # by a file's worth of rows), so that the check below has rows to find.
-        if job["progress"]["rows_done"] < 512:
-            return False
-        r = httpx.get(f"{service.url}/v1/jobs/{job_id}/results", params={"limit": 1}, timeout=30)
-        return r.status_code == 200
-
-    wait_for(service, job_id, written, timeout=400)
-    engines = engine_pids(service)
-    assert engines, "the job's engine process should be running"
-
-    r = httpx.post(f"{service.url}/v1/jobs/{job_id}/cancel", timeout=30)
-    assert r.status_code == 200
-    assert r.json()["status"] in ("cancelling", "cancelled")
-    seen = wait_for(service, job_id, lambda j: j["status"] == "cancelled", timeout=120)
-    final = seen[-1]
-    assert final["finished_at"] is not None
-    assert final["progress"]["rows_done"] < CANCEL_ROWS
-
-    # The engine is released: no engine process of this job is left, orphaned or not.
-    deadline = time.monotonic() + 30
-    while engine_pids(service) & engines and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not engine_pids(service) & engines
-
-    # Rows already written stay readable, each once.
-    with httpx.stream("GET", f"{service.url}/v1/jobs/{job_id}/results", timeout=60) as r:
-        assert r.status_code == 200
-        assert r.headers["x-job-status"] == "cancelled"
-        ids = [json.loads(line)["id"] for line in r.iter_lines() if line]
-    assert 0 < len(ids) < CANCEL_ROWS
-    assert len(set(ids)) == len(ids)

@@ -329,6 +329,74 @@ function jobTable(jobs) {
   );
 }
 
+// -- the engine pools ---------------------------------------------------------------
+
+function enginesView() {
+  const body = h("div", { class: "table-wrap" });
+  const released = h("div", { style: "margin-top: 12px" });
+  view.replaceChildren(
+    h("div", { class: "stack" },
+      h("div", { class: "card" },
+        h("div", { class: "row" }, h("h1", {}, "Engine pools")),
+        h("p", { class: "small" },
+          "One pool per model, kept warm between jobs and shared by them; released when idle."),
+        h("div", { style: "margin-top: 12px" }, body),
+        released)),
+  );
+  const poller = new Poller(async () => {
+    const page = await apiJSON("/v1/engines");
+    update(body, page.data, () => engineTable(page.data, () => poller.now()));
+    update(released, page.released, () => releasedList(page.released));
+  }, LIST_EVERY_MS);
+  return () => poller.stop();
+}
+
+function engineTable(pools, refresh) {
+  if (!pools.length) {
+    return h("div", { class: "empty" }, "No engine pool is up. The first job of a model starts one.");
+  }
+  return h(
+    "table",
+    { class: "engines" },
+    h("thead", {}, h("tr", {},
+      h("th", {}, "Pool"), h("th", {}, "State"), h("th", { class: "num" }, "Replicas"),
+      h("th", {}, "Jobs"), h("th", { class: "num" }, "Requests"),
+      h("th", { class: "num" }, "Running / waiting"), h("th", {}, "Idle since"), h("th", {}, ""))),
+    h("tbody", {}, pools.map((pool) => h(
+      "tr",
+      { "data-pool-id": pool.id },
+      h("td", { class: "name" }, h("strong", {}, pool.model || "?"),
+        pool.warm ? h("span", { class: "small" }, " warm") : null,
+        h("span", { class: "mono" }, pool.id)),
+      h("td", {}, badge(pool.state), pool.error ? h("div", { class: "small", style: "color: var(--bad)" }, pool.error) : null),
+      h("td", { class: "num" }, num(pool.replicas)),
+      h("td", {}, pool.jobs.length
+        ? pool.jobs.map((id) => h("div", {}, h("a", { href: `#/jobs/${id}`, class: "mono" }, id)))
+        : "–"),
+      h("td", { class: "num" }, num(pool.requests)),
+      h("td", { class: "num" }, pool.running === null ? "–" : `${num(pool.running)} / ${num(pool.waiting)}`),
+      h("td", {}, pool.idle_since ? when(new Date(pool.idle_since * 1000).toISOString()) : "–"),
+      h("td", {}, pool.jobs.length ? null : h("button", {
+        onclick: async () => {
+          try {
+            await apiJSON(`/v1/engines/${encodeURIComponent(pool.id)}`, { method: "DELETE" });
+            refresh();
+          } catch (error) {
+            showBanner(error.message);
+          }
+        },
+      }, "Release")),
+    ))),
+  );
+}
+
+function releasedList(entries) {
+  if (!entries || !entries.length) return null;
+  return [h("h2", {}, "Released lately"), h("ul", { class: "released" },
+    [...entries].reverse().map((r) => h("li", {},
+      h("span", { class: "mono" }, r.pool), ` ${r.why} (${when(new Date(r.at * 1000).toISOString())})`)))];
+}
+
 // -- the submit form -----------------------------------------------------------------
 
 const EXAMPLE = `# A job file, YAML or JSON (the same format as llm-batch run / submit).
@@ -778,10 +846,11 @@ function route() {
   const match = hash.match(/^\/jobs\/([^/]+)$/);
   for (const link of document.querySelectorAll("[data-nav]")) {
     const nav = link.dataset.nav;
-    link.classList.toggle("active", (nav === "jobs" && (hash === "/" || match)) || (nav === "submit" && hash === "/submit"));
+    link.classList.toggle("active", (nav === "jobs" && (hash === "/" || match)) || (nav === "submit" && hash === "/submit") || (nav === "engines" && hash === "/engines"));
   }
   if (match) leave = jobView(decodeURIComponent(match[1]));
   else if (hash === "/submit") leave = submitView();
+  else if (hash === "/engines") leave = enginesView();
   else leave = jobListView();
   window.scrollTo(0, 0);
 }

@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException
 
 from llm_batch.service.api.deps import PoolsDep, PrincipalDep
 from llm_batch.service.pools import PoolNotFound
-from llm_batch.service.schemas import EngineList, EnginePool
+from llm_batch.service.schemas import EngineList, EnginePool, ReleasedPool
 
 __all__ = ["router"]
 
@@ -29,7 +29,10 @@ def list_engines(pools: PoolsDep, _: PrincipalDep) -> EngineList:
     and since when it has been idle (released after `LLM_BATCH_ENGINE_IDLE_SECONDS`)."""
     if pools is None:
         return EngineList(data=[])
-    return EngineList(data=[EnginePool(**p) for p in pools.list()])
+    return EngineList(
+        data=[EnginePool(**p) for p in pools.list()],
+        released=[ReleasedPool(**r) for r in pools.state().get("released") or []],
+    )
 
 
 @router.get("/{pool_id}", response_model=EnginePool, responses=_ERRORS, summary="Get a pool")

@@ -1,0 +1,194 @@
+"""Engine pools the service shares between jobs, end to end: the session's real service,
+its Ray Serve pools and the real vLLM CPU engine.
+
+Whether a job is still running when something happens is never left to speed: the
+tests hold what must not move. A large job whose driver is frozen (SIGSTOP) is running
+while a small job goes through; a pool whose engine processes are frozen keeps every
+job's rows pending while one job is cancelled or its replica is killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+BIG = 2400  # above the service's small_job_rows: a driver of its own
+SMALL = 10
+
+
+def write_input(path: Path, rows: int) -> Path:
+    texts = [f"review {i}: {'good' if i % 3 else 'bad'} item" for i in range(rows)]
+    pq.write_table(pa.table({"id": pa.array(range(rows), pa.int64()), "text": texts}), path)
+    return path
+
+
+def job(input_path: Path, name: str, *, max_tokens: int = 8) -> dict[str, Any]:
+    return {
+        "name": name,
+        "input": {"path": str(input_path)},
+        "prompt": {"template": "{{ text }}\nSentiment:"},
+        "model": "tiny",
+        "sampling": {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True},
+        "carryover": ["id"],
+        "output": {"path": str(input_path.parent / f"out-{name}"), "rows_per_file": 200},
+    }
+
+
+def submit(service, body: dict[str, Any]) -> str:
+    r = httpx.post(f"{service.url}/v1/jobs", json=body, timeout=60)
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
+def get(service, job_id: str) -> dict[str, Any]:
+    return dict(httpx.get(f"{service.url}/v1/jobs/{job_id}", timeout=30).json())
+
+
+def wait(service, job_id: str, done, *, timeout: float = 600) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        current = get(service, job_id)
+        if done(current):
+            return current
+        time.sleep(0.2)
+    pytest.fail(f"job {job_id} never got there: {current}")
+
+
+def ended(status: str):  # noqa: ANN201
+    """A wait condition: the job ended with ``status`` (failing at once on another end)."""
+
+    def check(current: dict[str, Any]) -> bool:
+        if current["status"] in ("failed", "cancelled", "succeeded"):
+            assert current["status"] == status, f"ended {current['status']}: {current['error']}"
+            return True
+        return False
+
+    return check
+
+
+def engines(service) -> list[dict[str, Any]]:
+    return list(httpx.get(f"{service.url}/v1/engines", timeout=30).json()["data"])
+
+
+def rows_of(service, job_id: str) -> list[dict[str, Any]]:
+    with httpx.stream("GET", f"{service.url}/v1/jobs/{job_id}/results", timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        return [json.loads(line) for line in r.iter_lines() if line]
+
+
+def driver_process(service, job_id: str) -> psutil.Process:
+    for proc in service.ray_head.processes():
+        with contextlib.suppress(psutil.Error):
+            cmd = " ".join(proc.cmdline())
+            if "llm_batch.pipeline.driver" in cmd and f"/{job_id}/" in cmd:
+                return proc
+    raise AssertionError(f"no driver process for {job_id}")
+
+
+def pool_processes(service, pool_id: str) -> tuple[psutil.Process, list[psutil.Process]]:
+    """The pool's replica actor and its engine processes (core and workers)."""
+    for proc in service.ray_head.processes():
+        with contextlib.suppress(psutil.Error):
+            if f"ServeReplica:{pool_id}" in " ".join(proc.cmdline()) or (
+                f"ServeReplica:{pool_id}" in proc.name()
+            ):
+                return proc, proc.children(recursive=True)
+    raise AssertionError(f"no replica of {pool_id}")
+
+
+@contextlib.contextmanager
+def frozen(procs: list[psutil.Process]) -> Iterator[None]:
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(signal.SIGCONT)
+
+
+def tiny_pool(service) -> dict[str, Any]:
+    pools = [p for p in engines(service) if p["model"] == "tiny"]
+    assert len(pools) == 1, pools
+    return pools[0]
+
+
+def test_a_small_job_finishes_beside_a_large_one_in_the_same_pool(service, tmp_path):
+    big = submit(service, job(write_input(tmp_path / "big.parquet", BIG), "big"))
+    wait(service, big, lambda j: j["progress"]["rows_done"] > 0)
+    driver = driver_process(service, big)
+    with frozen([driver]):  # the large job cannot end while this holds
+        small = submit(service, job(write_input(tmp_path / "small.parquet", SMALL), "small"))
+        done = wait(service, small, ended("succeeded"), timeout=120)
+        assert get(service, big)["status"] == "running"
+        pool = tiny_pool(service)
+        assert pool["state"] == "running" and pool["replicas"] == 1
+    assert done["progress"]["rows_done"] == SMALL
+    assert sorted(r["id"] for r in rows_of(service, small)) == list(range(SMALL))
+    wait(service, big, ended("succeeded"))
+    ids = [r["id"] for r in rows_of(service, big)]
+    assert sorted(ids) == list(range(BIG)), "each row of the large job exactly once"
+    # One pool served both: the catalog model's, warm after the jobs.
+    assert tiny_pool(service)["jobs"] == []
+
+
+def test_cancelling_one_of_two_jobs_in_a_pool_leaves_the_other_exactly_once(service, tmp_path):
+    a = submit(service, job(write_input(tmp_path / "a.parquet", BIG), "a"))
+    b = submit(service, job(write_input(tmp_path / "b.parquet", BIG), "b"))
+    wait(service, a, lambda j: j["progress"]["rows_done"] >= 200)
+    wait(service, b, lambda j: j["progress"]["rows_done"] > 0)
+    _, engine = pool_processes(service, tiny_pool(service)["id"])
+    with frozen(engine):  # every row still pending stays pending
+        before = get(service, a)["progress"]["rows_done"]
+        assert before < BIG
+        r = httpx.post(f"{service.url}/v1/jobs/{a}/cancel", timeout=30)
+        assert r.status_code == 200 and r.json()["status"] in ("cancelling", "cancelled")
+        cancelled = wait(service, a, ended("cancelled"), timeout=120)
+    assert cancelled["progress"]["rows_done"] < BIG
+    written = [r["id"] for r in rows_of(service, a)]
+    assert 0 < len(written) < BIG and len(set(written)) == len(written)
+
+    wait(service, b, ended("succeeded"))
+    assert sorted(r["id"] for r in rows_of(service, b)) == list(range(BIG))
+    # The cancelled job's requests were aborted in the engine: nothing of it is left there.
+    deadline = time.monotonic() + 30
+    while tiny_pool(service)["requests"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert tiny_pool(service)["requests"] == 0
+
+
+def test_a_killed_replica_is_replaced_and_both_jobs_finish_exactly_once(service, tmp_path):
+    a = submit(service, job(write_input(tmp_path / "a.parquet", BIG), "ka"))
+    b = submit(service, job(write_input(tmp_path / "b.parquet", BIG), "kb"))
+    wait(service, a, lambda j: j["progress"]["rows_done"] > 0)
+    wait(service, b, lambda j: j["progress"]["rows_done"] > 0)
+    pool = tiny_pool(service)["id"]
+    replica, engine = pool_processes(service, pool)
+    with frozen(engine):  # both jobs provably have batches in the replica
+        assert get(service, a)["status"] == get(service, b)["status"] == "running"
+        os.kill(replica.pid, signal.SIGKILL)
+    for job_id in (a, b):
+        wait(service, job_id, ended("succeeded"), timeout=900)
+        rows = rows_of(service, job_id)
+        assert sorted(r["id"] for r in rows) == list(range(BIG)), "each row exactly once"
+        assert not [r for r in rows if r["error"]], "a replaced replica is no row's error"
+    new_replica, _ = pool_processes(service, pool)
+    assert new_replica.pid != replica.pid
+    # The dead replica's engine processes went with it.
+    assert not [p for p in engine if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
