@@ -129,8 +129,9 @@ def run_service_bench(config: Any, *, big_rows: int, small_every: float) -> dict
     from llm_batch.pipeline.engine_args import build_engine_args
 
     job = job_dict(config, big, model, str(out / "raw" / "output"))
-    assert JobSpec.model_validate(job).model is not None
-    engine_args = build_engine_args(JobSpec.model_validate(job).model.model_dump(), on_cpu=True)
+    model_spec = JobSpec.model_validate(job).model
+    assert model_spec is not None
+    engine_args = build_engine_args(model_spec.model_dump(), on_cpu=True)
     raw_cfg = {
         "model": model,
         "engine_args": engine_args,

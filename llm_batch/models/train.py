@@ -284,7 +284,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
-        torch_dtype="bfloat16",
+        dtype="bfloat16",
     )
     model = LlamaForCausalLM(config)
     model.train()
@@ -362,12 +362,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = model.to(torch.bfloat16)
+    model = model.bfloat16()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 
-    saved = LlamaForCausalLM.from_pretrained(out, torch_dtype=torch.bfloat16)
+    saved = LlamaForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     free_acc, choice_acc = _evaluate(saved, tokenizer, held, label_ids, allowed, words)
     train_acc = _evaluate(saved, tokenizer, train_rows[:1000], label_ids, allowed, words)
     if args.examples:

@@ -308,8 +308,9 @@ class Generator:
         ids = self._requests.setdefault(job, set())
 
         async def row(i: int) -> RowResult:
-            if inputs.render_errors[i] is not None:
-                return RowResult.failed(inputs.render_errors[i])
+            render_error = inputs.render_errors[i]
+            if render_error is not None:
+                return RowResult.failed(render_error)
             try:
                 sampling = params.get(inputs.overrides[i], inputs.samples[i])
             except Exception as e:  # noqa: BLE001
@@ -406,7 +407,10 @@ class Generator:
             # The model's own chat template, tokenized once here; the engine gets ids.
             try:
                 ids = self._tokenizer.apply_chat_template(
-                    messages, tokenize=True, add_generation_prompt=True, return_dict=False
+                    list[Any](messages),
+                    tokenize=True,
+                    add_generation_prompt=True,
+                    return_dict=False,
                 )
             except Exception as e:
                 raise _RowError(f"chat template failed: {type(e).__name__}: {e}") from e

@@ -215,7 +215,7 @@ def pool_app(model: dict[str, Any], options: dict[str, Any]) -> Any:
     options = dict(options)
     overrides = options.pop("engine_overrides", {})
     engine = {**model["engine"], "extra_args": {**overrides, **model["engine"]["extra_args"]}}
-    deployment = serve.deployment(
+    deployment: Any = serve.deployment(
         EnginePool,
         name=DEPLOYMENT,
         # Calls are batches of jobs, each job keeping a few in flight.

@@ -123,9 +123,9 @@ class BatchFinisher:
         self._schema = output_schema(model_name, sampling)
         # The same columns without the model prefix: what accumulators read.
         self._plain_names = [c for c, _ in output_schema(None, sampling)]
-        parse = (self._structured or {}).get("parse")
+        structured = self._structured or {}
         self._parsed_type = (
-            arrow_type_for_schema(self._structured["json_schema"]) if parse else None
+            arrow_type_for_schema(structured["json_schema"]) if structured.get("parse") else None
         )
 
     def finish(self, batch: pa.Table, results: list[RowResult]) -> tuple[pa.Table, BatchReport]:

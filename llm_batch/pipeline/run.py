@@ -114,8 +114,8 @@ def plan_job(spec: JobSpec) -> JobPlan:
             spec.prompt.field: renderer.variables,
             "carryover": set(spec.carryover),
             "input.columns": set(spec.input.columns or []),
-            "metrics.label_column": {spec.metrics.label_column} - {None},
-            "sampling.overrides_column": {spec.sampling.overrides_column} - {None},
+            "metrics.label_column": {c for c in [spec.metrics.label_column] if c},
+            "sampling.overrides_column": {c for c in [spec.sampling.overrides_column] if c},
         },
     )
     for field, model in spec.named_models():
@@ -493,7 +493,8 @@ def new_tracker(tracker_class: type = ProgressTracker, *args: Any, **kwargs: Any
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(num_cpus=0, scheduling_strategy=here)(tracker_class).remote(*args, **kwargs)
+    actor: Any = ray.remote(tracker_class)
+    return actor.options(num_cpus=0, scheduling_strategy=here).remote(*args, **kwargs)
 
 
 def _tracker_args(spec: JobSpec, plan: JobPlan) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 PART_PREFIX = "part-"
 
 
-def clear_output(uri: str, manifest: Manifest, *, foreign_parquet: list[str] = ()) -> list[str]:
+def clear_output(uri: str, manifest: Manifest, *, foreign_parquet: Sequence[str] = ()) -> list[str]:
     """Delete what earlier runs recorded in ``manifest`` wrote in an output folder (never
     the manifest itself), and the ``foreign_parquet`` files an ``output.mode: overwrite``
     job replaces; returns the names deleted, relative to the folder."""

@@ -48,6 +48,7 @@ logger = logging.getLogger("llm_batch.host")
 # What a small job's read, render and write tasks ask Ray for (see run.Engines.task_cpus).
 SMALL_JOB_TASK_CPUS = 0.05
 DESIRED = "desired.json"
+ORPHANED = 300.0
 STATE = "state.json"
 INBOX = "inbox"
 
@@ -162,8 +163,12 @@ class Host:
         }
 
     def reconcile(self, desired: dict[str, Any]) -> None:
-        """Deploy the pools desired, release the idle ones, write ``state.json``."""
+        """Deploy the pools desired, release the idle ones, write ``state.json``. A service
+        that has not said what it wants for ORPHANED seconds is gone: its pools are kept
+        for nobody, and go once idle."""
         wanted: dict[str, dict[str, Any]] = desired.get("pools") or {}
+        if time.time() - float(desired.get("updated_at") or 0) > ORPHANED:
+            wanted = {}
         idle_seconds = float(desired.get("idle_seconds") or 600)
         deployed = self._deployed()
         for name, want in wanted.items():
@@ -323,21 +328,21 @@ class Host:
         import tempfile
 
         import pyarrow as pa
+        import ray
         import ray.data
 
         from llm_batch.pipeline.run import new_tracker
 
         started = time.monotonic()
         self._trackers = [new_tracker() for _ in range(trackers)]
-        import ray
-
         ray.get([t.snapshot.remote() for t in self._trackers])
         folder = tempfile.mkdtemp(prefix="llm-batch-warm-")
         try:
-            cpus = {"num_cpus": SMALL_JOB_TASK_CPUS}
             table = pa.table({"row_id": list(range(4)), "text": ["warm"] * 4})
-            ds = ray.data.from_arrow(table).map_batches(lambda b: b, batch_format="pyarrow", **cpus)
-            ds.write_parquet(folder, ray_remote_args=cpus)
+            ds = ray.data.from_arrow(table).map_batches(
+                lambda b: b, batch_format="pyarrow", num_cpus=SMALL_JOB_TASK_CPUS
+            )
+            ds.write_parquet(folder, ray_remote_args={"num_cpus": SMALL_JOB_TASK_CPUS})
         except Exception:  # noqa: BLE001 - warming is an optimization
             logger.exception("warming the host up failed")
         finally:

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 _RAY_ACTIVE = ("PENDING", "RUNNING")
 HOST_PREFIX = "llm-batch-host-"
+HEARTBEAT = 10.0
 # How old the host's state may be before the host counts as gone (it writes every second).
 _STALE_STATE = 30.0
 
@@ -56,7 +57,9 @@ class EnginePools:
         digest = hashlib.sha256(str(settings.data_dir.resolve()).encode()).hexdigest()[:10]
         self.host_id = f"{HOST_PREFIX}{digest}"
         self._desired: dict[str, Any] | None = None
+        self._desired_at = 0.0
         self._host_launches = 0
+        self._unwarmed: set[str] = set()  # warm pools released on request: not again
 
     # -- the host ------------------------------------------------------------------------
 
@@ -115,6 +118,7 @@ class EnginePools:
 
     def pools_for(self, spec: JobSpec) -> dict[str | None, str]:
         """The pool of each of a job's models: model name (None: the only model) → pool."""
+        self._unwarmed -= {pool_name(m.model_dump()) for _, m in spec.named_models()}
         return {
             name: pool_name(model.model_dump())
             for name, (_, model) in zip(spec.model_names, spec.named_models(), strict=True)
@@ -125,8 +129,9 @@ class EnginePools:
         catalog's warm models. Written only when it changed."""
         pools: dict[str, dict[str, Any]] = {}
         for name in self.catalog.warm:
-            model = self._model_dict(self.catalog.block(name, field="model"))
-            pools[pool_name(model)] = {"model": model, "warm": True, "jobs": []}
+            block = self._model_dict(self.catalog.block(name, field="model"))
+            if pool_name(block) not in self._unwarmed:
+                pools[pool_name(block)] = {"model": block, "warm": True, "jobs": []}
         for job_id, spec in running:
             for _, model in spec.named_models():
                 block = model.model_dump()
@@ -135,9 +140,12 @@ class EnginePools:
                 )
                 entry["jobs"].append(job_id)
         desired = {"pools": pools, "idle_seconds": self.settings.engine_idle_seconds}
-        if desired != self._desired:
-            write_json(self.folder / DESIRED, desired)
+        # Rewritten when it changes, and every HEARTBEAT seconds: a host whose service is
+        # gone (its desired.json stale) stops keeping pools for it.
+        if desired != self._desired or time.time() - self._desired_at > HEARTBEAT:
+            write_json(self.folder / DESIRED, {**desired, "updated_at": time.time()})
             self._desired = desired
+            self._desired_at = time.time()
 
     @staticmethod
     def _model_dict(block: dict[str, Any]) -> dict[str, Any]:
@@ -223,6 +231,7 @@ class EnginePools:
                 f"engine pool {pool_id} serves running jobs ({', '.join(pool['jobs'])}); "
                 "cancel them first"
             )
+        self._unwarmed.add(pool_id)
         self.mailbox.send("release", {"pool": pool_id})
         return {**pool, "state": "releasing"}
 

@@ -63,7 +63,13 @@ class Settings(BaseSettings):
         "reading, JSONL/CSV inputs of at most small_job_bytes) run in the service's "
         "long-lived driver, paying no driver start of their own.",
     )
-    small_job_bytes: int = Field(default=1 << 20, ge=0, description="See small_job_rows.")
+    small_job_bytes: int = Field(default=256 << 10, ge=0, description="See small_job_rows.")
+    host_parallel_jobs: int = Field(
+        default=2,
+        ge=1,
+        description="Small jobs the long-lived driver runs at once; more wait their turn, "
+        "which on a small machine ends a burst of them sooner than running all together.",
+    )
     api_keys: str | None = Field(
         default=None,
         description="Comma-separated API keys; when set (or api_keys_file), every route but "
