@@ -129,6 +129,27 @@ def _yield_to_engine(niceness: int = 19) -> None:
                     os.setpriority(os.PRIO_PROCESS, int(tid), niceness)
 
 
+# Niceness of a shared pool's engine processes (see _engine_below_control_plane).
+SHARED_ENGINE_NICENESS = 5
+
+
+def _engine_below_control_plane(niceness: int = SHARED_ENGINE_NICENESS) -> None:
+    """Lower the CPU priority of this process's engine processes (core and workers).
+
+    A pool's engine serves every job of a service, which keeps a control plane beside it
+    (the service, the engine host, Ray's daemons, each job's driver and tasks). Spinning
+    at the same priority on a small machine, the engine starves that control plane, and a
+    small job waits seconds for each of its few steps. Just below it, the engine takes
+    every cycle the control plane does not use, which is most of them."""
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if child.nice() < niceness:
+                    child.nice(niceness)
+
+
 def whereabouts() -> dict[str, Any]:
     """Which Ray node and actor this engine runs on (for placement checks and the dashboard)."""
     try:
@@ -264,6 +285,8 @@ class Generator:
         vllm.envs.enable_envs_cache()
         if on_cpu:
             _yield_to_engine()
+            if shared:
+                _engine_below_control_plane()
         self._requests: dict[str, set[str]] = {}  # job key -> its requests in the engine
         logger.info("engine for %s ready in %.1fs", model["path"], time.monotonic() - started)
 

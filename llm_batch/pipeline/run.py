@@ -582,11 +582,8 @@ def engine_pools(
                 # second, looking for rows to fill it, which a ten-row job would pay.
                 batch_size=None,
                 zero_copy_batch=True,
-                # The job's admission limit in front of the pool: its batches in flight.
-                # Tasks that wait on the pool hold no CPU of the job's budget.
-                concurrency=model.max_batches_in_flight,
-                num_cpus=0,
                 max_retries=3,
+                **_pool_stage_resources(model.max_batches_in_flight, engines.task_cpus),
             )
             continue
         placed = engine_map_kwargs(model_dict, cluster_gpus=cluster_gpus)
@@ -614,6 +611,17 @@ def engine_pools(
             **placed,
         )
     return ds
+
+
+def _pool_stage_resources(in_flight: int, task_cpus: float | None) -> dict[str, Any]:
+    """A pool stage's tasks: ``in_flight`` at once (the job's admission limit in front of
+    the pool), holding no CPU of the job's budget while they wait on the pool. A small
+    job's (``task_cpus`` set) asks what its read and write ask instead, so that Ray Data
+    fuses read, render, the pool call and the write into one task: under load, every
+    task more is a scheduling round a ten-row job waits for."""
+    if task_cpus is not None:
+        return {"num_cpus": task_cpus}
+    return {"concurrency": in_flight, "num_cpus": 0}
 
 
 @contextlib.contextmanager

@@ -46,7 +46,7 @@ __all__ = ["Host", "Mailbox", "main", "read_json", "write_json"]
 logger = logging.getLogger("llm_batch.host")
 
 # What a small job's read, render and write tasks ask Ray for (see run.Engines.task_cpus).
-SMALL_JOB_TASK_CPUS = 0.05
+SMALL_JOB_TASK_CPUS = 0.0
 DESIRED = "desired.json"
 ORPHANED = 300.0
 STATE = "state.json"
