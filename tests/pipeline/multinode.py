@@ -1,6 +1,6 @@
 """A multi-node Ray cluster on this machine, running one job; prints a JSON report.
 
-Run as ``python -m tests.e2e.multinode MODEL OUT_DIR``, in its own process (a
+Run as ``python -m tests.pipeline.multinode MODEL OUT_DIR``, in its own process (a
 process can be connected to one Ray cluster only). Nodes: a CPU-only head, an
 A10 node and three H100 nodes (logical GPUs; the engines are vLLM's CPU build).
 The job asks for two H100 replicas; mid-job the node of one engine is removed,

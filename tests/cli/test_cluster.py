@@ -4,7 +4,7 @@ Ray's Jobs API is replaced at its seam (``RayJobs``) by an in-memory cluster who
 "driver" is a script of Ray states and status files written with the driver's own
 ``StatusFile``; what is under test is the command (what it submits, what it shows
 and prints, its exit codes, Ctrl-C). The real thing, on a real Ray head with the
-real engine, is ``tests/e2e/test_cluster_run.py``.
+real engine, is ``tests/cli/test_cluster_run.py``.
 """
 
 from __future__ import annotations

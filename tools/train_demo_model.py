@@ -2,14 +2,14 @@
 
 Plain PyTorch + transformers on the CPU, seeded and deterministic::
 
-    python -m llm_batch.models.train --out models/reviews-tiny
+    python tools/train_demo_model.py --out models/reviews-tiny
 
 The defaults produce the committed model and the bundled held-out example
 dataset (``--examples prompts/examples``; pass ``--examples ''`` to skip it).
 The second committed model, the 2-layer candidate that
 ``prompts/reviews-sentiment-compare.yaml`` compares with it, is::
 
-    python -m llm_batch.models.train --out models/reviews-tiny-2layer --layers 2 --examples ''
+    python tools/train_demo_model.py --out models/reviews-tiny-2layer --layers 2 --examples ''
 
 What it does:
 
@@ -394,7 +394,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m llm_batch.models.train", description=__doc__.split("\n\n")[0]
+        prog="python tools/train_demo_model.py", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("--out", default=DEFAULT_OUT, help="model directory (default %(default)s)")
     p.add_argument(

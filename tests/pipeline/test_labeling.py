@@ -26,7 +26,7 @@ import pytest
 from llm_batch import columns
 from llm_batch.job.spec import JobSpec
 from llm_batch.pipeline.accumulators import label_probabilities
-from tests.unit.test_accumulators import grid_point, pairwise_auc
+from tests.pipeline.test_accumulators import grid_point, pairwise_auc
 
 pytestmark = pytest.mark.e2e
 

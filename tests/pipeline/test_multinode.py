@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.multinode import ROWS
+from tests.pipeline.multinode import ROWS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.fault]
 
@@ -37,7 +37,7 @@ def report(tmp_path_factory, tiny_model):
     before = engine_cores()
     out = tmp_path_factory.mktemp("multinode")
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.e2e.multinode", str(tiny_model), str(out)],
+        [sys.executable, "-m", "tests.pipeline.multinode", str(tiny_model), str(out)],
         capture_output=True,
         text=True,
         timeout=900,

@@ -18,7 +18,7 @@ import pytest
 
 from llm_batch import columns
 from llm_batch.job.spec import JobSpec
-from tests.e2e.test_labeling import assert_probability_metrics_equal_the_file
+from tests.pipeline.test_labeling import assert_probability_metrics_equal_the_file
 
 pytestmark = pytest.mark.e2e
 
