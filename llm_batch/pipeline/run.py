@@ -512,10 +512,17 @@ def _tracker_args(spec: JobSpec, plan: JobPlan) -> tuple[tuple[Any, ...], dict[s
     }
 
 
-def _cluster_gpus() -> float:
+_GPUS: list[float] = []  # [when asked, GPUs]: a long-lived driver asks for every job
+
+
+def _cluster_gpus(ttl: float = 30.0) -> float:
+    """GPUs of the cluster, asked at most every ``ttl`` seconds (the answer from the GCS
+    is rebuilt from every node's resources each time)."""
     import ray
 
-    return float(ray.cluster_resources().get("GPU", 0))
+    if not _GPUS or time.monotonic() - _GPUS[0] > ttl:
+        _GPUS[:] = [time.monotonic(), float(ray.cluster_resources().get("GPU", 0))]
+    return _GPUS[1]
 
 
 def _batch_rows(spec: JobSpec) -> list[int]:

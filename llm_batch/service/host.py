@@ -49,6 +49,7 @@ logger = logging.getLogger("llm_batch.host")
 SMALL_JOB_TASK_CPUS = 0.0
 DESIRED = "desired.json"
 ORPHANED = 300.0
+RECONCILE_EVERY = 2.0  # seconds between two looks at the pools
 STATE = "state.json"
 INBOX = "inbox"
 
@@ -131,7 +132,7 @@ class Host:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         now = time.monotonic()
-        if now - self._last_refresh >= 1.0:
+        if now - self._last_refresh >= RECONCILE_EVERY:
             self._last_refresh = now
             self.reconcile(read_json(self.folder / DESIRED) or {})
 
@@ -151,26 +152,35 @@ class Host:
     # -- pools ---------------------------------------------------------------------------
 
     @staticmethod
-    def _deployed() -> dict[str, str]:
+    def _applications() -> dict[str, Any]:
+        """Serve's applications of this service's pools. One call per pass: building the
+        answer costs Serve's client real CPU (it pickles each app's router config)."""
         from ray import serve
 
         from llm_batch.pipeline.pool import POOL_PREFIX
 
         return {
-            name: str(getattr(app.status, "value", app.status))
+            name: app
             for name, app in serve.status().applications.items()
             if name.startswith(POOL_PREFIX)
         }
+
+    def _deployed(self, apps: dict[str, Any] | None = None) -> dict[str, str]:
+        apps = self._applications() if apps is None else apps
+        return {name: str(getattr(app.status, "value", app.status)) for name, app in apps.items()}
 
     def reconcile(self, desired: dict[str, Any]) -> None:
         """Deploy the pools desired, release the idle ones, write ``state.json``. A service
         that has not said what it wants for ORPHANED seconds is gone: its pools are kept
         for nobody, and go once idle."""
+        from llm_batch.pipeline.pool import failure_reason
+
         wanted: dict[str, dict[str, Any]] = desired.get("pools") or {}
         if time.time() - float(desired.get("updated_at") or 0) > ORPHANED:
             wanted = {}
         idle_seconds = float(desired.get("idle_seconds") or 600)
-        deployed = self._deployed()
+        apps = self._applications()
+        deployed = self._deployed(apps)
         for name, want in wanted.items():
             if (want.get("jobs") or want.get("warm")) and name not in deployed:
                 self._ensure(name, want["model"], deployed, wanted)
@@ -198,13 +208,13 @@ class Host:
                 "requests": stats.get("requests", 0),
                 "running": stats.get("running"),
                 "waiting": stats.get("waiting"),
-                "replicas": self._replicas(name),
+                "replicas": _replicas(apps.get(name)),
                 "idle_since": last if idle else None,
                 "started_at": stats.get("started_at"),
             }
             states[name] = state
             if status == "DEPLOY_FAILED":
-                state["error"] = self._failure(name)
+                state["error"] = failure_reason(apps[name])
                 if not attached:  # its jobs have failed with the reason; the next try anew
                     self._release(name, why=f"it failed to start: {state['error']}")
                     state["status"] = "RELEASING"
@@ -286,15 +296,6 @@ class Host:
                 time.sleep(0.5)
 
     @staticmethod
-    def _failure(name: str) -> str:
-        from ray import serve
-
-        from llm_batch.pipeline.pool import failure_reason
-
-        app = serve.status().applications.get(name)
-        return failure_reason(app) if app is not None else ""
-
-    @staticmethod
     def _stats(name: str) -> dict[str, Any]:
         from ray import serve
 
@@ -305,18 +306,6 @@ class Host:
             return dict(handle.stats.remote().result(timeout_s=5))
         except Exception:  # noqa: BLE001 - a replica starting or being replaced
             return {}
-
-    @staticmethod
-    def _replicas(name: str) -> int:
-        from ray import serve
-
-        from llm_batch.pipeline.pool import DEPLOYMENT
-
-        app = serve.status().applications.get(name)
-        if app is None or DEPLOYMENT not in app.deployments:
-            return 0
-        states = app.deployments[DEPLOYMENT].replica_states or {}
-        return int(sum(v for k, v in states.items() if str(k).endswith("RUNNING")))
 
     # -- jobs ----------------------------------------------------------------------------
 
@@ -420,6 +409,16 @@ class Host:
             self._give_tracker(tracker, healthy=healthy)
             with self._lock:
                 self.jobs.pop(job_id, None)
+
+
+def _replicas(app: Any) -> int:
+    """Replicas running of a pool's Serve application (its status)."""
+    from llm_batch.pipeline.pool import DEPLOYMENT
+
+    if app is None or DEPLOYMENT not in app.deployments:
+        return 0
+    states = app.deployments[DEPLOYMENT].replica_states or {}
+    return int(sum(v for k, v in states.items() if str(k).endswith("RUNNING")))
 
 
 def main(argv: list[str] | None = None) -> int:

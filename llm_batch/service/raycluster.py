@@ -32,6 +32,10 @@ __all__ = ["LocalRayHead", "RayCluster"]
 logger = logging.getLogger(__name__)
 
 _LOOPBACK = "127.0.0.1"
+# Idle workers Ray keeps (by default one per CPU, the rest killed within a second): a
+# service runs many jobs, each a Ray job with workers of its own, and a small job that
+# starts a worker process pays seconds for it on a busy machine.
+SERVICE_RAY_CONFIG = {"num_workers_soft_limit": 16}
 
 
 def _port_open(port: int, host: str = _LOOPBACK) -> bool:
@@ -121,7 +125,7 @@ class LocalRayHead:
             f"--num-cpus={self.num_cpus}",
             f"--temp-dir={self.temp_dir}",
             "--disable-usage-stats",
-            f"--system-config={json.dumps(LOCAL_RAY_SYSTEM_CONFIG)}",
+            f"--system-config={json.dumps({**LOCAL_RAY_SYSTEM_CONFIG, **SERVICE_RAY_CONFIG})}",
         ]  # fmt: skip
         env = {
             k: v
