@@ -232,30 +232,40 @@ _SEEN_RUNNING: dict[str, float] = {}  # pool -> when this process last saw it ru
 _TRUST_RUNNING = 10.0
 
 
-def wait_for_pool(name: str, *, timeout: float = 1800.0, poll: float = 0.5) -> None:
+def wait_for_pool(
+    name: str, *, timeout: float = 1800.0, appear: float = 300.0, poll: float = 0.5
+) -> None:
     """Until the pool's application runs; ``EngineUnavailable`` with Serve's message when
-    it failed to deploy (an engine that did not start) or does not exist. Seen running
-    lately (by this worker), it is not asked again: asking Serve's controller costs a
-    small job's batch more than its generation."""
+    it failed to deploy (an engine that did not start), or when it does not appear within
+    ``appear`` seconds (the service's engine host deploys it when the job starts; gone
+    after it appeared, it was released). Seen running lately (by this worker), it is not
+    asked again: asking Serve's controller costs a small job's batch more than its
+    generation."""
     from ray import serve
 
     if time.monotonic() - _SEEN_RUNNING.get(name, -1e9) < _TRUST_RUNNING:
         return
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    seen = False
     while True:
-        apps = serve.status().applications
-        app = apps.get(name)
+        app = serve.status().applications.get(name)
+        waited = time.monotonic() - started
         if app is None:
-            raise EngineUnavailable(f"the engine pool {name} does not exist (it was released)")
-        status = str(getattr(app.status, "value", app.status))
-        if status == "RUNNING":
-            _SEEN_RUNNING[name] = time.monotonic()
-            return
-        if status == "DEPLOY_FAILED":
-            raise EngineUnavailable(
-                f"the engine pool {name} failed to start: {failure_reason(app)}"
-            )
-        if time.monotonic() > deadline:
+            if seen or waited > appear:
+                raise EngineUnavailable(
+                    f"the engine pool {name} "
+                    + ("was released" if seen else f"was not started in {appear:.0f}s")
+                )
+        else:
+            seen = True
+            status = str(getattr(app.status, "value", app.status))
+            if status == "RUNNING":
+                _SEEN_RUNNING[name] = time.monotonic()
+                return
+            if status == "DEPLOY_FAILED":
+                reason = failure_reason(app)
+                raise EngineUnavailable(f"the engine pool {name} failed to start: {reason}")
+        if waited > timeout:
             raise EngineUnavailable(f"the engine pool {name} did not start in {timeout:.0f}s")
         time.sleep(poll)
 

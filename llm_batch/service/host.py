@@ -104,6 +104,7 @@ class Host:
         )
         self._lock = threading.Lock()
         self._last_refresh = 0.0
+        self._desired_mtime = 0.0
         self._stopping = threading.Event()
         self._trackers: list[Any] = []  # warm progress trackers, one taken per job
 
@@ -132,8 +133,11 @@ class Host:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         now = time.monotonic()
-        if now - self._last_refresh >= RECONCILE_EVERY:
+        # At once when the service wants something new (a job waits for its pool).
+        changed = _mtime(self.folder / DESIRED) != self._desired_mtime
+        if changed or now - self._last_refresh >= RECONCILE_EVERY:
             self._last_refresh = now
+            self._desired_mtime = _mtime(self.folder / DESIRED)
             self.reconcile(read_json(self.folder / DESIRED) or {})
 
     def _handle(self, message: dict[str, Any]) -> None:
@@ -409,6 +413,13 @@ class Host:
             self._give_tracker(tracker, healthy=healthy)
             with self._lock:
                 self.jobs.pop(job_id, None)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def _replicas(app: Any) -> int:
