@@ -11,6 +11,7 @@ the Jobs API shows one Ray job that ran the driver.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,6 +66,20 @@ def cli(*args: str, cwd: Path) -> subprocess.Popen[str]:
     )
 
 
+def driver_process(head: LocalRayHead, timeout: float = 60.0):  # noqa: ANN201
+    """The job driver's process on the head (it appears once Ray has started it)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in head.processes():
+            with contextlib.suppress(psutil.Error):
+                if "llm_batch.pipeline.driver" in " ".join(proc.cmdline()):
+                    return proc
+        time.sleep(0.1)
+    raise AssertionError("the job's driver never started")
+
+
 def test_run_with_an_address_runs_the_driver_as_a_ray_job(
     ray_head: LocalRayHead, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
@@ -94,8 +110,15 @@ output: {{path: out}}
             said.append(first.stderr.readline())  # "" at EOF
         assert said[-1].startswith("submitted cluster-run to the Ray cluster at "), said
         submission_id = said[-1].strip().rsplit(" as ", 1)[1]
-        first.send_signal(signal.SIGINT)
-        _, err = first.communicate(timeout=60)
+        # The job's driver held (SIGSTOP) until the Ctrl-C has been handled: the job is
+        # provably still running when the command stops following it.
+        driver = driver_process(ray_head)
+        driver.send_signal(signal.SIGSTOP)
+        try:
+            first.send_signal(signal.SIGINT)
+            _, err = first.communicate(timeout=60)
+        finally:
+            driver.send_signal(signal.SIGCONT)
     finally:
         if first.poll() is None:
             first.kill()

@@ -3,16 +3,18 @@ few hundred status and list requests and many small submissions at once, some wi
 Idempotency-Key and some of those retried with the same key.
 
 Claims: no request fails (no 5xx, no connection error), no job is lost or made twice
-(the jobs listed are exactly the submissions, a key's retries are one job), and status
-requests stay fast (p50/p99 printed; only a generous p99 bound is asserted: the machine
-is shared). Bounded in count and in time; the small jobs are cancelled while still
-queued behind the running one (the scheduler runs one job at a time), then the running
-job is cancelled too, so nothing is left running.
+(the jobs listed are exactly the submissions, a key's retries are one job) and none
+fails. Status requests' p50/p99 are printed, not asserted (speed is the benchmark's).
+The running job's driver is frozen (SIGSTOP) while the load runs, so that it is provably
+running beside it; the small jobs run beside it on the shared pool. At the end every job
+still going is cancelled, so nothing is left running.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
+import signal
 import statistics
 import threading
 import time
@@ -33,7 +35,6 @@ LIST_REQUESTS = 80
 PLAIN_SUBMISSIONS = 30
 KEYED_SUBMISSIONS = 15  # each sent twice with its key: a retry
 DEADLINE = 90.0  # seconds for the whole load; the test stops by itself
-P99_BOUND = 2.0
 
 
 def small_job(input_path: Path, name: str) -> dict[str, Any]:
@@ -59,6 +60,17 @@ def wait_status(url: str, job_id: str, statuses: set[str], timeout: float) -> di
         time.sleep(0.3)
         job = get(url, job_id)
     return job
+
+
+def driver_process(service, job_id: str):  # noqa: ANN201 - a psutil.Process
+    import psutil
+
+    for proc in service.ray_head.processes():
+        with contextlib.suppress(psutil.Error):
+            cmd = " ".join(proc.cmdline())
+            if "llm_batch.pipeline.driver" in cmd and f"/{job_id}/" in cmd:
+                return proc
+    raise AssertionError(f"no driver process for {job_id}")
 
 
 def listed(url: str, prefix: str) -> list[dict[str, Any]]:
@@ -87,7 +99,9 @@ def test_concurrent_status_list_and_submissions_while_a_job_runs(service, tmp_pa
     r = httpx.post(f"{url}/v1/jobs", json=small_job(big_input, prefix + "running"), timeout=60)
     assert r.status_code == 201, r.text
     running_id = r.json()["id"]
-    assert wait_status(url, running_id, {"running"}, 60)["status"] == "running"
+    assert wait_status(url, running_id, {"running"}, 120)["status"] == "running"
+    driver = driver_process(service, running_id)
+    driver.send_signal(signal.SIGSTOP)  # it cannot end while the load runs
 
     # The work: one descriptor per request, shuffled, shared by the client threads.
     work: list[tuple[str, Any]] = [("status", None)] * STATUS_REQUESTS
@@ -144,12 +158,14 @@ def test_concurrent_status_list_and_submissions_while_a_job_runs(service, tmp_pa
         t.join(DEADLINE + 60)
     load_seconds = time.monotonic() - load_started
     left = len(work)
+    running_status = get(url, running_id)["status"]
+    driver.send_signal(signal.SIGCONT)
 
     try:
         total = STATUS_REQUESTS + LIST_REQUESTS + PLAIN_SUBMISSIONS + 2 * KEYED_SUBMISSIONS
         assert left == 0, f"{left} of {total} requests not sent in {DEADLINE:.0f}s"
         assert not failures, failures[:10]
-        assert get(url, running_id)["status"] == "running"  # the load ran beside a job
+        assert running_status == "running"  # the load ran beside a job
 
         # No job lost or made twice: one job per plain submission, one per key.
         ids_by_key: dict[str, set[str]] = {}
@@ -163,7 +179,7 @@ def test_concurrent_status_list_and_submissions_while_a_job_runs(service, tmp_pa
         expected_ids = set(plain_ids) | {next(iter(ids)) for ids in ids_by_key.values()}
         small = [j for j in listed(url, prefix) if j["id"] != running_id]
         assert sorted(j["id"] for j in small) == sorted(expected_ids)
-        assert {j["status"] for j in small} == {"queued"}  # none ran beside the running job
+        assert not [j for j in small if j["status"] == "failed"], small
 
         p50 = statistics.median(status_latencies)
         p99 = statistics.quantiles(status_latencies, n=100)[98]
@@ -173,13 +189,11 @@ def test_concurrent_status_list_and_submissions_while_a_job_runs(service, tmp_pa
             f"(n={len(status_latencies)}): p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, "
             f"max {max(status_latencies) * 1000:.0f} ms"
         )
-        assert p99 < P99_BOUND
     finally:
-        # Queued small jobs first (cancelled at once), then the running one.
+        driver.send_signal(signal.SIGCONT)
         for job in listed(url, prefix):
-            if job["id"] != running_id and job["status"] == "queued":
+            if job["status"] in ("queued", "running"):
                 httpx.post(f"{url}/v1/jobs/{job['id']}/cancel", timeout=30)
-        httpx.post(f"{url}/v1/jobs/{running_id}/cancel", timeout=30)
-        final = wait_status(url, running_id, {"cancelled", "succeeded", "failed"}, 120)
-        assert final["status"] in ("cancelled", "succeeded"), final
-        assert not [j for j in listed(url, prefix) if j["status"] in ("queued", "running")]
+        for job in listed(url, prefix):
+            final = wait_status(url, job["id"], {"cancelled", "succeeded", "failed"}, 300)
+            assert final["status"] in ("cancelled", "succeeded"), final

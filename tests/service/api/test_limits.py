@@ -180,7 +180,7 @@ def test_json_depth_is_iterative():
     assert json_depth("scalar") == 0
 
 
-def test_the_check_costs_little_on_a_normal_job_body():
+def test_a_normal_job_body_passes_the_check():
     body = json.dumps(
         {
             "name": "reviews",
@@ -191,14 +191,7 @@ def test_the_check_costs_little_on_a_normal_job_body():
             "carryover": ["id"],
         }
     ).encode()
-    app = limited()
-    runs = 2000
-    started = time.perf_counter()
-    for _ in range(runs):
-        assert app._json_problem(body) is None
-    per_body = (time.perf_counter() - started) / runs
-    print(f"\nlimit check on a {len(body)}-byte job body: {per_body * 1e6:.1f} µs")
-    assert per_body < 1e-3  # generous: it is a couple of microseconds
+    assert limited()._json_problem(body) is None
 
 
 def test_over_a_real_socket_the_rest_of_a_big_body_is_never_read(settings):

@@ -1,0 +1,146 @@
+"""The service's side of its engine pools, without Ray: what it asks the engine host for
+(``desired.json``, messages in ``inbox/``), how it reads what the host reports
+(``state.json``), and ``/v1/engines`` on top. The host and Serve themselves are tested
+end to end (``test_pools_e2e.py``, ``test_pool_lifecycle_e2e.py``)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from llm_batch.job.spec import JobSpec
+from llm_batch.pipeline.pool import POOL_PREFIX, pool_key, pool_name
+from llm_batch.service.catalog import ModelCatalog
+from llm_batch.service.errors import JobConflict
+from llm_batch.service.host import DESIRED, STATE, Mailbox, read_json, write_json
+from llm_batch.service.pools import EnginePools, PoolNotFound
+from llm_batch.service.process import free_port
+from llm_batch.service.settings import Settings
+
+MODEL = {"path": "/models/a", "engine": {"max_model_len": 256}}
+
+
+class NoRay:
+    """The Jobs API of a cluster where the host already runs."""
+
+    def __init__(self) -> None:
+        self.submitted: list[tuple[str, str]] = []
+
+    def status(self, submission_id: str) -> str | None:
+        return "RUNNING" if self.submitted else None
+
+    def submit(self, submission_id, entrypoint, *, runtime_env=None, metadata=None) -> bool:
+        self.submitted.append((submission_id, entrypoint))
+        return True
+
+    def unfinished_metadata(self) -> dict[str, dict[str, str]]:
+        return {}
+
+    def stop(self, submission_id: str) -> bool:
+        return True
+
+
+def spec(**model: Any) -> JobSpec:
+    return JobSpec.from_dict(
+        {
+            "input": {"path": "/in.parquet"},
+            "prompt": {"template": "{{ x }}"},
+            "model": {**MODEL, **model},
+            "output": {"path": "/out"},
+        }
+    )
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path / "data", engine_idle_seconds=42)
+
+
+@pytest.fixture
+def pools(settings: Settings) -> EnginePools:
+    catalog = ModelCatalog({"warm-one": {"path": "/models/w"}}, warm=["warm-one"])
+    return EnginePools(settings=settings, catalog=catalog, jobs=NoRay())
+
+
+def test_a_pool_is_keyed_by_what_changes_the_engine_only():
+    base = spec().model_dump()["model"]
+    assert pool_key(base) == pool_key(spec(batch_size=64, replicas=3).model_dump()["model"])
+    assert pool_key(base) != pool_key(spec(engine={"max_model_len": 512}).model_dump()["model"])
+    assert pool_name(base).startswith(POOL_PREFIX)
+
+
+def test_the_host_is_launched_once_and_told_what_is_wanted(pools, settings):
+    pools.ensure_host()
+    pools.ensure_host()  # Ray runs it now
+    (submission, command), *rest = pools.jobs.submitted
+    assert not rest and submission.startswith("llm-batch-host-")
+    assert "-m llm_batch.service.host" in command and str(settings.data_dir / "host") in command
+
+    job = spec()
+    assert pools.pools_for(job) == {None: pool_name(job.model_dump()["model"])}
+    pools.write_desired([("job_1", job), ("job_2", job)])
+    desired = read_json(settings.data_dir / "host" / DESIRED)
+    assert desired["idle_seconds"] == 42
+    mine = desired["pools"][pool_name(job.model_dump()["model"])]
+    assert mine["jobs"] == ["job_1", "job_2"] and not mine["warm"]
+    warm = [p for p in desired["pools"].values() if p["warm"]]
+    assert [p["model"]["path"] for p in warm] == ["/models/w"]
+
+
+def test_engines_are_what_the_host_reports_and_release_goes_to_its_inbox(pools, settings):
+    job = spec()
+    name = pool_name(job.model_dump()["model"])
+    pools.write_desired([("job_1", job)])
+    write_json(
+        settings.data_dir / "host" / STATE,
+        {
+            "updated_at": time.time(),
+            "pools": {name: {"status": "RUNNING", "model": job.model_dump()["model"],
+                             "replicas": 1, "requests": 3, "jobs_attached": ["job_1"]}},
+            "released": [{"pool": POOL_PREFIX + "old", "why": "unused for 600s", "at": 1.0}],
+        },
+    )  # fmt: skip
+    (pool,) = [p for p in pools.list() if p["id"] == name]
+    assert pool["state"] == "running" and pool["jobs"] == ["job_1"] and pool["requests"] == 3
+    with pytest.raises(JobConflict, match="serves running jobs"):
+        pools.release(name)
+    pools.write_desired([])
+    write_json(
+        settings.data_dir / "host" / STATE,
+        {"updated_at": time.time(), "pools": {name: {"status": "RUNNING", "replicas": 1}}},
+    )
+    assert pools.release(name)["state"] == "releasing"
+    ((_, message),) = Mailbox(settings.data_dir / "host" / "inbox").receive()
+    assert message == {"kind": "release", "pool": name}
+    with pytest.raises(PoolNotFound):
+        pools.release("llm-batch-pool-nope")
+
+
+def test_a_host_that_stopped_reporting_shows_no_pools(pools, settings):
+    write_json(
+        settings.data_dir / "host" / STATE,
+        {"updated_at": time.time() - 3600, "pools": {POOL_PREFIX + "x": {"status": "RUNNING"}}},
+    )
+    assert pools.state() == {}
+
+
+def test_engines_routes_without_shared_engines(tmp_path: Path):
+    from llm_batch.service.app import create_app
+
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        ray_dashboard_port=free_port(),
+        api_keys="k1",
+        admin_api_keys="root",
+    )
+    with TestClient(create_app(settings, run_scheduler=False)) as client:
+        user, admin = {"Authorization": "Bearer k1"}, {"Authorization": "Bearer root"}
+        assert client.get("/v1/engines").status_code == 401
+        r = client.get("/v1/engines", headers=user)
+        assert r.status_code == 200 and r.json() == {"object": "list", "data": [], "released": []}
+        assert client.delete("/v1/engines/x", headers=user).status_code == 403
+        assert client.delete("/v1/engines/x", headers=admin).status_code == 404
