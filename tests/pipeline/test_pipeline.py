@@ -185,7 +185,10 @@ def test_output_files_complete_no_leftovers(job):
     files = sorted(p.name for p in (job["root"] / "out").iterdir())
     parts = [f for f in files if f.startswith("part-") and f.endswith(".parquet")]
     assert len(parts) >= 1
-    assert sorted(set(files) - set(parts)) == ["_metrics.json"]
+    assert sorted(set(files) - set(parts)) == ["_llm_batch.json", "_metrics.json"]
+    # The manifest lists what the run wrote, so that a later run touches nothing else.
+    manifest = json.loads((job["root"] / "out" / "_llm_batch.json").read_text())
+    assert set(parts) <= set(manifest["files"]) and "_metrics.json" in manifest["files"]
 
 
 def test_cli_run_on_jsonl_with_nested_carryover(tmp_path: Path, tiny_model: Path, reference):

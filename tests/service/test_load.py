@@ -12,7 +12,6 @@ still going is cancelled, so nothing is left running.
 
 from __future__ import annotations
 
-import contextlib
 import random
 import signal
 import statistics
@@ -26,6 +25,8 @@ import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from tests.service.holds import driver_process
 
 pytestmark = pytest.mark.e2e
 
@@ -60,17 +61,6 @@ def wait_status(url: str, job_id: str, statuses: set[str], timeout: float) -> di
         time.sleep(0.3)
         job = get(url, job_id)
     return job
-
-
-def driver_process(service, job_id: str):  # noqa: ANN201 - a psutil.Process
-    import psutil
-
-    for proc in service.ray_head.processes():
-        with contextlib.suppress(psutil.Error):
-            cmd = " ".join(proc.cmdline())
-            if "llm_batch.pipeline.driver" in cmd and f"/{job_id}/" in cmd:
-                return proc
-    raise AssertionError(f"no driver process for {job_id}")
 
 
 def listed(url: str, prefix: str) -> list[dict[str, Any]]:

@@ -129,8 +129,14 @@ def test_idle_pools_give_way_to_a_model_that_needs_their_gpu_then_are_released(s
     pq.write_table(pa.table({"id": list(range(8)), "text": ["x"] * 8}), tmp_path / "in.parquet")
 
     run(service, tmp_path / "in.parquet", "first")
-    (first,) = [p for p in engines(service)["data"] if p["model"] == "first"]
-    assert first["state"] == "running" and first["jobs"] == []  # idle, still warm
+    # Idle (its job detached), still up.
+    now = wait_pools(
+        service,
+        lambda e: [(p["model"], p["state"], p["jobs"]) for p in e["data"]]
+        == [("first", "running", [])],
+        timeout=60,
+    )
+    (first,) = now["data"]
 
     # The GPU is the first pool's: the second model's job gets it by that pool's release,
     # well before its idle time is up.

@@ -9,12 +9,10 @@ job's rows pending while one job is cancelled or its replica is killed.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,8 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from tests.service.holds import driver_process, frozen, pool_processes
 
 pytestmark = pytest.mark.e2e
 
@@ -88,39 +88,6 @@ def rows_of(service, job_id: str) -> list[dict[str, Any]]:
     with httpx.stream("GET", f"{service.url}/v1/jobs/{job_id}/results", timeout=120) as r:
         assert r.status_code == 200, r.read()
         return [json.loads(line) for line in r.iter_lines() if line]
-
-
-def driver_process(service, job_id: str) -> psutil.Process:
-    for proc in service.ray_head.processes():
-        with contextlib.suppress(psutil.Error):
-            cmd = " ".join(proc.cmdline())
-            if "llm_batch.pipeline.driver" in cmd and f"/{job_id}/" in cmd:
-                return proc
-    raise AssertionError(f"no driver process for {job_id}")
-
-
-def pool_processes(service, pool_id: str) -> tuple[psutil.Process, list[psutil.Process]]:
-    """The pool's replica actor and its engine processes (core and workers)."""
-    for proc in service.ray_head.processes():
-        with contextlib.suppress(psutil.Error):
-            if f"ServeReplica:{pool_id}" in " ".join(proc.cmdline()) or (
-                f"ServeReplica:{pool_id}" in proc.name()
-            ):
-                return proc, proc.children(recursive=True)
-    raise AssertionError(f"no replica of {pool_id}")
-
-
-@contextlib.contextmanager
-def frozen(procs: list[psutil.Process]) -> Iterator[None]:
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.send_signal(signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for p in procs:
-            with contextlib.suppress(psutil.Error):
-                p.send_signal(signal.SIGCONT)
 
 
 def tiny_pool(service) -> dict[str, Any]:

@@ -21,9 +21,12 @@ import json
 import time
 from typing import Any
 
+import httpx
 import pytest
 from openai.types import Batch, Completion, FileObject
 from openai.types.chat import ChatCompletion
+
+from tests.service.holds import frozen, pool_processes
 
 from .conftest import jsonl
 
@@ -229,11 +232,21 @@ def test_cancel_mid_run_keeps_the_completed_lines(client, service, finished):
         for i in range(CANCEL_REQUESTS)
     ]
     batch = create(client, jsonl(lines), "/v1/chat/completions")
-    # Past the job's first 512-row file, so some lines are written when it stops.
-    wait(client, batch.id, lambda b: b.request_counts.completed >= 1, timeout=400)
-    cancelled = client.batches.cancel(batch.id)
-    assert cancelled.status in ("cancelling", "cancelled")
-    final = wait(client, batch.id, lambda b: b.status == "cancelled", timeout=180)[-1]
+    wait(client, batch.id, lambda b: b.status == "in_progress", timeout=120)
+    (job_id,) = [j["id"] for j in service_jobs(service) if batch.id in j["name"]]
+    # Some lines written (a part file in place), then the pool's engine held: the rest
+    # provably pending when the cancel lands.
+    deadline = time.monotonic() + 400
+    while not written(service, job_id):
+        assert time.monotonic() < deadline, "no line was written"
+        time.sleep(0.3)
+    pools = httpx.get(f"{service.url}/v1/engines", timeout=30).json()["data"]
+    (pool,) = [p for p in pools if job_id in p["jobs"]]
+    _, engine = pool_processes(service, pool["id"])
+    with frozen(engine):
+        cancelled = client.batches.cancel(batch.id)
+        assert cancelled.status in ("cancelling", "cancelled")
+        final = wait(client, batch.id, lambda b: b.status == "cancelled", timeout=180)[-1]
     assert final.cancelling_at is not None and final.cancelled_at is not None
     kept = lines_of(client, final.output_file_id)
     ids = [line["custom_id"] for line in kept]
@@ -248,7 +261,10 @@ def test_cancel_mid_run_keeps_the_completed_lines(client, service, finished):
     assert any(j["status"] == "cancelled" and batch.id in j["name"] for j in job_page)
 
 
-def service_jobs(service) -> list[dict[str, Any]]:
-    import httpx
+def written(service, job_id: str) -> bool:  # noqa: ANN001
+    r = httpx.get(f"{service.url}/v1/jobs/{job_id}/results", params={"limit": 1}, timeout=30)
+    return r.status_code == 200
 
+
+def service_jobs(service) -> list[dict[str, Any]]:
     return httpx.get(f"{service.url}/v1/jobs", params={"limit": 100}, timeout=30).json()["data"]
