@@ -132,8 +132,9 @@ def test_idle_pools_give_way_to_a_model_that_needs_their_gpu_then_are_released(s
     # Idle (its job detached), still up.
     now = wait_pools(
         service,
-        lambda e: [(p["model"], p["state"], p["jobs"]) for p in e["data"]]
-        == [("first", "running", [])],
+        lambda e: (
+            [(p["model"], p["state"], p["jobs"]) for p in e["data"]] == [("first", "running", [])]
+        ),
         timeout=60,
     )
     (first,) = now["data"]
