@@ -27,9 +27,14 @@ def main() -> int:
             "include_dashboard": True,
             "dashboard_host": "127.0.0.1",
             "dashboard_port": port,
+            # Ports of their own: another Ray on this machine (the session's local one)
+            # holds the defaults, and a head whose agent cannot bind takes no Ray jobs.
+            "dashboard_agent_listen_port": free_port(),
+            "metrics_export_port": free_port(),
+            "ray_client_server_port": free_port(),
         },
     )
-    cluster.add_node(num_cpus=2, num_gpus=1)
+    cluster.add_node(num_cpus=2, num_gpus=1, metrics_export_port=free_port())
     cluster.wait_for_nodes()
     print("GPU-CLUSTER " + json.dumps({"dashboard": f"http://127.0.0.1:{port}"}), flush=True)
     try:

@@ -108,7 +108,26 @@ def run(service, input_path: Path, model: str) -> dict[str, Any]:
             assert job["status"] == "succeeded", job["error"]
             return dict(job)
         time.sleep(0.5)
-    pytest.fail(f"{model} job did not end")
+    pytest.fail(f"{model} job did not end: {job}\n{diagnosis(service, job_id)}")
+
+
+def diagnosis(service, job_id: str) -> str:
+    """What a failure report needs: the pools, the engine host's state and logs' ends."""
+    parts = [f"engines: {engines(service)}", f"service log:\n{service.log_tail(60)}"]
+    for path in sorted(service.data_dir.rglob("*")):
+        if path.is_file() and (path.name in ("state.json", "status.json") or path.suffix == ".log"):
+            tail = path.read_text(errors="replace")[-3000:]
+            parts.append(f"--- {path.relative_to(service.data_dir)}:\n{tail}")
+    try:
+        from ray.job_submission import JobSubmissionClient
+
+        client = JobSubmissionClient(service.extra_env["RAY_ADDRESS"])
+        for info in client.list_jobs():
+            logs = client.get_job_logs(info.submission_id)[-3000:] if info.submission_id else ""
+            parts.append(f"--- ray job {info.submission_id} {info.status}:\n{logs}")
+    except Exception as exc:  # a diagnosis never hides the failure it reports
+        parts.append(f"(ray jobs unavailable: {exc!r})")
+    return "\n".join(parts)
 
 
 def engines(service) -> dict[str, Any]:
