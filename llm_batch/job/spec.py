@@ -19,6 +19,7 @@ from llm_batch.errors import JobSpecError
 __all__ = [
     "EngineSpec",
     "MetricsSpec",
+    "NotifySpec",
     "NamedModelSpec",
     "StructuredSpec",
     "InputSpec",
@@ -327,6 +328,21 @@ class OutputSpec(_Strict):
         description="Rows gathered before a Parquet file is written: smaller resumes with "
         "less redone after a fault and shows rows sooner, larger makes fewer files.",
     )
+    retain_days: float | None = Field(
+        default=None,
+        gt=0,
+        description="Service only, for an output the service places (no path given): days "
+        "it is kept after the job ends, then deleted (default LLM_BATCH_RETENTION_DAYS; "
+        "unset: kept). A folder you name is never deleted by the service.",
+    )
+
+
+class NotifySpec(_Strict):
+    url: str = Field(
+        description="Service only: the job's end is POSTed here as a signed Standard "
+        "Webhooks event (job.succeeded, job.failed, job.cancelled); its host must be one "
+        "the service allows (LLM_BATCH_WEBHOOK_HOSTS)."
+    )
 
 
 class JobSpec(_Strict):
@@ -348,6 +364,9 @@ class JobSpec(_Strict):
         default=None,
         description="Where the results go; the CLI defaults to out/<name>, the service to "
         "its data directory.",
+    )
+    notify: NotifySpec | None = Field(
+        default=None, description="Service only: a webhook told when the job ends."
     )
     priority: int = Field(
         default=0, description="Queue order in the service: higher runs first, then oldest first."
@@ -421,7 +440,11 @@ class JobSpec(_Strict):
         """A short digest of the whole job: equal digests run the very same job."""
         import hashlib
 
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        # Who is told, and how long the service keeps it, change nothing in the output.
+        data = self.model_dump(mode="json", exclude={"notify": True})
+        if data.get("output"):
+            data["output"].pop("retain_days", None)
+        text = json.dumps(data, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def with_output(self, path: str) -> JobSpec:

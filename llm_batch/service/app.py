@@ -22,7 +22,15 @@ from llm_batch.job.spec import JobSpec
 from llm_batch.service.api.deps import OpenAIState, ServiceState
 from llm_batch.service.api.errors import install_error_handlers
 from llm_batch.service.api.limits import RequestLimits
-from llm_batch.service.api.routes import batches, dashboard, engines, files, health, jobs
+from llm_batch.service.api.routes import (
+    batches,
+    dashboard,
+    engines,
+    files,
+    health,
+    jobs,
+    usage,
+)
 from llm_batch.service.api.routes import metrics as metrics_routes
 from llm_batch.service.catalog import ModelCatalog
 from llm_batch.service.files import FileStorage
@@ -32,9 +40,11 @@ from llm_batch.service.openai.runner import BatchRunner
 from llm_batch.service.openai.store import BatchStore
 from llm_batch.service.pools import HOST_PREFIX, EnginePools
 from llm_batch.service.raycluster import RayCluster
+from llm_batch.service.retention import RetentionSweep
 from llm_batch.service.scheduler import Scheduler
 from llm_batch.service.settings import Settings
 from llm_batch.service.store import JobStore
+from llm_batch.service.webhooks import WebhookSender
 
 __all__ = ["create_app"]
 
@@ -55,6 +65,7 @@ def create_app(
     it cannot run with (in cluster mode, a data directory that is not shared)."""
     settings = _loopback_without_keys(settings or Settings())
     settings.check_cluster_storage()
+    settings.check_webhooks()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = JobStore(settings.database_url)
     store.create_schema()
@@ -76,20 +87,35 @@ def create_app(
         on_job_end=metrics.job_ended,
         pools=pools,
     )
-    job_service = JobService(store=store, settings=settings, catalog=catalog, scheduler=scheduler)
-    state = ServiceState(settings, store, catalog, jobs_api, cluster, scheduler, job_service, pools)
     batch_store = BatchStore(store)
+    storage = FileStorage(settings=settings, store=batch_store, max_bytes=settings.max_upload_bytes)
+    job_service = JobService(
+        store=store, settings=settings, catalog=catalog, scheduler=scheduler, files=storage
+    )
+    state = ServiceState(settings, store, catalog, jobs_api, cluster, scheduler, job_service, pools)
     runner = BatchRunner(jobs=job_service, batches=batch_store, settings=settings, catalog=catalog)
+    store.webhook_url = settings.webhook_url
+    # Events are queued whenever jobs end; they are sent only with a secret to sign them.
+    sender = (
+        WebhookSender(store, secret=settings.webhook_secret) if settings.webhook_secret else None
+    )
+    sweep = RetentionSweep(store, settings)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if run_scheduler:
             scheduler.start()
             runner.start()
+            sweep.start()
+            if sender is not None:
+                sender.start()
         try:
             yield
         finally:
             if run_scheduler:
+                if sender is not None:
+                    sender.stop()
+                sweep.stop()
                 runner.stop()
                 scheduler.stop()
                 _maybe_stop_ray(state)
@@ -103,9 +129,6 @@ def create_app(
     )
     app.state.service = state
     app.state.api_keys = settings.keys()  # read once; compared in api.deps.authenticate
-    storage = FileStorage(
-        folder=settings.files_dir, store=batch_store, max_bytes=settings.max_upload_bytes
-    )
     app.state.openai = OpenAIState(batch_store, runner, storage)
     install_error_handlers(app)
     # Body size and JSON nesting, before any route parses a body (api/limits.py). Uploads
@@ -128,6 +151,7 @@ def create_app(
     app.include_router(files.router)
     app.include_router(batches.router)
     app.include_router(engines.router)
+    app.include_router(usage.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -8,6 +8,8 @@
     │                        (``llm_batch.errors``: Ray's Jobs API raises it too)
     ├── FileRefused          an upload the Files API does not take      → 400
     │                        (``param`` and ``code`` say which field and why)
+    ├── FileExpired          a file or job output past its expiry       → 404
+    ├── OutputFileNotFound   a name the job's output does not hold      → 404
     └── SettingsError        the service cannot start with these settings
                              (the message names the variable)
 
@@ -16,11 +18,15 @@ Only the API layer turns these into HTTP status codes.
 
 from __future__ import annotations
 
+import datetime as dt
+
 from llm_batch.errors import LLMBatchError, ServiceUnavailable
 
 __all__ = [
+    "FileExpired",
     "FileRefused",
     "JobConflict",
+    "OutputFileNotFound",
     "JobNotFound",
     "ServiceUnavailable",
     "SettingsError",
@@ -46,3 +52,16 @@ class FileRefused(LLMBatchError):
         super().__init__(message)
         self.param = param
         self.code = code
+
+
+class FileExpired(LLMBatchError, LookupError):
+    def __init__(self, what: str, when: dt.datetime):
+        super().__init__(f"{what} expired at {when.isoformat(timespec='seconds')} and was deleted")
+        self.what = what
+
+
+class OutputFileNotFound(LLMBatchError, LookupError):
+    def __init__(self, job_id: str, name: str):
+        super().__init__(
+            f"job {job_id} wrote no file {name!r} (GET /v1/jobs/{job_id}/files lists its files)"
+        )

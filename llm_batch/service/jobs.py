@@ -19,24 +19,43 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from llm_batch.errors import JobSpecError
 from llm_batch.service.catalog import ModelCatalog
-from llm_batch.service.errors import JobConflict
+from llm_batch.service.errors import FileExpired, JobConflict, OutputFileNotFound
 from llm_batch.service.settings import Settings
-from llm_batch.service.store import Job, JobStatus, JobStore, initial_progress, new_job_id
-from llm_batch.service.validation import Admission, prepare_submission
+from llm_batch.service.store import (
+    Job,
+    JobStatus,
+    JobStore,
+    initial_progress,
+    new_job_id,
+    utcnow,
+)
+from llm_batch.service.validation import Admission, check_webhook, prepare_submission
 
-__all__ = ["JobService", "Principal"]
+if TYPE_CHECKING:
+    from llm_batch.service.files import FileStorage
+
+__all__ = ["JobService", "OutputFile", "Principal"]
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputFile:
+    name: str  # relative to the job's output folder
+    bytes: int
 
 
 @dataclasses.dataclass(frozen=True)
 class Principal:
     """Who is calling: ``owner`` is a digest of their API key (never the key itself);
-    None when the service runs without keys."""
+    None when the service runs without keys. ``roots`` are the storage roots granted
+    to this key alone (the keys file's ``roots=``)."""
 
     owner: str | None
     admin: bool
+    roots: tuple[str, ...] = ()
 
 
 class _Waker(Protocol):
@@ -51,11 +70,13 @@ class JobService:
         settings: Settings,
         catalog: ModelCatalog,
         scheduler: _Waker | None = None,
+        files: FileStorage | None = None,
     ):
         self.store = store
         self.settings = settings
         self.catalog = catalog
         self.scheduler = scheduler
+        self.files = files
 
     def admission(
         self, principal: Principal, *, base: Path | None = None, own: Sequence[Path] = ()
@@ -63,12 +84,14 @@ class JobService:
         """What this service admits from ``principal``: the one policy of both doors.
         ``own`` are folders the service itself placed this submission's files in (an
         OpenAI batch's converted input and its outputs), allowed though private."""
+        home = [self.settings.home(principal.owner)] if principal.owner is not None else []
         return Admission.from_settings(
             self.settings,
             catalog=self.catalog,
             base=base or Path.cwd(),
             admin=principal.admin,
-            own=own,
+            own=[*own, *home],
+            roots=principal.roots,
         )
 
     def submit(
@@ -82,12 +105,17 @@ class JobService:
     ) -> tuple[Job, bool]:
         """Validate and queue a job; (the job, whether it is new: False when the
         idempotency key replayed an earlier submission of the same job)."""
+        # A replayed submission places its output where the first one did, so that the
+        # two specs compare equal.
+        earlier = self.store.get_by_idempotency_key(idempotency_key) if idempotency_key else None
+        job_id = earlier.id if earlier is not None else new_job_id()
+        body, retain = self._placed(body, principal, job_id)
         submission = prepare_submission(body, self.admission(principal, base=base, own=own))
         spec = submission.spec
-        job_id = new_job_id()
-        output = (
-            spec.output.path if spec.output is not None else str(self.settings.outputs_dir / job_id)
-        )
+        if spec.notify is not None:
+            check_webhook(spec.notify.url, self.settings)
+        assert spec.output is not None  # _placed gives every job an output folder
+        output = spec.output.path
         job, created = self.store.create(
             job_id=job_id,
             name=spec.name,
@@ -97,10 +125,67 @@ class JobService:
             progress=initial_progress(submission.rows_total),
             idempotency_key=idempotency_key,
             owner=principal.owner,
+            retain_seconds=retain,
         )
         if created:
             self._wake()
         return job, created
+
+    def _placed(self, body: Any, principal: Principal, job_id: str) -> tuple[Any, float | None]:
+        """The body with what the service fills in: an uploaded dataset's path for
+        ``input.file_id``, and for a job without ``output.path`` a folder of the key's own
+        (``<home>/outputs/<job id>``); and how long that folder is kept (seconds)."""
+        if not isinstance(body, dict):
+            return body, None  # check_job refuses it, naming the body
+        body = dict(body)
+        given = body.get("input")
+        if isinstance(given, dict) and "file_id" in given:
+            body["input"] = self._dataset(given, principal)
+        output = body.get("output")
+        if output is None:
+            output = {}
+        if not isinstance(output, dict):
+            return body, None  # check_job names output
+        if "path" in output:
+            if output.get("retain_days") is not None:
+                raise JobSpecError(
+                    "output.retain_days: applies to an output the service places (leave "
+                    "output.path unset); the service never deletes a folder you named"
+                )
+            return body, None
+        body["output"] = {
+            **output,
+            "path": str(self.settings.outputs_dir(principal.owner) / job_id),
+        }
+        days = output.get("retain_days", self.settings.retention_days)
+        retain = float(days) * 86400 if isinstance(days, int | float) and days > 0 else None
+        return body, retain
+
+    def _dataset(self, given: dict[str, Any], principal: Principal) -> dict[str, Any]:
+        from llm_batch.service.files import dataset_format
+
+        file_id = given["file_id"]
+        if "path" in given:
+            raise JobSpecError("input: give either path or file_id, not both")
+        if self.files is None:
+            raise JobSpecError("input.file_id: this service stores no files")
+        row = self.files.get(str(file_id), principal) if isinstance(file_id, str) else None
+        if row is None:
+            raise JobSpecError(
+                f"input.file_id: no uploaded file {file_id!r} (upload a dataset with "
+                "POST /v1/files, purpose `dataset`)"
+            )
+        if row.purpose != "dataset":
+            raise JobSpecError(
+                f"input.file_id: {file_id!r} was uploaded with purpose {row.purpose!r}; a "
+                "job's input is uploaded with purpose `dataset`"
+            )
+        path = self.files.content(row)
+        if path is None:
+            raise JobSpecError(f"input.file_id: the content of {file_id!r} is gone")
+        fmt = dataset_format(path, row.filename)
+        rest = {k: v for k, v in given.items() if k != "file_id"}
+        return {**rest, "path": str(path), "format": rest.get("format", fmt)}
 
     def get(self, job_id: str, principal: Principal) -> Job:
         return self.store.get(job_id, owner=principal.owner, admin=principal.admin)
@@ -124,11 +209,70 @@ class JobService:
         """The job and the part files it has written so far; ``JobConflict`` when none."""
         from llm_batch.service import results
 
-        job = self.get(job_id, principal)
+        job = self._unexpired(job_id, principal)
         files = [] if job.status == JobStatus.QUEUED.value else results.part_files(job.output_path)
         if not files:
             raise JobConflict(f"job {job_id} has written no rows yet (status: {job.status})")
         return job, files
+
+    def output_files(self, job_id: str, principal: Principal) -> tuple[Job, list[OutputFile]]:
+        """The files of the job's output folder that the job wrote (its manifest's: part
+        files, ``_metrics.json``), complete ones only, in name order."""
+        from llm_batch.service import results
+
+        job = self._unexpired(job_id, principal)
+        if job.status == JobStatus.QUEUED.value:
+            return job, []
+        return job, [OutputFile(name, size) for name, size in results.owned_files(job.output_path)]
+
+    def output_file(self, job_id: str, name: str, principal: Principal) -> tuple[Job, OutputFile]:
+        """One of ``output_files``; ``JobNotFound``-like ``FileNotInOutput`` otherwise."""
+        job, files = self.output_files(job_id, principal)
+        for f in files:
+            if f.name == name:
+                return job, f
+        raise OutputFileNotFound(job_id, name)
+
+    def usage(self, principal: Principal, *, days: int) -> list[dict[str, Any]]:
+        """Jobs, rows and tokens per key, model and UTC day (of the job's creation), over
+        the last ``days`` days, from the job store: this key's (an admin's: every key's).
+        A job's counts are what its driver last reported (a running job's so far)."""
+        import datetime as dt
+
+        since = utcnow() - dt.timedelta(days=days)
+        names = {
+            str(self.catalog.block(n, field="model").get("path", "")): n for n in self.catalog.names
+        }
+        totals: dict[tuple[str, str, str | None], dict[str, int]] = {}
+        for job in self.store.since(since, owner=principal.owner, admin=principal.admin):
+            spec = job.spec or {}
+            day = job.created_at.date().isoformat()
+            models = (job.progress or {}).get("models") or {}
+            for name, counts in models.items():
+                if name == "default":
+                    path = str((spec.get("model") or {}).get("path", "default"))
+                    name = names.get(path, path)
+                row = totals.setdefault(
+                    (day, str(name), job.owner),
+                    {"jobs": 0, "rows": 0, "rows_failed": 0, "input_tokens": 0, "output_tokens": 0},
+                )
+                row["jobs"] += 1
+                row["rows"] += int(counts.get("rows_done", 0))
+                row["rows_failed"] += int(counts.get("rows_failed", 0))
+                row["input_tokens"] += int(counts.get("input_tokens", 0))
+                row["output_tokens"] += int(counts.get("output_tokens", 0))
+        return [
+            {"day": day, "model": model, "owner": owner, **counts}
+            for (day, model, owner), counts in sorted(
+                totals.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or "")
+            )
+        ]
+
+    def _unexpired(self, job_id: str, principal: Principal) -> Job:
+        job = self.get(job_id, principal)
+        if job.expired_at is not None:
+            raise FileExpired(f"the output of job {job_id}", job.expired_at)
+        return job
 
     def _wake(self) -> None:
         if self.scheduler is not None:

@@ -19,7 +19,14 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-__all__ = ["PARQUET_MEDIA_TYPE", "iter_jsonl", "iter_parquet", "part_files"]
+__all__ = [
+    "PARQUET_MEDIA_TYPE",
+    "iter_file",
+    "iter_jsonl",
+    "iter_parquet",
+    "owned_files",
+    "part_files",
+]
 
 PARQUET_MEDIA_TYPE = "application/vnd.apache.parquet"
 _JSONL_BATCH_ROWS = 1024
@@ -38,6 +45,35 @@ def part_files(output_path: str) -> list[str]:
     from llm_batch.pipeline.write import owned_parts
 
     return owned_parts(output_path)
+
+
+def owned_files(output_path: str) -> list[tuple[str, int]]:
+    """(name, bytes) of the complete files the job's manifest lists in its output folder
+    (top level: part files, ``_metrics.json``), in name order."""
+    from llm_batch.pipeline.manifest import MANIFEST_NAME, Manifest
+
+    manifest = Manifest.read(output_path)
+    if manifest is None:
+        return []
+    fs, path = _filesystem(output_path)
+    base = path.rstrip("/")
+    found = fs.get_file_info(pafs.FileSelector(base, recursive=False, allow_not_found=True))
+    return sorted(
+        (f.base_name, int(f.size or 0))
+        for f in found
+        if f.type == pafs.FileType.File
+        and not f.base_name.startswith(".")
+        and f.base_name != MANIFEST_NAME
+        and manifest.owns(f.base_name)
+    )
+
+
+def iter_file(output_path: str, name: str, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The bytes of one file of the output folder, a chunk at a time."""
+    fs, path = _filesystem(output_path)
+    with fs.open_input_stream(f"{path.rstrip('/')}/{name}") as f:
+        while block := f.read(chunk):
+            yield block
 
 
 def _batches(

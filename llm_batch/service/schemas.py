@@ -111,6 +111,41 @@ _ALWAYS = frozenset({"rows_total", "rows_done", "rows_failed", "output_tokens", 
 class JobOutput(BaseModel):
     path: str = Field(description="Folder of the job's Parquet files.")
     results_url: str = Field(description="Where to fetch the rows over HTTP.")
+    files_url: str = Field(description="Where to list (and fetch) the files it wrote.")
+    expires_at: dt.datetime | None = Field(
+        default=None,
+        description="When a service-placed output is deleted (None: kept). Set when the "
+        "job ends, from output.retain_days or the service's default.",
+    )
+    expired: bool = Field(default=False, description="Deleted by the retention sweep.")
+
+
+class JobFile(BaseModel):
+    name: str = Field(description="Relative to the job's output folder.")
+    bytes: int
+
+
+class JobFiles(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobFile]
+
+
+class UsageRow(BaseModel):
+    day: str = Field(description="UTC day the jobs were created (YYYY-MM-DD).")
+    model: str = Field(description="The catalog's name of the model, else its path.")
+    owner: str | None = Field(
+        description="The key's id (a digest, never the key); null without keys."
+    )
+    jobs: int
+    rows: int = Field(description="Rows done (failed ones included).")
+    rows_failed: int
+    input_tokens: int
+    output_tokens: int
+
+
+class Usage(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[UsageRow]
 
 
 class JobPublic(BaseModel):
@@ -157,7 +192,13 @@ def to_public(job: Job) -> JobPublic:
         started_at=job.started_at,
         finished_at=job.finished_at,
         progress=JobProgress.model_validate(job.progress or {}),
-        output=JobOutput(path=job.output_path, results_url=f"/v1/jobs/{job.id}/results"),
+        output=JobOutput(
+            path=job.output_path,
+            results_url=f"/v1/jobs/{job.id}/results",
+            files_url=f"/v1/jobs/{job.id}/files",
+            expires_at=job.expires_at,
+            expired=job.expired_at is not None,
+        ),
         error=job.error,
         spec=job.spec,
     )

@@ -6,6 +6,7 @@ win over the environment.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +17,19 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 if TYPE_CHECKING:
     from llm_batch.service.storage import SharedStorage
 
-__all__ = ["Settings"]
+__all__ = ["KeyGrant", "Settings"]
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyGrant:
+    """What one API key may do: see every key's jobs and files (``admin``), and read and
+    write under ``roots`` besides the storage roots every key has."""
+
+    admin: bool = False
+    roots: tuple[str, ...] = ()
+
+    def merge(self, *, admin: bool = False, roots: tuple[str, ...] = ()) -> KeyGrant:
+        return KeyGrant(admin=self.admin or admin, roots=(*self.roots, *roots))
 
 
 class Settings(BaseSettings):
@@ -82,6 +95,46 @@ class Settings(BaseSettings):
         default=None,
         description="A file of API keys, one per line; `<key> admin` marks an admin key; "
         "`#` starts a comment.",
+    )
+    retention_days: float | None = Field(
+        default=None,
+        gt=0,
+        description="Days a job's service-placed output (no output.path) is kept after the "
+        "job ends, unless the job says output.retain_days; unset: kept until deleted.",
+    )
+    retention_sweep_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds between two passes of the sweep that deletes expired outputs "
+        "and files and expires batches past their completion window.",
+    )
+    min_expires_after_seconds: int = Field(
+        default=3600,
+        ge=1,
+        description="The least expires_after.seconds a file upload may ask (OpenAI's: 3600).",
+    )
+    completion_window_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="Overrides every batch's completion_window (24h) in seconds; for tests.",
+    )
+    webhook_url: str | None = Field(
+        default=None,
+        description="Every job's and batch's end is POSTed here (job.succeeded, job.failed, "
+        "job.cancelled, batch.completed, batch.failed, batch.cancelled, batch.expired), "
+        "signed with webhook_secret (Standard Webhooks).",
+    )
+    webhook_secret: str | None = Field(
+        default=None,
+        description="The HMAC-SHA256 key of webhook signatures: `whsec_<base64>` as OpenAI "
+        "and Standard Webhooks write it, or any other text used as it is. Required for "
+        "webhooks.",
+    )
+    webhook_hosts: str | None = Field(
+        default=None,
+        description="Comma-separated host names (or host:port) a job's notify.url may "
+        "name; unset: jobs may not ask for webhooks (webhook_url is the operator's and is "
+        "not limited).",
     )
     ray_address: str | None = Field(
         default=None,
@@ -256,6 +309,16 @@ class Settings(BaseSettings):
             "local Ray head"
         )
 
+    def check_webhooks(self) -> None:
+        """Raises ``SettingsError`` for webhooks that could not be signed."""
+        if self.webhook_url and not self.webhook_secret:
+            from llm_batch.service.errors import SettingsError
+
+            raise SettingsError(
+                "LLM_BATCH_WEBHOOK_URL is set but LLM_BATCH_WEBHOOK_SECRET is not: webhooks "
+                "are signed; set a secret (whsec_<base64>, or any long random text)"
+            )
+
     def roots(self) -> list[str]:
         """Where submitted jobs may read and write: the data directory, then storage_roots."""
         from llm_batch.service.storage import parse_roots
@@ -273,19 +336,49 @@ class Settings(BaseSettings):
         extra = (self.allowed_engine_args or "").split(",")
         return SAFE_ENGINE_ARGS | {name for name in extra if name}
 
-    def keys(self) -> dict[str, bool]:
-        """Configured API keys → whether each is an admin key (empty: no authentication)."""
-        keys: dict[str, bool] = {}
+    def keys(self) -> dict[str, KeyGrant]:
+        """Configured API keys → what each may do (empty: no authentication).
+
+        The keys file has one key per line: ``<key> [admin] [roots=/srv/a,s3://b/a]``;
+        ``roots=`` grants that key storage roots besides ``storage_roots`` (everyone's).
+        """
+        keys: dict[str, KeyGrant] = {}
         for raw, admin in ((self.api_keys, False), (self.admin_api_keys, True)):
             for key in (raw or "").split(","):
                 if key.strip():
-                    keys[key.strip()] = admin or keys.get(key.strip(), False)
+                    keys[key.strip()] = keys.get(key.strip(), KeyGrant()).merge(admin=admin)
         if self.api_keys_file is not None:
-            for line in self.api_keys_file.read_text(encoding="utf-8").splitlines():
+            text = self.api_keys_file.read_text(encoding="utf-8")
+            for number, line in enumerate(text.splitlines(), start=1):
                 parts = line.split("#", 1)[0].split()
-                if parts:
-                    keys[parts[0]] = keys.get(parts[0], False) or parts[1:2] == ["admin"]
+                if not parts:
+                    continue
+                grant = keys.get(parts[0], KeyGrant())
+                for word in parts[1:]:
+                    if word == "admin":
+                        grant = grant.merge(admin=True)
+                    elif word.startswith("roots="):
+                        from llm_batch.service.storage import parse_roots
+
+                        grant = grant.merge(roots=tuple(parse_roots(word.removeprefix("roots="))))
+                    else:
+                        from llm_batch.service.errors import SettingsError
+
+                        raise SettingsError(
+                            f"{self.api_keys_file}:{number}: unknown word {word!r} after the "
+                            "key; expected `admin` or `roots=<folder or URI>,...`"
+                        )
+                keys[parts[0]] = grant
         return keys
+
+    def allowed_webhook_hosts(self) -> set[str]:
+        return {h.strip().lower() for h in (self.webhook_hosts or "").split(",") if h.strip()}
+
+    def home(self, owner: str | None) -> Path:
+        """A key's own folder of the data directory: its uploads (``files/``), its jobs'
+        default outputs (``outputs/``) and its batches (``batches/``). Without keys
+        (``owner`` None) the data directory itself."""
+        return self.data_dir if owner is None else self.data_dir / "keys" / owner
 
     @property
     def database_url(self) -> str:
@@ -299,16 +392,14 @@ class Settings(BaseSettings):
     def jobs_dir(self) -> Path:
         return self.data_dir / "jobs"
 
-    @property
-    def outputs_dir(self) -> Path:
-        return self.data_dir / "outputs"
+    def outputs_dir(self, owner: str | None = None) -> Path:
+        """Jobs without ``output.path`` write to ``<this>/<job id>``."""
+        return self.home(owner) / "outputs"
 
-    @property
-    def files_dir(self) -> Path:
+    def files_dir(self, owner: str | None = None) -> Path:
         """The bytes of the Files API's files, one file per id."""
-        return self.data_dir / "files"
+        return self.home(owner) / "files"
 
-    @property
-    def batches_dir(self) -> Path:
-        """Each batch's converted input (Parquet), one folder per batch."""
-        return self.data_dir / "batches"
+    def batches_dir(self, owner: str | None = None) -> Path:
+        """Each batch's converted input (Parquet) and outputs, one folder per batch."""
+        return self.home(owner) / "batches"

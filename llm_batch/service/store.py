@@ -20,6 +20,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
+    Float,
     Integer,
     String,
     Text,
@@ -45,7 +46,9 @@ __all__ = [
     "Job",
     "JobStatus",
     "JobStore",
+    "Event",
     "StoredFile",
+    "new_event",
     "initial_progress",
     "new_job_id",
     "utcnow",
@@ -65,6 +68,10 @@ class JobStatus(enum.StrEnum):
 
 ACTIVE = (JobStatus.RUNNING.value, JobStatus.CANCELLING.value)
 TERMINAL = (JobStatus.CANCELLED.value, JobStatus.SUCCEEDED.value, JobStatus.FAILED.value)
+
+
+# The idempotency keys of the jobs an OpenAI batch runs (openai/runner.py).
+BATCH_JOB_PREFIX = "openai-batch:"
 
 
 def new_job_id() -> str:
@@ -110,6 +117,13 @@ class Job(_Base):
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), default=None)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), default=None)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    # A service-managed output is kept this long after the job ends (None: forever);
+    # ``expires_at`` is set when it ends, ``expired_at`` once the sweep deleted it.
+    retain_seconds: Mapped[float | None] = mapped_column(Float, default=None)
+    expires_at: Mapped[dt.datetime | None] = mapped_column(
+        DateTime(timezone=True), index=True, default=None
+    )
+    expired_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), default=None)
 
 
 def _aware(value: dt.datetime | None) -> dt.datetime | None:
@@ -121,7 +135,14 @@ def _aware(value: dt.datetime | None) -> dt.datetime | None:
 
 @event.listens_for(Job, "load")
 def _on_load(job: Job, _context: Any) -> None:
-    for name in ("created_at", "started_at", "finished_at", "updated_at"):
+    for name in (
+        "created_at",
+        "started_at",
+        "finished_at",
+        "updated_at",
+        "expires_at",
+        "expired_at",
+    ):
         setattr(job, name, _aware(getattr(job, name)))
 
 
@@ -136,6 +157,10 @@ class StoredFile(_Base):
     purpose: Mapped[str] = mapped_column(String(32), index=True)
     bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+    # After this the file answers "expired" and the retention sweep deletes its bytes.
+    expires_at: Mapped[dt.datetime | None] = mapped_column(
+        DateTime(timezone=True), index=True, default=None
+    )
 
 
 class Batch(_Base):
@@ -167,8 +192,60 @@ class Batch(_Base):
     failed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     cancelling_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     cancelled_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # completion_window's end: a batch not finished by then becomes expired.
+    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    expired_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    # output_expires_after.seconds: how long its output and error files are kept.
+    output_expires_seconds: Mapped[int | None] = mapped_column(Integer, default=None)
 
 
+class Event(_Base):
+    """A webhook call to make (an outbox): written in the transaction that ended the job
+    or batch, deleted never, marked delivered once the receiver answered 2xx."""
+
+    __tablename__ = "events"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # webhook-id
+    type: Mapped[str] = mapped_column(String(32))
+    url: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    next_at: Mapped[dt.datetime | None] = mapped_column(
+        DateTime(timezone=True), index=True, default=None
+    )  # None once delivered or given up
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+
+
+def new_event(
+    session: Session, *, kind: str, obj: str, row_id: str, status: str, urls: Sequence[str]
+) -> None:
+    """Queue ``<kind>.<status>`` (``job.succeeded``, ``batch.expired``...) for each URL, in
+    the caller's transaction: the end and its notice are committed together."""
+    now = utcnow()
+    for url in dict.fromkeys(urls):
+        event_id = "evt_" + secrets.token_hex(12)
+        session.add(
+            Event(
+                id=event_id,
+                type=f"{kind}.{status}",
+                url=url,
+                payload={
+                    "id": event_id,
+                    "object": "event",
+                    "type": f"{kind}.{status}",
+                    "created_at": int(now.timestamp()),
+                    "data": {"id": row_id, "object": obj, "status": status},
+                },
+                created_at=now,
+                next_at=now,
+                attempts=0,
+            )
+        )
+
+
+@event.listens_for(Event, "load")
 @event.listens_for(StoredFile, "load")
 @event.listens_for(Batch, "load")
 def _on_load_aware(row: Any, _context: Any) -> None:
@@ -204,6 +281,8 @@ class JobStore:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # Set by the service: every job's and batch's end is also POSTed here.
+        self.webhook_url: str | None = None
 
     # -- schema --------------------------------------------------------------------
 
@@ -248,6 +327,7 @@ class JobStore:
         progress: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
         owner: str | None = None,
+        retain_seconds: float | None = None,
     ) -> tuple[Job, bool]:
         """Insert a queued job; returns (job, created). With an idempotency key already
         used, returns the job it made (``created`` False), or raises ``JobConflict``
@@ -267,6 +347,7 @@ class JobStore:
             idempotency_key=idempotency_key,
             owner=owner,
             progress=progress,
+            retain_seconds=retain_seconds,
             attempts=0,
             created_at=now,
             updated_at=now,
@@ -333,6 +414,14 @@ class JobStore:
             jobs = list(s.scalars(query))
         return jobs[:limit], len(jobs) > limit
 
+    def since(self, created: dt.datetime, *, owner: str | None, admin: bool) -> list[Job]:
+        """Jobs created since ``created`` (a non-admin caller's own), oldest first."""
+        query = select(Job).where(Job.created_at >= created)
+        if not admin:
+            query = query.where(Job.owner == owner)
+        with self._session() as s:
+            return list(s.scalars(query.order_by(Job.created_at, Job.id)))
+
     def cancel(self, job_id: str) -> Job:
         """Queued → cancelled at once; running → cancelling (the scheduler stops it)."""
         now = utcnow()
@@ -343,7 +432,9 @@ class JobStore:
                 .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
                 .values(status=JobStatus.CANCELLED.value, finished_at=now, updated_at=now),
             )
-            if not queued:
+            if queued:
+                self._ended(s, job_id)
+            else:
                 _execute(
                     s,
                     update(Job)
@@ -465,11 +556,26 @@ class JobStore:
         if progress is not None:
             values["progress"] = progress
         with self._session() as s:
-            return bool(
-                _execute(
-                    s,
-                    update(Job)
-                    .where(Job.id == job_id, Job.status.in_(from_statuses))
-                    .values(**values),
-                )
+            ended = _execute(
+                s,
+                update(Job).where(Job.id == job_id, Job.status.in_(from_statuses)).values(**values),
             )
+            if ended:
+                self._ended(s, job_id)
+            return bool(ended)
+
+    def _ended(self, session: Session, job_id: str) -> None:
+        """In the transaction that ended the job: its output's expiry, its webhooks."""
+        job = session.get(Job, job_id)
+        if job is None:
+            return
+        finished = _aware(job.finished_at) or utcnow()
+        if job.retain_seconds:
+            job.expires_at = finished + dt.timedelta(seconds=job.retain_seconds)
+        if (job.idempotency_key or "").startswith(BATCH_JOB_PREFIX):
+            return  # a job of an OpenAI batch: the batch's end is the event
+        urls = [self.webhook_url] if self.webhook_url else []
+        notify = (job.spec or {}).get("notify") or {}
+        if notify.get("url"):
+            urls.append(notify["url"])
+        new_event(session, kind="job", obj="job", row_id=job.id, status=job.status, urls=urls)

@@ -47,6 +47,7 @@ __all__ = [
     "Admission",
     "Submission",
     "check_job",
+    "check_webhook",
     "parse_job_text",
     "prepare_submission",
 ]
@@ -96,15 +97,17 @@ class Admission:
         base: Path,
         admin: bool,
         own: Sequence[Path] = (),
+        roots: Sequence[str] = (),
     ) -> Admission:
         """What a service admits from a key, through either door. A key that is not an
         admin's may not name paths in the service's data directory: other keys' outputs,
         uploads and job files live there; ``own`` are the folders in it the service itself
-        placed this submission's files in (an OpenAI batch's input and outputs)."""
+        placed this submission's files in (an OpenAI batch's input and outputs, the key's
+        own folder); ``roots`` are storage roots granted to this key alone."""
         return cls(
             catalog=catalog,
             base=base,
-            roots=StorageRoots.of(settings.roots()),
+            roots=StorageRoots.of([*settings.roots(), *roots]),
             shared=settings.shared_storage(),
             accumulators=settings.accumulators(),
             private=None if admin else settings.data_dir,
@@ -260,6 +263,30 @@ def _check_shared(spec: JobSpec, shared: SharedStorage, catalog: ModelCatalog) -
         if _is_local(model.path) and os.path.realpath(model.path) in offered:
             continue
         shared.check(model.path, field=f"{field}.path", use="load")
+
+
+def check_webhook(url: str, settings: Settings) -> None:
+    """A job's ``notify.url``: http(s), to a host the operator allows, on a service that
+    signs its webhooks. Raises ``JobSpecError`` naming the field."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise JobSpecError(f"notify.url: expected an http:// or https:// URL, got {url!r}")
+    allowed = settings.allowed_webhook_hosts()
+    host = parts.hostname.lower()
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    if host not in allowed and netloc not in allowed:
+        raise JobSpecError(
+            f"notify.url: this service does not call {netloc!r} (the hosts it calls: "
+            f"{', '.join(sorted(allowed)) or 'none'}; the operator lists them in "
+            "LLM_BATCH_WEBHOOK_HOSTS)"
+        )
+    if not settings.webhook_secret:
+        raise JobSpecError(
+            "notify.url: this service has no webhook secret to sign its calls with (the "
+            "operator sets LLM_BATCH_WEBHOOK_SECRET)"
+        )
 
 
 def parse_job_text(raw: bytes, *, max_depth: int) -> Any:

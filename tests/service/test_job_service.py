@@ -71,7 +71,7 @@ def test_submit_queues_a_job_with_its_own_default_output(service, body, settings
     job, created = jobs.submit(body, ALICE)
     assert created and waker.woken == 1
     assert job.status == "queued" and job.owner == "alice"
-    assert job.output_path == str(settings.outputs_dir / job.id)
+    assert job.output_path == str(settings.outputs_dir("alice") / job.id)  # its own folder
     assert job.progress["rows_total"] == 2
     assert jobs.get(job.id, ALICE).id == job.id
     with pytest.raises(JobNotFound):
@@ -97,7 +97,7 @@ def test_a_key_may_not_name_the_data_directory_unless_the_service_placed_it(
     service, body, settings
 ):
     jobs, _ = service
-    placed = settings.batches_dir / "batch_x"
+    placed = settings.batches_dir() / "batch_x"
     placed.mkdir(parents=True)
     pq.write_table(pa.table({"id": [1], "text": ["x"]}), placed / "input.parquet")
     inside = {**body, "input": {"path": str(placed / "input.parquet")}}

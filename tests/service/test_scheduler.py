@@ -122,7 +122,7 @@ def queue(
             "model": {"path": "m"},
             "priority": priority,
         },  # fmt: skip
-        output_path=output or str(settings.outputs_dir / job_id),
+        output_path=output or str(settings.outputs_dir() / job_id),
         priority=priority,
         progress=initial_progress(10),
     )
@@ -164,7 +164,7 @@ def test_submission_runs_the_driver_on_the_final_spec(scheduler, store, settings
     scheduler.run_once()
     spec_path = settings.jobs_dir / job_id / "spec.json"
     spec = json.loads(spec_path.read_text())
-    assert spec["output"]["path"] == str(settings.outputs_dir / job_id)
+    assert spec["output"]["path"] == str(settings.outputs_dir() / job_id)
     entrypoint = ray.jobs[job_id]["entrypoint"]
     status = settings.jobs_dir / job_id / "status.json"
     assert entrypoint.endswith(
@@ -176,7 +176,7 @@ def test_submission_runs_the_driver_on_the_final_spec(scheduler, store, settings
     assert ray.jobs[job_id]["metadata"] == {
         "name": "j",
         "llm_batch_job_id": job_id,
-        "llm_batch_output": str(settings.outputs_dir / job_id),
+        "llm_batch_output": str(settings.outputs_dir() / job_id),
         "llm_batch_spec": JobSpec.from_dict(spec).digest(),
     }
 

@@ -19,7 +19,7 @@ from llm_batch.service.openai.store import BatchStore
 from llm_batch.service.pools import EnginePools
 from llm_batch.service.raycluster import RayCluster
 from llm_batch.service.scheduler import Scheduler
-from llm_batch.service.settings import Settings
+from llm_batch.service.settings import KeyGrant, Settings
 from llm_batch.service.store import JobStore
 
 __all__ = [
@@ -147,23 +147,24 @@ def authenticate(request: Request) -> Principal:
     With no keys configured the service is open (and bound to loopback only).
     Every configured key is compared, in constant time, so timing tells nothing.
     """
-    keys: dict[str, bool] = getattr(request.app.state, "api_keys", None) or {}
+    keys: dict[str, KeyGrant] = getattr(request.app.state, "api_keys", None) or {}
     if not keys:
         return _OPEN
     header = request.headers.get("authorization", "")
     scheme, _, given = header.partition(" ")
-    found: tuple[str, bool] | None = None
+    found: tuple[str, KeyGrant] | None = None
     if scheme.lower() == "bearer" and given:
-        for key, admin in keys.items():
+        for key, grant in keys.items():
             if hmac.compare_digest(key.encode(), given.strip().encode()):
-                found = (key, admin)
+                found = (key, grant)
     if found is None:
         raise HTTPException(
             status_code=401,
             detail="a valid API key is required: send `Authorization: Bearer <key>`",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    return Principal(owner=key_owner(found[0]), admin=found[1])
+    key, grant = found
+    return Principal(owner=key_owner(key), admin=grant.admin, roots=grant.roots)
 
 
 PrincipalDep = Annotated[Principal, Depends(authenticate)]

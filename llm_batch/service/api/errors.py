@@ -2,6 +2,8 @@
 
 JobSpecError, InputError   422  the submission is invalid (the message names the field)
 JobNotFound                404
+FileExpired                404  (an expired upload or job output; the message says so)
+OutputFileNotFound         404
 JobConflict                409
 ServiceUnavailable         503
 EngineUnavailable          503
@@ -23,7 +25,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from llm_batch.errors import EngineUnavailable, InputError, JobSpecError, LLMBatchError
-from llm_batch.service.errors import JobConflict, JobNotFound, ServiceUnavailable
+from llm_batch.service.errors import (
+    FileExpired,
+    JobConflict,
+    JobNotFound,
+    OutputFileNotFound,
+    ServiceUnavailable,
+)
 
 __all__ = ["OpenAIError", "install_error_handlers", "status_code_for"]
 
@@ -33,6 +41,8 @@ _CODES: list[tuple[type[LLMBatchError], int]] = [
     (JobSpecError, 422),
     (InputError, 422),
     (JobNotFound, 404),
+    (FileExpired, 404),
+    (OutputFileNotFound, 404),
     (JobConflict, 409),
     (ServiceUnavailable, 503),
     (EngineUnavailable, 503),

@@ -12,6 +12,9 @@ One background thread; each pass looks at every batch that is not final:
                  or failed when a job failed
     cancelling   cancel the jobs; when they have ended, write the files of what was
                  done → cancelled
+    expiring     past ``expires_at`` (created + completion_window) and not finished:
+                 its jobs are cancelled, the lines done are written as for a cancel
+                 → expired (OpenAI's behaviour)
 
 Everything it needs is in the database and the data folder, so a restart simply
 carries on: validation runs again (its jobs are created under idempotency keys
@@ -95,6 +98,8 @@ class BatchRunner:
     def run_once(self) -> None:
         for batch in self.batches.active_batches():
             try:
+                if self._expiring(batch):
+                    continue
                 if batch.status == "validating":
                     self._validate(batch)
                 else:
@@ -102,6 +107,26 @@ class BatchRunner:
             except Exception:
                 # One batch's surprise must not hold back the others.
                 logger.exception("batch %s: a step failed; retrying", batch.id)
+
+    def _expiring(self, batch: Batch) -> bool:
+        """Past its window: mark it (``expired_at``) and cancel its jobs; True when the
+        batch ended here (it never started)."""
+        if batch.expires_at is None or batch.expires_at > utcnow():
+            return False
+        if batch.status == "validating":
+            return self.batches.finish_batch(
+                batch.id, from_statuses=("validating",), status="expired"
+            )
+        if batch.status != "in_progress":
+            return False
+        if batch.expired_at is None:
+            logger.info("batch %s: its completion window ended; expiring it", batch.id)
+            self.batches.update_batch(batch.id, from_statuses=("in_progress",), expired_at=utcnow())
+        for run in batch.jobs or []:
+            with contextlib.suppress(JobConflict):
+                self.store.cancel(run["job_id"])
+        self._wake_scheduler()
+        return False
 
     def _fail(self, batch: Batch, errors: list[LineError]) -> None:
         if self.batches.finish_batch(
@@ -113,8 +138,8 @@ class BatchRunner:
             logger.info("batch %s failed validation (%d errors)", batch.id, len(errors))
 
     def _validate(self, batch: Batch) -> None:
-        source = self.settings.files_dir / batch.input_file_id
-        folder = self.settings.batches_dir / batch.id
+        source = self.settings.files_dir(batch.owner) / batch.input_file_id
+        folder = self.settings.batches_dir(batch.owner) / batch.id
         if not source.is_file():
             message = f"the input file {batch.input_file_id} was deleted before it was read"
             self._fail(batch, [LineError("invalid_file", message, param="input_file_id")])
@@ -228,11 +253,14 @@ class BatchRunner:
             batch_id=batch.id,
             endpoint=batch.endpoint,
             runs=[(job, run["model"]) for job, run in zip(jobs, runs, strict=True)],
-            folder=self.settings.files_dir,
+            folder=self.settings.files_dir(batch.owner),
             owner=batch.owner,
         )
         errors = batch.errors
-        if status_now == "cancelling" or any(j.status == JobStatus.CANCELLED.value for j in jobs):
+        expired = self.batches.get_batch(batch.id)
+        if expired is not None and expired.expired_at is not None and status_now != "cancelling":
+            status = "expired"
+        elif status_now == "cancelling" or any(j.status == JobStatus.CANCELLED.value for j in jobs):
             status = "cancelled"
         elif any(j.status == JobStatus.FAILED.value for j in jobs):
             status = "failed"

@@ -54,11 +54,11 @@ class FileObject(BaseModel):
     bytes: int
     created_at: int
     filename: str
-    purpose: Literal["batch", "batch_output"]
+    purpose: Literal["batch", "batch_output", "dataset"]
     status: Literal["processed"] = Field(
         default="processed", description="Deprecated by OpenAI; always `processed` here."
     )
-    expires_at: int | None = Field(default=None, description="Files here never expire.")
+    expires_at: int | None = Field(default=None, description="When it expires (None: never).")
     status_details: str | None = None
 
 
@@ -92,7 +92,9 @@ class BatchCreate(BaseModel):
         default=None, description="Up to 16 pairs; keys up to 64, values up to 512 characters."
     )
     output_expires_after: dict[str, Any] | None = Field(
-        default=None, description="Accepted for compatibility; output files here never expire."
+        default=None,
+        description="`{anchor: created_at, seconds}`: the output and error files expire "
+        "that long after they are written (3600 to 2592000 seconds).",
     )
 
     @field_validator("endpoint")
@@ -113,6 +115,25 @@ class BatchCreate(BaseModel):
     def _window(cls, value: str) -> str:
         if value != "24h":
             raise PydanticCustomError("invalid_value", "completion_window must be 24h")
+        return value
+
+    @field_validator("output_expires_after")
+    @classmethod
+    def _output_expiry(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        seconds = value.get("seconds")
+        if (
+            value.get("anchor") != "created_at"
+            or set(value) - {"anchor", "seconds"}
+            or not isinstance(seconds, int)
+            or isinstance(seconds, bool)
+            or not 3600 <= seconds <= 30 * 86400
+        ):
+            raise PydanticCustomError(
+                "invalid_value",
+                "output_expires_after must be {anchor: created_at, seconds: 3600 to 2592000}",
+            )
         return value
 
     @field_validator("metadata")
@@ -177,7 +198,9 @@ class BatchObject(BaseModel):
     error_file_id: str | None = None
     created_at: int
     in_progress_at: int | None = None
-    expires_at: int | None = Field(default=None, description="Batches here never expire.")
+    expires_at: int | None = Field(
+        default=None, description="When the completion window ends: unfinished, it expires."
+    )
     finalizing_at: int | None = None
     completed_at: int | None = None
     failed_at: int | None = None
@@ -204,6 +227,7 @@ def file_object(row: StoredFile) -> FileObject:
         created_at=int(row.created_at.timestamp()),
         filename=row.filename,
         purpose=row.purpose,  # type: ignore[arg-type]
+        expires_at=timestamp(row.expires_at),
     )
 
 
@@ -224,6 +248,8 @@ def batch_object(row: Batch) -> BatchObject:
         finalizing_at=timestamp(row.finalizing_at),
         completed_at=timestamp(row.completed_at),
         failed_at=timestamp(row.failed_at),
+        expires_at=timestamp(row.expires_at),
+        expired_at=timestamp(row.expired_at),
         cancelling_at=timestamp(row.cancelling_at),
         cancelled_at=timestamp(row.cancelled_at),
         request_counts=RequestCounts(**(row.request_counts or {})),

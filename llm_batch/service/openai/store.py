@@ -19,7 +19,7 @@ from sqlalchemy import delete, or_, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session, sessionmaker
 
-from llm_batch.service.store import Batch, JobStore, StoredFile, utcnow
+from llm_batch.service.store import Batch, JobStore, StoredFile, new_event, utcnow
 
 __all__ = [
     "ACTIVE_BATCH",
@@ -47,6 +47,7 @@ def new_batch_id() -> str:
 class BatchStore:
     def __init__(self, jobs: JobStore):
         self._sessions = sessionmaker(jobs.engine, expire_on_commit=False)
+        self.jobs = jobs
 
     @contextmanager
     def _session(self) -> Iterator[Session]:
@@ -103,10 +104,18 @@ class BatchStore:
     # -- files -------------------------------------------------------------------------
 
     def add_file(
-        self, *, file_id: str, filename: str, purpose: str, size: int, owner: str | None
+        self,
+        *,
+        file_id: str,
+        filename: str,
+        purpose: str,
+        size: int,
+        owner: str | None,
+        expires_at: dt.datetime | None = None,
     ) -> StoredFile:
         row = StoredFile(
             id=file_id,
+            expires_at=expires_at,
             owner=owner,
             filename=filename,
             purpose=purpose,
@@ -154,6 +163,8 @@ class BatchStore:
         completion_window: str,
         metadata: dict[str, str] | None,
         owner: str | None,
+        window_seconds: float = 86400.0,
+        output_expires_seconds: int | None = None,
     ) -> Batch:
         now = utcnow()
         row = Batch(
@@ -167,6 +178,8 @@ class BatchStore:
             request_counts={"total": 0, "completed": 0, "failed": 0},
             created_at=now,
             updated_at=now,
+            expires_at=now + dt.timedelta(seconds=window_seconds),
+            output_expires_seconds=output_expires_seconds,
         )
         with self._session() as s:
             s.add(row)
@@ -232,7 +245,7 @@ class BatchStore:
             "completed": "completed_at",
             "failed": "failed_at",
             "cancelled": "cancelled_at",
-            "expired": None,
+            "expired": "expired_at",
         }[status]
         if stamp is not None:
             values[stamp] = now
@@ -247,6 +260,19 @@ class BatchStore:
             )
             if not result.rowcount:
                 return False  # nothing was changed: committing is a no-op
+            batch = s.get(Batch, batch_id)
+            keep = batch.output_expires_seconds if batch is not None else None
             for row in files:
+                if keep:
+                    row.expires_at = now + dt.timedelta(seconds=keep)
                 s.merge(row)
+            if self.jobs.webhook_url:
+                new_event(
+                    s,
+                    kind="batch",
+                    obj="batch",
+                    row_id=batch_id,
+                    status=status,
+                    urls=[self.jobs.webhook_url],
+                )
         return True

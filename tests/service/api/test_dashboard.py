@@ -46,7 +46,7 @@ def test_nothing_is_loaded_from_elsewhere():
 @pytest.fixture
 def job_with_rows(client, job_body, settings) -> str:
     job_id = client.post("/v1/jobs", json=job_body).json()["id"]
-    out = settings.outputs_dir / job_id
+    out = settings.outputs_dir() / job_id
     out.mkdir(parents=True)
     ids = pa.array(range(300), pa.int64())
     table = pa.table({"id": ids, "generated_text": [f"text {i}" for i in range(300)]})

@@ -34,7 +34,7 @@ def test_submit_returns_the_persisted_job(client, job_body, settings):
         "rows_total": 3, "rows_done": 0, "rows_failed": 0, "output_tokens": 0,
         "rows_per_second": 0.0,
     }  # fmt: skip
-    assert job["output"]["path"] == str(settings.outputs_dir / job["id"])
+    assert job["output"]["path"] == str(settings.outputs_dir() / job["id"])
     assert job["output"]["results_url"] == f"/v1/jobs/{job['id']}/results"
     assert job["error"] is None
     # Persisted: a second app on the same database sees it.
@@ -43,10 +43,13 @@ def test_submit_returns_the_persisted_job(client, job_body, settings):
 
 
 def test_spec_is_stored_validated_with_defaults(client, job_body):
-    spec = submit(client, job_body).json()["spec"]
+    job = submit(client, job_body).json()
+    spec = job["spec"]
     assert spec["sampling"]["temperature"] == 0.0  # a default filled in
     assert spec["input"]["path"] == job_body["input"]["path"]
-    assert spec["output"] is None  # the service picks the output folder
+    # The service picks the output folder, and the spec says which.
+    assert spec["output"]["path"] == job["output"]["path"]
+    assert job["output"]["expires_at"] is None  # kept: no retention configured
 
 
 def test_an_output_path_given_is_kept(client, job_body, tmp_path):
@@ -199,7 +202,7 @@ def finished_job(client, job_body, settings) -> tuple[str, pa.Table]:
     """A job whose output folder holds two part files, a hidden in-progress file and the
     status file, as the pipeline leaves them."""
     job_id = submit(client, job_body).json()["id"]
-    out = settings.outputs_dir / job_id
+    out = settings.outputs_dir() / job_id
     out.mkdir(parents=True)
     table = pa.table(
         {

@@ -170,7 +170,7 @@ def test_invalid_input_files_fail_with_line_numbered_errors(
     assert got == expected, batch.errors
     assert all(e.message for e in batch.errors.data)
     assert batch_jobs(app, batch.id) == []
-    assert not (settings.batches_dir / batch.id).exists()  # no Parquet left behind
+    assert not (settings.batches_dir() / batch.id).exists()  # no Parquet left behind
 
 
 def test_the_duplicate_names_the_first_line(client, runner):
@@ -425,7 +425,7 @@ def test_a_restarted_service_carries_on(app, client, runner, store, settings):
         batch_id=batch.id,
         endpoint=batch.endpoint,
         runs=[(store.get(job.id), "tiny")],
-        folder=settings.files_dir,
+        folder=settings.files_dir(),
         owner=None,
     )
     # A new service on the same database and folder finishes it.
@@ -438,6 +438,6 @@ def test_a_restarted_service_carries_on(app, client, runner, store, settings):
     # The same file was written again, not a second one beside it.
     assert [f.id for f in client.files.list(purpose="batch_output")] == [row.output_file_id]
     input_id = client.batches.retrieve(batch.id).input_file_id
-    assert sorted(p.name for p in settings.files_dir.iterdir()) == sorted(
+    assert sorted(p.name for p in settings.files_dir().iterdir()) == sorted(
         [input_id, row.output_file_id]
     )

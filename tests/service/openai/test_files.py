@@ -24,7 +24,7 @@ DATA = jsonl([chat_line("request-1"), chat_line("request-2")])
 
 
 def leftovers(settings: Settings) -> list[str]:
-    folder = settings.files_dir
+    folder = settings.files_dir()
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
@@ -39,14 +39,14 @@ def test_upload_returns_the_file_object_and_keeps_the_bytes_on_disk(client, sett
         "processed",
     )
     assert abs(f.created_at - __import__("time").time()) < 60
-    assert (settings.files_dir / f.id).read_bytes() == DATA
+    assert (settings.files_dir() / f.id).read_bytes() == DATA
     assert leftovers(settings) == [f.id]  # no temporary file left behind
     # The database holds the file's description, not its bytes.
     engine = create_engine(settings.database_url)
     with engine.connect() as conn:
         row = conn.execute(text("SELECT * FROM files")).mappings().one()
     engine.dispose()
-    assert set(row) == {"id", "owner", "filename", "purpose", "bytes", "created_at"}
+    assert set(row) == {"id", "owner", "filename", "purpose", "bytes", "created_at", "expires_at"}
     assert {
         c["name"] for c in inspect(create_engine(settings.database_url)).get_columns("files")
     } == set(row)
@@ -72,7 +72,7 @@ def test_retrieve_content_list_delete(client, settings):
 
     deleted = client.files.delete(a.id)
     assert (deleted.id, deleted.deleted, deleted.object) == (a.id, True, "file")
-    assert not (settings.files_dir / a.id).exists()
+    assert not (settings.files_dir() / a.id).exists()
     with pytest.raises(openai.NotFoundError) as e:
         client.files.retrieve(a.id)
     assert e.value.body == {

@@ -18,6 +18,7 @@ from llm_batch.service.api.deps import (
     BatchStoreDep,
     PrincipalDep,
     SchedulerDep,
+    SettingsDep,
 )
 from llm_batch.service.api.errors import OpenAIError
 from llm_batch.service.openai.schemas import BatchCreate, BatchList, BatchObject, batch_object
@@ -72,6 +73,7 @@ def create_batch(
     store: BatchStoreDep,
     runner: BatchRunnerDep,
     principal: PrincipalDep,
+    settings: SettingsDep,
 ) -> BatchObject:
     """`input_file_id`, `endpoint` (`/v1/chat/completions` or `/v1/completions`),
     `completion_window` (`24h`), optional `metadata`. The batch starts `validating`."""
@@ -96,6 +98,8 @@ def create_batch(
         completion_window=request.completion_window,
         metadata=request.metadata,
         owner=principal.owner,
+        window_seconds=settings.completion_window_seconds or 86400.0,
+        output_expires_seconds=(request.output_expires_after or {}).get("seconds"),
     )
     runner.wake()
     return batch_object(row)

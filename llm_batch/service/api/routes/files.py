@@ -1,4 +1,4 @@
-"""``/v1/files``: OpenAI's Files API, for batch input files and batch output files.
+"""``/v1/files``: OpenAI's Files API, for batch inputs and outputs and job datasets.
 
 The routes translate HTTP to the service's file storage (``service/files.py``) and
 back: uploads are streamed to disk as they arrive (never held in memory, never
@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse
 
 from llm_batch.service.api.deps import BatchStoreDep, FileStorageDep, PrincipalDep
 from llm_batch.service.api.errors import OpenAIError
-from llm_batch.service.errors import FileRefused
+from llm_batch.service.errors import FileExpired, FileRefused
 from llm_batch.service.openai.schemas import FileDeleted, FileList, FileObject, file_object
 from llm_batch.service.openai.upload import UploadInvalid, UploadTooLarge
 from llm_batch.service.store import StoredFile
@@ -36,7 +36,9 @@ _UPLOAD_BODY = {
                     "required": ["file", "purpose"],
                     "properties": {
                         "file": {"type": "string", "format": "binary"},
-                        "purpose": {"type": "string", "enum": ["batch"]},
+                        "purpose": {"type": "string", "enum": ["batch", "dataset"]},
+                        "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
+                        "expires_after[seconds]": {"type": "integer"},
                     },
                 }
             }
@@ -46,7 +48,10 @@ _UPLOAD_BODY = {
 
 
 def _file(files: FileStorageDep, principal: PrincipalDep, file_id: str) -> StoredFile:
-    row = files.get(file_id, principal)
+    try:
+        row = files.get(file_id, principal)
+    except FileExpired as e:
+        raise OpenAIError(404, str(e), param="file_id", code="file_expired") from None
     if row is None:
         raise OpenAIError(404, f"No such File object: {file_id}", param="file_id")
     return row
@@ -65,7 +70,9 @@ def _file(files: FileStorageDep, principal: PrincipalDep, file_id: str) -> Store
 async def create_file(
     request: Request, files: FileStorageDep, principal: PrincipalDep
 ) -> FileObject:
-    """Multipart fields `file` (the JSONL batch input) and `purpose` (`batch`)."""
+    """Multipart fields `file` and `purpose`: `batch` (a JSONL batch input) or `dataset`
+    (a job's input, Parquet, JSONL or CSV, named in a job as `input: {file_id}`); optional
+    `expires_after[anchor]=created_at` and `expires_after[seconds]`."""
     try:
         row = await files.receive(request, principal)
     except UploadTooLarge as e:

@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from llm_batch.service import results
 from llm_batch.service.api.deps import JobServiceDep, PrincipalDep, SettingsDep
 from llm_batch.service.errors import JobNotFound
-from llm_batch.service.schemas import JobList, JobPublic, to_public
+from llm_batch.service.schemas import JobFile, JobFiles, JobList, JobPublic, to_public
 from llm_batch.service.validation import parse_job_text
 
 __all__ = ["router"]
@@ -141,4 +141,35 @@ def job_results(
         results.iter_jsonl(job.output_path, files, limit=limit),
         media_type=_JSONL_MEDIA_TYPE,
         headers=headers,
+    )
+
+
+@router.get(
+    "/{job_id}/files",
+    response_model=JobFiles,
+    responses=_ERRORS,
+    summary="List the files a job wrote",
+)
+def job_files(job_id: str, jobs: JobServiceDep, principal: PrincipalDep) -> JobFiles:
+    """The part files and `_metrics.json` in the job's output folder (complete ones: a
+    running job's list grows). Another tool's files in a folder you named are not listed."""
+    _, files = jobs.output_files(job_id, principal)
+    return JobFiles(data=[JobFile(name=f.name, bytes=f.bytes) for f in files])
+
+
+@router.get(
+    "/{job_id}/files/{name}",
+    summary="Download one file a job wrote",
+    responses={**_ERRORS, 200: {"content": {"application/octet-stream": {}}}},
+)
+def job_file(job_id: str, name: str, jobs: JobServiceDep, principal: PrincipalDep) -> Response:
+    job, f = jobs.output_file(job_id, name, principal)
+    media = "application/json" if name.endswith(".json") else results.PARQUET_MEDIA_TYPE
+    return StreamingResponse(
+        results.iter_file(job.output_path, f.name),
+        media_type=media,
+        headers={
+            "Content-Disposition": f'attachment; filename="{f.name}"',
+            "Content-Length": str(f.bytes),
+        },
     )
