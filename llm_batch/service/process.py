@@ -37,6 +37,7 @@ class ServiceProcess:
         ray_ports: dict[str, int] | None = None,
         env: dict[str, str] | None = None,
         log_path: str | Path | None = None,
+        api_key: str | None = None,
     ):
         self.data_dir = Path(data_dir).resolve()
         self.port = port or free_port()
@@ -48,6 +49,7 @@ class ServiceProcess:
             "ray_dashboard_agent_port": free_port(),
         }
         self.extra_env = dict(env or {})
+        self.api_key = api_key  # for the readiness probe of a service with keys
         self.log_path = Path(log_path) if log_path else self.data_dir / "service.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -89,7 +91,7 @@ class ServiceProcess:
         finally:
             log.close()
         deadline = time.monotonic() + timeout
-        with JobsClient(self.url, timeout=5) as client:
+        with JobsClient(self.url, timeout=5, api_key=self.api_key) as client:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
                     raise ServiceUnavailable(
