@@ -319,6 +319,25 @@ def pool_stage_config(
     )
 
 
+_CANCEL_POLL_S = 1.0
+
+
+def _await_reply(response: Any, progress: Any) -> dict[str, Any]:
+    """The pool's reply to one batch. While it is awaited, the job's tracker is asked each
+    second whether the job was cancelled: a batch that cannot reach an engine (a replica
+    hung or being replaced, requests waiting to be routed) must not hold a cancelled job,
+    whose requests the replica cannot abort before it has them."""
+    import ray
+
+    while True:
+        try:
+            return dict(response.result(timeout_s=_CANCEL_POLL_S))
+        except TimeoutError:
+            if progress is not None and ray.get(progress.cancelled.remote()):
+                response.cancel()
+                raise JobCancelled("the job was cancelled while its batch waited for the pool")
+
+
 def send_to_pool(
     batch: pa.Table, *, pool: str, config: str, job: dict[str, Any], progress: Any
 ) -> pa.Table:
@@ -358,7 +377,9 @@ def send_to_pool(
         if key is not None and progress is not None:
             progress.enter_batch.remote(key, alone=alone)
         try:
-            reply = _handle(pool).generate.remote(inputs, sampling, job, alone).result()
+            reply = _await_reply(
+                _handle(pool).generate.remote(inputs, sampling, job, alone), progress
+            )
         except (PoolReplicaLost, ActorDiedError, ActorUnavailableError, RayActorError) as e:
             # The replica (or its engine) died with this batch in it: Serve replaces it,
             # the ledger decides how the batch goes on (alone, or given up).

@@ -88,7 +88,7 @@ class FileStorage:
         self.max_bytes = max_bytes
 
     def path(self, row: StoredFile) -> Path:
-        return self.settings.files_dir(row.owner) / row.id
+        return self.settings.file_path(row.owner, row.id)
 
     async def receive(self, request: Request, principal: Principal) -> StoredFile:
         """Stream a multipart upload (fields ``file``, ``purpose`` and optionally

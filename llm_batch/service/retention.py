@@ -99,7 +99,7 @@ class RetentionSweep:
             )
         gone_files = 0
         for row in files:
-            path = self.settings.files_dir(row.owner) / row.id
+            path = self.settings.file_path(row.owner, row.id)
             if path.is_file():
                 path.unlink()
                 gone_files += 1

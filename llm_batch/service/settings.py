@@ -400,6 +400,13 @@ class Settings(BaseSettings):
         """The bytes of the Files API's files, one file per id."""
         return self.home(owner) / "files"
 
+    def file_path(self, owner: str | None, file_id: str) -> Path:
+        """Where a stored file's bytes are: the key's ``files/``, or the data directory's
+        own ``files/`` for a file stored before keys had folders."""
+        path = self.files_dir(owner) / file_id
+        legacy = self.files_dir(None) / file_id
+        return legacy if owner is not None and not path.exists() and legacy.exists() else path
+
     def batches_dir(self, owner: str | None = None) -> Path:
         """Each batch's converted input (Parquet) and outputs, one folder per batch."""
         return self.home(owner) / "batches"

@@ -247,6 +247,16 @@ def _line(custom_id: str, response: dict[str, Any], error: dict[str, str] | None
     }
 
 
+def _requested(job: Job) -> Iterator[str]:
+    """The custom ids of the requests a batch's job was given (its converted input)."""
+    path = (job.spec.get("input") or {}).get("path")
+    if not path:
+        return
+    dataset = pads.dataset(path, format="parquet")
+    for batch in dataset.to_batches(columns=["custom_id"], batch_size=_BATCH_ROWS):
+        yield from (str(c) for c in batch.column("custom_id").to_pylist())
+
+
 def write_results(
     *,
     batch_id: str,
@@ -254,9 +264,12 @@ def write_results(
     runs: list[tuple[Job, str]],
     folder: Path,
     owner: str | None,
+    unfinished: str | None = None,
 ) -> BatchResults:
     """Write the output and error files of a batch whose jobs (with their model names)
-    have ended, from the rows they wrote. Files with no line are not made."""
+    have ended, from the rows they wrote. Files with no line are not made. With
+    ``unfinished`` (an expired batch: ``batch_expired``), each request that has no result
+    gets an error line with that code, as OpenAI writes them."""
     folder.mkdir(parents=True, exist_ok=True)
     out = _Lines(folder, _file_id(batch_id, "output"))
     err = _Lines(folder, _file_id(batch_id, "error"))
@@ -264,8 +277,10 @@ def write_results(
     try:
         for job, model in runs:
             created = int((job.finished_at or utcnow()).timestamp())
+            answered: set[str] = set()
             for samples in _requests(job):
                 custom_id = samples[0]["custom_id"]
+                answered.add(custom_id)
                 counts.input_tokens += samples[0][columns.NUM_INPUT_TOKENS] or 0
                 counts.output_tokens += sum(s[columns.NUM_OUTPUT_TOKENS] or 0 for s in samples)
                 failed = next((s[columns.ERROR] for s in samples if s[columns.ERROR]), None)
@@ -286,6 +301,23 @@ def write_results(
                 }
                 err.write(_line(custom_id, response, {"code": code, "message": failed}))
                 counts.failed += 1
+            if unfinished is not None:
+                for custom_id in _requested(job):
+                    if custom_id in answered:
+                        continue
+                    answered.add(custom_id)
+                    message = (
+                        "This request could not be executed before the completion window ended."
+                    )
+                    error = {"message": message, "type": "invalid_request_error",
+                             "param": None, "code": unfinished}  # fmt: skip
+                    response = {
+                        "status_code": 400,
+                        "request_id": "req_" + secrets.token_hex(12),
+                        "body": {"error": error},
+                    }
+                    err.write(_line(custom_id, response, {"code": unfinished, "message": message}))
+                    counts.failed += 1
         sizes = {"output": out.close(), "error": err.close()}
     except BaseException:
         out.discard()

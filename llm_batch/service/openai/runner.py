@@ -138,7 +138,7 @@ class BatchRunner:
             logger.info("batch %s failed validation (%d errors)", batch.id, len(errors))
 
     def _validate(self, batch: Batch) -> None:
-        source = self.settings.files_dir(batch.owner) / batch.input_file_id
+        source = self.settings.file_path(batch.owner, batch.input_file_id)
         folder = self.settings.batches_dir(batch.owner) / batch.id
         if not source.is_file():
             message = f"the input file {batch.input_file_id} was deleted before it was read"
@@ -249,16 +249,18 @@ class BatchRunner:
             ):
                 return  # cancelled in between: the next pass finalizes it as cancelled
             status_now = "finalizing"
+        expired = self.batches.get_batch(batch.id)
+        expiring = expired is not None and expired.expired_at is not None
         results = write_results(
             batch_id=batch.id,
             endpoint=batch.endpoint,
             runs=[(job, run["model"]) for job, run in zip(jobs, runs, strict=True)],
             folder=self.settings.files_dir(batch.owner),
             owner=batch.owner,
+            unfinished="batch_expired" if expiring and status_now != "cancelling" else None,
         )
         errors = batch.errors
-        expired = self.batches.get_batch(batch.id)
-        if expired is not None and expired.expired_at is not None and status_now != "cancelling":
+        if expiring and status_now != "cancelling":
             status = "expired"
         elif status_now == "cancelling" or any(j.status == JobStatus.CANCELLED.value for j in jobs):
             status = "cancelled"
