@@ -335,7 +335,9 @@ def _await_reply(response: Any, progress: Any) -> dict[str, Any]:
         except TimeoutError:
             if progress is not None and ray.get(progress.cancelled.remote()):
                 response.cancel()
-                raise JobCancelled("the job was cancelled while its batch waited for the pool")
+                raise JobCancelled(
+                    "the job was cancelled while its batch waited for the pool"
+                ) from None
 
 
 def send_to_pool(
