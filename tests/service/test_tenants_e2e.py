@@ -180,6 +180,10 @@ def test_an_uploaded_dataset_runs_and_its_rows_and_files_download(tenants, recei
     with http(svc, "key-a") as a, http(svc, "key-b") as b:
         file_id = upload_dataset(a)
         hook = f"http://127.0.0.1:{receiver.port}/job"
+        # A host the operator did not allow (a loopback address too): refused, naming it.
+        refused = f"http://127.0.0.2:{receiver.port}/job"
+        r = a.post("/v1/jobs", json=job_body(file_id, notify={"url": refused}))
+        assert r.status_code == 422 and r.json()["detail"].startswith("notify.url"), r.text
         r = a.post("/v1/jobs", json=job_body(file_id, notify={"url": hook}))
         assert r.status_code == 201, r.text
         job_id = r.json()["id"]
