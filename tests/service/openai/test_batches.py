@@ -441,3 +441,55 @@ def test_a_restarted_service_carries_on(app, client, runner, store, settings):
     assert sorted(p.name for p in settings.files_dir().iterdir()) == sorted(
         [input_id, row.output_file_id]
     )
+
+
+def test_a_batch_past_its_window_expires_keeping_the_written_lines(app, client, runner, store):
+    import datetime as dt
+
+    from sqlalchemy import update
+
+    from llm_batch.service.store import Batch as BatchRow
+
+    batch = submit(client, [chat_line(f"r{i}") for i in range(4)])
+    assert batch.expires_at == batch.created_at + 86400  # completion_window: 24h
+    runner.run_once()
+    (job,) = batch_jobs(app, batch.id)
+    store.claim(job.id, submission_id=job.id)
+    with store.engine.begin() as conn:  # the window ends now
+        past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+        conn.execute(update(BatchRow).where(BatchRow.id == batch.id).values(expires_at=past))
+    runner.run_once()
+    assert store.get(job.id).status == "cancelling"  # its job is stopped
+    assert client.batches.retrieve(batch.id).status == "in_progress"
+    finish_job(store, job, only={"r1", "r3"}, status=JobStatus.CANCELLED)
+    runner.run_once()
+    batch = client.batches.retrieve(batch.id)
+    assert batch.status == "expired" and batch.expired_at is not None
+    assert batch.request_counts.model_dump() == {"total": 4, "completed": 2, "failed": 2}
+    assert sorted(x["custom_id"] for x in lines_of(client, batch.output_file_id)) == ["r1", "r3"]
+    errors = lines_of(client, batch.error_file_id)
+    assert sorted(x["custom_id"] for x in errors) == ["r0", "r2"]
+    assert {x["error"]["code"] for x in errors} == {"batch_expired"}
+    assert {x["response"]["status_code"] for x in errors} == {400}
+
+
+def test_output_expires_after_dates_the_output_files(app, client, runner, store):
+    f = client.files.create(file=("r.jsonl", jsonl(GUIDE)), purpose="batch")
+    args = {"input_file_id": f.id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.batches.create(
+            **args, extra_body={"output_expires_after": {"anchor": "x", "seconds": 3600}}
+        )
+    assert e.value.body["param"] == "output_expires_after"
+    batch = client.batches.create(
+        **args, extra_body={"output_expires_after": {"anchor": "created_at", "seconds": 7200}}
+    )
+    runner.run_once()
+    (job,) = batch_jobs(app, batch.id)
+    store.claim(job.id, submission_id=job.id)
+    finish_job(store, job)
+    runner.run_once()
+    batch = client.batches.retrieve(batch.id)
+    assert batch.status == "completed"
+    out = client.files.retrieve(batch.output_file_id)
+    assert out.expires_at is not None and abs(out.expires_at - (batch.completed_at + 7200)) <= 1
