@@ -17,6 +17,7 @@ Every refusal is an ``LLMBatchError`` naming the field (``JobSpecError``,
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -56,6 +57,19 @@ class Principal:
     owner: str | None
     admin: bool
     roots: tuple[str, ...] = ()
+
+
+def _scoped(key: str, owner: str | None) -> str:
+    """An Idempotency-Key as stored: prefixed with the API key's id, so that two keys that
+    happen to send the same one make two jobs, and neither sees the other's."""
+    if owner is None:
+        return key
+    scoped = f"{owner[:16]}/{key}"
+    return scoped if len(scoped) <= 255 else f"{owner[:16]}/sha256:{_digest(key)}"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class _Waker(Protocol):
@@ -105,10 +119,11 @@ class JobService:
     ) -> tuple[Job, bool]:
         """Validate and queue a job; (the job, whether it is new: False when the
         idempotency key replayed an earlier submission of the same job)."""
-        # A replayed submission places its output where the first one did, so that the
-        # two specs compare equal.
-        earlier = self.store.get_by_idempotency_key(idempotency_key) if idempotency_key else None
-        job_id = earlier.id if earlier is not None else new_job_id()
+        # Idempotency keys are per API key. A replayed submission gets the first one's job
+        # id, hence its placed output folder, so that the two specs compare equal, also when
+        # the two requests race (the id is derived from the key).
+        key = _scoped(idempotency_key, principal.owner) if idempotency_key else None
+        job_id = "job_" + hashlib.sha256(key.encode()).hexdigest()[:24] if key else new_job_id()
         body, retain = self._placed(body, principal, job_id)
         submission = prepare_submission(body, self.admission(principal, base=base, own=own))
         spec = submission.spec
@@ -123,7 +138,7 @@ class JobService:
             output_path=output,
             priority=spec.priority,
             progress=initial_progress(submission.rows_total),
-            idempotency_key=idempotency_key,
+            idempotency_key=key,
             owner=principal.owner,
             retain_seconds=retain,
         )

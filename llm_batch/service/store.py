@@ -572,7 +572,7 @@ class JobStore:
         finished = _aware(job.finished_at) or utcnow()
         if job.retain_seconds:
             job.expires_at = finished + dt.timedelta(seconds=job.retain_seconds)
-        if (job.idempotency_key or "").startswith(BATCH_JOB_PREFIX):
+        if BATCH_JOB_PREFIX in (job.idempotency_key or ""):  # stored as "<key id>/openai-batch:…"
             return  # a job of an OpenAI batch: the batch's end is the event
         urls = [self.webhook_url] if self.webhook_url else []
         notify = (job.spec or {}).get("notify") or {}

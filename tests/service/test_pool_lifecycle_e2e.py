@@ -25,7 +25,7 @@ import pytest
 pytestmark = [pytest.mark.e2e, pytest.mark.fault]
 
 ROOT = Path(__file__).resolve().parents[2]
-IDLE_SECONDS = 40
+IDLE_SECONDS = 60
 
 
 @pytest.fixture(scope="module")
@@ -158,11 +158,9 @@ def test_idle_pools_give_way_to_a_model_that_needs_their_gpu_then_are_released(s
     )
     (first,) = now["data"]
 
-    # The GPU is the first pool's: the second model's job gets it by that pool's release,
-    # well before its idle time is up.
-    ended_first = time.monotonic()
+    # The GPU is the first pool's: the second model's job gets it by that pool's release
+    # for the GPU (not by its idle time, whose release would say "unused").
     run(service, tmp_path / "in.parquet", "second")
-    assert time.monotonic() - ended_first < IDLE_SECONDS
     now = engines(service)
     assert [p["model"] for p in now["data"]] == ["second"]
     (why,) = [r["why"] for r in now["released"] if r["pool"] == first["id"]]

@@ -71,14 +71,15 @@ class Receiver:
                 seen[call["headers"]["webhook-id"]] = {**event, "_call": call}
         return list(seen.values())
 
-    def wait(self, path: str, n: int, *, timeout: float = 120) -> list[dict[str, Any]]:
+    def wait(self, path: str, about: str, *, timeout: float = 120) -> list[dict[str, Any]]:
+        """The events delivered at ``path`` about the job or batch ``about``, once there is one."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            got = self.delivered(path)
-            if len(got) >= n:
+            got = [e for e in self.delivered(path) if e["data"]["id"] == about]
+            if got:
                 return got
             time.sleep(0.2)
-        pytest.fail(f"{path}: {len(self.delivered(path))} of {n} events; calls: {self.calls}")
+        pytest.fail(f"{path}: no event about {about}; calls: {self.calls}")
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +220,7 @@ def test_an_uploaded_dataset_runs_and_its_rows_and_files_download(tenants, recei
 
     verifier = OpenAI(api_key="unused", base_url="http://127.0.0.1:9/v1").webhooks
     for path in ("/job", "/service"):
-        (event,) = [e for e in receiver.wait(path, 1) if e["data"]["id"] == job_id]
+        (event,) = receiver.wait(path, job_id)
         assert event["type"] == "job.succeeded"
         call = event["_call"]
         verifier.verify_signature(call["body"], call["headers"], secret=SECRET)
@@ -310,8 +311,7 @@ def test_a_batch_past_its_window_expires_keeping_its_finished_lines(tenants, rec
     failed = [json.loads(x) for x in client.files.content(batch.error_file_id).text.splitlines()]
     assert sorted(x["custom_id"] for x in failed) == ["held-0", "held-1", "held-2"]
     assert {x["error"]["code"] for x in failed} == {"batch_expired"}
-    events = [e for e in receiver.wait("/service", 1) if e["data"]["id"] == batch.id]
-    assert [e["type"] for e in events] == ["batch.expired"]
+    assert [e["type"] for e in receiver.wait("/service", batch.id)] == ["batch.expired"]
 
 
 def test_a_webhook_is_delivered_once_across_a_service_restart(tenants, receiver):
@@ -332,8 +332,8 @@ def test_a_webhook_is_delivered_once_across_a_service_restart(tenants, receiver)
     finally:
         receiver.failing = False
     svc.start()
-    (event,) = receiver.wait("/restart", 1)
-    assert event["type"] == "job.succeeded" and event["data"]["id"] == r.json()["id"]
+    (event,) = receiver.wait("/restart", r.json()["id"])
+    assert event["type"] == "job.succeeded"
     tries = [c for c in receiver.calls if c["path"] == "/restart"]
     assert len({c["headers"]["webhook-id"] for c in tries}) == 1  # one event, tried again
     assert [c["status"] for c in tries][-1] == 200 and tries[0]["status"] == 503

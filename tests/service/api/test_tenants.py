@@ -255,3 +255,17 @@ def test_the_sweep_deletes_only_what_the_manifest_lists(settings, tmp_path):
     assert store.get("job_1").expired_at is not None
     assert RetentionSweep(store, settings).sweep() == (0, 0)  # once
     store.close()
+
+
+def test_an_idempotency_key_belongs_to_the_api_key_that_sent_it(client, tmp_path):
+    file_id = upload(client, "key-a", "r.parquet", parquet_bytes(tmp_path)).json()["id"]
+    body = job(input={"file_id": file_id})
+    same = {"Idempotency-Key": "nightly-1"}
+    first = client.post("/v1/jobs", json=body, headers={**auth("key-a"), **same})
+    again = client.post("/v1/jobs", json=body, headers={**auth("key-a"), **same})
+    assert first.status_code == again.status_code == 201
+    assert again.json()["id"] == first.json()["id"] and again.headers["Idempotent-Replayed"]
+    mine = upload(client, "key-b", "r.parquet", parquet_bytes(tmp_path)).json()["id"]
+    other = job(input={"file_id": mine})
+    theirs = client.post("/v1/jobs", json=other, headers={**auth("key-b"), **same})
+    assert theirs.status_code == 201 and theirs.json()["id"] != first.json()["id"]
