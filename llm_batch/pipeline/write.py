@@ -186,7 +186,9 @@ class AtomicParquetDatasink(ParquetDatasink):
         fs = self.filesystem
         base = self.path.rstrip("/")
         final = f"{base}/{name}"
-        local = isinstance(fs, pafs.LocalFileSystem)
+        # Ray Data wraps the filesystem it is given (RetryingPyFileSystem): look inside.
+        inner = fs.unwrap() if hasattr(fs, "unwrap") else fs
+        local = isinstance(inner, pafs.LocalFileSystem)
         target = f"{base}/.{name}.{uuid.uuid4().hex[:8]}.inprogress" if local else final
         with fs.open_output_stream(target) as stream:
             pq.write_table(table, stream, compression=self._compression)

@@ -11,6 +11,7 @@ import base64
 import datetime as dt
 import decimal
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -80,7 +81,17 @@ def _batches(
     output_path: str, files: list[str], batch_rows: int, limit: int | None = None
 ) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
     fs, _ = _filesystem(output_path)
-    dataset = pads.dataset(files, filesystem=fs, format="parquet")
+    for attempt in range(3):
+        try:
+            dataset = pads.dataset(files, filesystem=fs, format="parquet")
+            break
+        except (pa.ArrowInvalid, FileNotFoundError):
+            # A part file replaced between the listing and this read (a write task run
+            # again renames its file over the first one's): list again and retry.
+            if attempt == 2:
+                raise
+            time.sleep(0.2)
+            files = part_files(output_path)
     batches = dataset.to_batches(batch_size=batch_rows)
     return dataset.schema, batches if limit is None else _first(batches, limit)
 
