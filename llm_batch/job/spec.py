@@ -29,6 +29,7 @@ __all__ = [
     "OutputSpec",
     "PromptSpec",
     "SamplingSpec",
+    "format_of",
     "format_validation_error",
 ]
 
@@ -41,6 +42,15 @@ _EXTENSIONS: dict[str, InputFormat] = {
     ".json": "jsonl",
     ".csv": "csv",
 }
+
+
+def format_of(name: str) -> InputFormat | None:
+    """The input format a file or folder name's extension says (``.gz`` allowed), if any."""
+    name = name.rstrip("/").lower()
+    for ext, fmt in _EXTENSIONS.items():
+        if name.endswith(ext) or name.endswith(ext + ".gz"):
+            return fmt
+    return None
 
 
 class _Strict(BaseModel):
@@ -63,10 +73,9 @@ class InputSpec(_Strict):
     def resolved_format(self) -> InputFormat:
         if self.format is not None:
             return self.format
-        name = self.path.rstrip("/").lower()
-        for ext, fmt in _EXTENSIONS.items():
-            if name.endswith(ext) or name.endswith(ext + ".gz"):
-                return fmt
+        fmt = format_of(self.path)
+        if fmt is not None:
+            return fmt
         raise JobSpecError(
             f"input.format: cannot infer the format of {self.path!r} from its extension; "
             "set input.format to parquet, jsonl or csv"

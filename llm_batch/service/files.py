@@ -18,8 +18,9 @@ import datetime as dt
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
+from llm_batch.job.spec import InputFormat, format_of
 from llm_batch.service.errors import FileExpired, FileRefused
 from llm_batch.service.jobs import Principal
 from llm_batch.service.openai.store import BatchStore, new_file_id
@@ -33,18 +34,9 @@ if TYPE_CHECKING:
 __all__ = ["FileStorage", "PURPOSES", "dataset_format"]
 
 PURPOSES = ("batch", "dataset")
-DatasetFormat = Literal["parquet", "jsonl", "csv"]
-_EXTENSIONS: dict[str, DatasetFormat] = {
-    ".parquet": "parquet",
-    ".pq": "parquet",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".json": "jsonl",
-    ".csv": "csv",
-}
 
 
-def dataset_format(path: Path, filename: str) -> DatasetFormat:
+def dataset_format(path: Path, filename: str) -> InputFormat:
     """A dataset upload's format: Parquet by its magic bytes, else the file name's
     extension (JSONL or CSV); checked by reading its head. Raises ``FileRefused``."""
     with open(path, "rb") as f:
@@ -59,7 +51,7 @@ def dataset_format(path: Path, filename: str) -> DatasetFormat:
             return "parquet"
         f.seek(0)
         first = f.readline(1 << 20).decode("utf-8", errors="replace").strip()
-    fmt = _EXTENSIONS.get(Path(filename.lower().removesuffix(".gz")).suffix)
+    fmt = format_of(filename)
     if fmt is None:
         raise _bad_dataset(
             f"cannot tell the format of {filename!r}: a dataset is Parquet, or JSON lines "

@@ -123,7 +123,7 @@ class JobService:
         # id, hence its placed output folder, so that the two specs compare equal, also when
         # the two requests race (the id is derived from the key).
         key = _scoped(idempotency_key, principal.owner) if idempotency_key else None
-        job_id = "job_" + hashlib.sha256(key.encode()).hexdigest()[:24] if key else new_job_id()
+        job_id = "job_" + _digest(key)[:24] if key else new_job_id()
         body, retain = self._placed(body, principal, job_id)
         submission = prepare_submission(body, self.admission(principal, base=base, own=own))
         spec = submission.spec
