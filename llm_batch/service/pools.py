@@ -196,6 +196,7 @@ class EnginePools:
                         set(want.get("jobs") or []) | set(state.get("jobs_attached") or [])
                     ),
                     "requests": state.get("requests", 0),
+                    "requests_by_job": state.get("jobs_in_engine") or {},
                     "running": state.get("running"),
                     "waiting": state.get("waiting"),
                     "idle_since": state.get("idle_since"),

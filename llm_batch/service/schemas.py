@@ -217,6 +217,9 @@ class EnginePool(BaseModel):
     warm: bool = Field(default=False, description="Kept up with the service (`warm: true`).")
     jobs: list[str] = Field(default_factory=list, description="Running jobs attached to it.")
     requests: int = Field(default=0, description="Requests in its engines (one replica's).")
+    requests_by_job: dict[str, int] = Field(
+        default_factory=dict, description="Of those requests, how many each job has (by job id)."
+    )
     running: int | None = Field(default=None, description="Sequences its engine runs.")
     waiting: int | None = Field(default=None, description="Requests queued in its engine.")
     idle_since: float | None = Field(

@@ -29,7 +29,9 @@ def pool_processes(service, pool_id: str) -> tuple[psutil.Process, list[psutil.P
     for proc in service.ray_head.processes():
         with contextlib.suppress(psutil.Error):
             if f"ServeReplica:{pool_id}" in " ".join(proc.cmdline()) + proc.name():
-                return proc, proc.children(recursive=True)
+                engine = proc.children(recursive=True)
+                assert engine, f"the replica of {pool_id} has no engine process to hold"
+                return proc, engine
     raise AssertionError(f"no replica of {pool_id}")
 
 
