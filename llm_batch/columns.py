@@ -7,21 +7,27 @@ internal columns start with ``__llm_batch_`` and never reach the output.
 from __future__ import annotations
 
 __all__ = [
+    "EMBEDDING",
     "ERROR",
     "FINISH_REASON",
     "GENERATED_TEXT",
     "INPUT_ERROR",
     "INTERNAL_PREFIX",
+    "LABEL",
     "MESSAGES",
     "NUM_INPUT_TOKENS",
     "NUM_OUTPUT_TOKENS",
     "OUTPUT_COLUMNS",
     "LOGPROBS",
+    "PAIR",
     "PARSED",
+    "PROBS",
     "PROMPT",
     "RENDER_ERROR",
     "ROW_ID",
     "SAMPLE_INDEX",
+    "SCORE",
+    "TASK_COLUMNS",
     "model_column",
 ]
 
@@ -37,6 +43,17 @@ FINISH_REASON = "finish_reason"
 ERROR = "error"
 OUTPUT_COLUMNS = (GENERATED_TEXT, NUM_INPUT_TOKENS, NUM_OUTPUT_TOKENS, FINISH_REASON, ERROR)
 
+# A pooling model's columns instead (model.task embed, classify, score).
+EMBEDDING = "embedding"  # fixed_size_list<float32>[D]
+PROBS = "probs"  # list<float32>, in the order of the model's id2label
+LABEL = "label"  # the top class's name
+SCORE = "score"  # float32
+TASK_COLUMNS: dict[str, tuple[str, ...]] = {
+    "embed": (EMBEDDING, NUM_INPUT_TOKENS, ERROR),
+    "classify": (LABEL, PROBS, NUM_INPUT_TOKENS, ERROR),
+    "score": (SCORE, NUM_INPUT_TOKENS, ERROR),
+}
+
 # Present only when a job asks for n > 1 samples per prompt.
 SAMPLE_INDEX = "sample_index"
 # Present only when a JSON-schema job asks for `structured.parse`.
@@ -48,6 +65,8 @@ INTERNAL_PREFIX = "__llm_batch_"
 # The rendered prompt (completion jobs) or rendered messages (chat jobs).
 PROMPT = INTERNAL_PREFIX + "prompt"
 MESSAGES = INTERNAL_PREFIX + "messages"
+# The rendered second text of a score job's pair.
+PAIR = INTERNAL_PREFIX + "pair"
 # Why a row's prompt could not be rendered; the engine skips such rows.
 RENDER_ERROR = INTERNAL_PREFIX + "render_error"
 # Why an input line could not be read (bad JSON, not UTF-8, wrong field count).

@@ -48,21 +48,23 @@ def tiny_model_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def reference_engines():  # noqa: ANN201
-    """``engine(model_path) -> vllm.LLM``: plain vLLM engines, one per model, made on first use."""
+    """``engine(model_path, **engine_args) -> vllm.LLM``: plain vLLM engines, one per model
+    and arguments (``runner="pooling", convert="embed"``, say), made on first use."""
     from vllm import LLM
 
     engines: dict[str, LLM] = {}
 
-    def get(path: Path) -> LLM:
-        key = str(path)
+    def get(path: Path, **args: str) -> LLM:
+        key = f"{path} {sorted(args.items())}"
         if key not in engines:
             engines[key] = LLM(
-                model=key,
+                model=str(path),
                 max_model_len=512,
                 dtype="bfloat16",
                 enforce_eager=True,
                 kv_cache_memory_bytes=1 << 30,
                 seed=0,
+                **args,
             )
         return engines[key]
 

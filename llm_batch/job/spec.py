@@ -21,6 +21,8 @@ __all__ = [
     "MetricsSpec",
     "NotifySpec",
     "NamedModelSpec",
+    "POOLING_TASKS",
+    "PoolingSpec",
     "StructuredSpec",
     "InputSpec",
     "JobSpec",
@@ -103,6 +105,16 @@ class PromptSpec(_Strict):
         "{role, content} structs, or its JSON text), taken as is (no Jinja) and rendered "
         "with the model's own chat template.",
     )
+    template_pair: str | None = Field(
+        default=None,
+        description="task score: the second text of each row's pair, a Jinja template "
+        "(the first is prompt.template).",
+    )
+    pair_column: str | None = Field(
+        default=None,
+        min_length=1,
+        description="task score: a column holding the second text of each row's pair, taken as is.",
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> PromptSpec:
@@ -113,7 +125,18 @@ class PromptSpec(_Strict):
             )
         if self.messages is not None and not self.messages:
             raise ValueError("prompt.messages must hold at least one message")
+        if self.template_pair is not None and self.pair_column is not None:
+            raise ValueError("set one of prompt.template_pair or prompt.pair_column, not both")
+        if self.paired and self.template is None:
+            raise ValueError(
+                "prompt.template_pair and prompt.pair_column pair with prompt.template "
+                "(a score job's texts are not chat messages)"
+            )
         return self
+
+    @property
+    def paired(self) -> bool:
+        return self.template_pair is not None or self.pair_column is not None
 
     @property
     def field(self) -> str:
@@ -174,8 +197,38 @@ class ReplicaRange(_Strict):
         return self
 
 
+Task = Literal["generate", "embed", "classify", "score"]
+POOLING_TASKS: tuple[Task, ...] = ("embed", "classify", "score")
+
+
+class PoolingSpec(_Strict):
+    normalize: bool | None = Field(
+        default=None,
+        description="embed and score: L2-normalize embeddings (vLLM's default: yes).",
+    )
+    dimensions: int | None = Field(
+        default=None,
+        gt=0,
+        description="embed and score: cut embeddings to this size (Matryoshka models only).",
+    )
+    pooling_type: Literal["LAST", "MEAN", "CLS"] | None = Field(
+        default=None,
+        description="How a sequence's hidden states become one vector (vLLM's default for "
+        "the model when unset).",
+    )
+
+
 class ModelSpec(_Strict):
     path: str = Field(description="Local model folder or Hugging Face id.")
+    task: Task = Field(
+        default="generate",
+        description="generate: text. embed: an `embedding` vector per row. classify: "
+        "`probs` over the model's labels and the top `label`. score: the `score` of each "
+        "row's pair (prompt.template_pair or prompt.pair_column).",
+    )
+    pooling: PoolingSpec | None = Field(
+        default=None, description="embed, classify and score: vLLM's pooling options."
+    )
     engine: EngineSpec = Field(default_factory=EngineSpec, description="vLLM engine arguments.")
     replicas: Annotated[int, Field(ge=1)] | ReplicaRange = Field(
         default=1,
@@ -217,6 +270,29 @@ class ModelSpec(_Strict):
         "for the next batch to arrive: one running, the rest queued in the engine, enough "
         "that the queue does not drain while Ray brings the next one.",
     )
+
+    @model_validator(mode="after")
+    def _pooling_for_pooling_tasks(self) -> ModelSpec:
+        if self.pooling is not None and self.task == "generate":
+            raise ValueError(
+                "pooling: applies to task embed, classify or score, not generate; "
+                "set task or remove pooling"
+            )
+        if (
+            self.pooling is not None
+            and self.task == "classify"
+            and (self.pooling.dimensions is not None or self.pooling.normalize is not None)
+        ):
+            raise ValueError(
+                "pooling.dimensions and pooling.normalize apply to embeddings "
+                "(task embed or score), not to classify"
+            )
+        return self
+
+    @property
+    def pools(self) -> bool:
+        """The model runs as a pooling model (vLLM's pooling runner), not a generator."""
+        return self.task in POOLING_TASKS
 
 
 class NamedModelSpec(ModelSpec):
@@ -407,20 +483,58 @@ class JobSpec(_Strict):
             if dupes:
                 raise ValueError(f"models: names must be unique, {', '.join(dupes)} repeats")
         written = [columns.ROW_ID, *self.output_columns()]
-        for name in self.carryover:
+        label = self.metrics.label_column
+        kept = [("carryover", c) for c in self.carryover]
+        kept += [("metrics.label_column", label)] if label else []  # written too
+        for field, name in kept:
             if name in written:
                 raise ValueError(
-                    f"carryover: column {name!r} clashes with an output column the job writes "
-                    f"({', '.join(written)}); rename it in the input"
+                    f"{field}: column {name!r} clashes with an output column the job writes "
+                    f"({', '.join(written)}); rename it in the input, or name the model "
+                    "(models: [{name: ...}]) to prefix its columns"
                 )
+        self._check_tasks()
         for field, model in self.named_models():
             mml = model.engine.max_model_len
+            if model.pools:
+                continue  # nothing generated: the whole length is the prompt's
             if mml is not None and self.sampling.max_tokens >= mml:
                 raise ValueError(
                     f"sampling.max_tokens={self.sampling.max_tokens} must be below "
                     f"{field}.engine.max_model_len={mml}, leaving room for the prompt"
                 )
         return self
+
+    def _check_tasks(self) -> None:
+        """What pooling models (embed, classify, score) take and refuse."""
+        models = self.named_models()
+        pooling = [(f, m) for f, m in models if m.pools]
+        if pooling and len(pooling) == len(models) and "sampling" in self.model_fields_set:
+            field, model = pooling[0]
+            raise ValueError(
+                f"sampling: does not apply to pooling models ({field}.task is {model.task}); "
+                "remove the sampling block"
+            )
+        if pooling and self.sampling.n > 1:
+            field, model = pooling[0]
+            raise ValueError(
+                f"sampling.n: {field} (task {model.task}) writes one output per row; "
+                "sampling.n must be 1 in a job with a pooling model"
+            )
+        if pooling and self.prompt.template is None:
+            field, model = pooling[0]
+            raise ValueError(
+                f"{self.prompt.field}: {field} (task {model.task}) takes text; use prompt.template"
+            )
+        scorers = [f for f, m in models if m.task == "score"]
+        if scorers and not self.prompt.paired:
+            raise ValueError(
+                f"prompt.template_pair: {scorers[0]} (task score) scores pairs of texts; "
+                "set prompt.template_pair or prompt.pair_column for the second text"
+            )
+        if self.prompt.paired and not scorers:
+            field = "prompt.template_pair" if self.prompt.template_pair else "prompt.pair_column"
+            raise ValueError(f"{field}: only a model with task score reads a pair")
 
     def output_columns(self) -> list[str]:
         """The columns the job appends after the carryover columns, in order."""
@@ -430,9 +544,19 @@ class JobSpec(_Strict):
             extra.append(columns.PARSED)
         if self.sampling.logprobs is not None:
             extra.append(columns.LOGPROBS)
-        for name in self.model_names:
-            out += [columns.model_column(name, c) for c in (*columns.OUTPUT_COLUMNS, *extra)]
+        for name, model in zip(self.model_names, self.model_specs, strict=True):
+            own = (
+                columns.TASK_COLUMNS[model.task]
+                if model.pools
+                else (*columns.OUTPUT_COLUMNS, *extra)
+            )
+            out += [columns.model_column(name, c) for c in own]
         return out
+
+    @property
+    def model_specs(self) -> list[ModelSpec]:
+        """Each model's spec, in the order of ``model_names``."""
+        return [m for _, m in self.named_models()]
 
     def named_models(self) -> list[tuple[str, ModelSpec]]:
         """(field path, spec) of each model: ``model`` or ``models[i]``."""

@@ -336,6 +336,9 @@ class _LabelScores:
         self._depth = max(len(c) for c in self.choices) + 1
         self._top = round(math.log((1 - self.FLOOR) / self.FLOOR) / self.STEP)
 
+    LOGPROBS_SOURCE = "first generated tokens' logprobs, renormalized over the choices"
+    PROBS_SOURCE = "the classifier's class probabilities"
+
     def empty(self) -> dict[str, Any]:
         return {
             "rows": 0,
@@ -344,7 +347,20 @@ class _LabelScores:
             "nll": 0,
             "positive": {c: {} for c in self.choices},
             "negative": {c: {} for c in self.choices},
+            "source": None,
         }
+
+    def from_logprobs(self, logprobs: pa.ChunkedArray) -> list[dict[str, float] | None]:
+        """Each row's choice probabilities from its ``logprobs`` (see label_probabilities)."""
+        steps = pc.list_slice(logprobs, 0, self._depth).to_pylist()
+        return [label_probabilities(row, self.choices) for row in steps]
+
+    def from_probs(self, probs: pa.ChunkedArray) -> list[dict[str, float] | None]:
+        """Each row's class probabilities from a classifier's ``probs`` (label order)."""
+        return [
+            None if row is None else dict(zip(self.choices, row, strict=False))
+            for row in probs.to_pylist()
+        ]
 
     def _point(self, p: float) -> int:
         """The grid point of a probability: its log-odds over ``STEP``, rounded."""
@@ -355,16 +371,20 @@ class _LabelScores:
         return round((math.log(p) - math.log1p(-p)) / self.STEP)
 
     def update(
-        self, state: dict[str, Any], truth: list[str | None], logprobs: pa.ChunkedArray
+        self,
+        state: dict[str, Any],
+        truth: list[str | None],
+        rows: list[dict[str, float] | None],
+        *,
+        source: str,
     ) -> dict[str, Any]:
         part = self.empty()
+        part["source"] = source
         positive = {c: Counter[int]() for c in self.choices}
         negative = {c: Counter[int]() for c in self.choices}
-        steps = pc.list_slice(logprobs, 0, self._depth).to_pylist()
-        for label, row in zip(truth, steps, strict=True):
+        for label, probs in zip(truth, rows, strict=True):
             if label is None:
                 continue
-            probs = label_probabilities(row, self.choices)
             if probs is None:
                 part["unscored"] += 1
                 continue
@@ -380,9 +400,10 @@ class _LabelScores:
         return self.merge(state, part)
 
     def merge(self, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-        out = {k: a[k] + b[k] for k in ("rows", "unscored", "at_floor", "nll")}
+        out: dict[str, Any] = {k: a[k] + b[k] for k in ("rows", "unscored", "at_floor", "nll")}
         for side in ("positive", "negative"):
             out[side] = {c: _add(a[side][c], b[side][c]) for c in self.choices}
+        out["source"] = a.get("source") or b.get("source")
         return out
 
     @staticmethod
@@ -426,7 +447,7 @@ class _LabelScores:
             },
             "floor": self.FLOOR,
             "rows_at_floor": state["at_floor"],
-            "source": "first generated tokens' logprobs, renormalized over the choices",
+            "source": state.get("source") or self.LOGPROBS_SOURCE,
         }
 
 
@@ -475,25 +496,39 @@ class LabelMetrics(Accumulator[dict[str, Any]]):
             )
         }
         probability = state["probability"]
-        # No logprobs column: a job without sampling.logprobs, or rows read back on resume.
-        if self._scores is not None and columns.LOGPROBS in batch.table.column_names:
+        names = batch.table.column_names
+        # A classifier's probabilities, or a choice job's logprobs; neither: a job without
+        # sampling.logprobs, or rows read back on resume without them.
+        scored = columns.PROBS if columns.PROBS in names else columns.LOGPROBS
+        if self._scores is not None and scored in names:
             # An error row is not scored (a cut output's logprobs are no answer).
-            logprobs = batch.table.column(columns.LOGPROBS)
-            logprobs = pc.if_else(
+            values = batch.table.column(scored)
+            values = pc.if_else(
                 pc.is_valid(batch.table.column(columns.ERROR)),
-                pa.scalar(None, logprobs.type),
-                logprobs,
+                pa.scalar(None, values.type),
+                values,
             )
-            probability = self._scores.update(probability, truth.to_pylist(), logprobs)
+            if scored == columns.PROBS:
+                rows, source = self._scores.from_probs(values), _LabelScores.PROBS_SOURCE
+            else:
+                rows, source = self._scores.from_logprobs(values), _LabelScores.LOGPROBS_SOURCE
+            probability = self._scores.update(probability, truth.to_pylist(), rows, source=source)
         return {"confusion": _add(state["confusion"], part), "probability": probability}
 
+    def _scores_of(self, probability: dict[str, Any] | None) -> _LabelScores | None:
+        """The scorer of a probability state: the job's choices, else (a classifier's labels,
+        which only its engine knows) the state's own."""
+        if self._scores is not None or probability is None:
+            return self._scores
+        return _LabelScores(tuple(probability["positive"]))
+
     def merge(self, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "confusion": _add(a["confusion"], b["confusion"]),
-            "probability": self._scores.merge(a["probability"], b["probability"])
-            if self._scores is not None
-            else None,
-        }
+        probability = a["probability"] if b["probability"] is None else b["probability"]
+        if a["probability"] is not None and b["probability"] is not None:
+            scores = self._scores_of(a["probability"])
+            assert scores is not None
+            probability = scores.merge(a["probability"], b["probability"])
+        return {"confusion": _add(a["confusion"], b["confusion"]), "probability": probability}
 
     def result(self, state: dict[str, Any]) -> dict[str, Any]:
         confusion: dict[str, int] = state["confusion"]
@@ -534,8 +569,9 @@ class LabelMetrics(Accumulator[dict[str, Any]]):
             },
         }
         probability = state["probability"]
-        if self._scores is not None and probability["rows"] + probability["unscored"]:
-            out["probability"] = self._scores.result(probability)
+        scores = self._scores_of(probability)
+        if scores is not None and probability and probability["rows"] + probability["unscored"]:
+            out["probability"] = scores.result(probability)
         return out
 
 
@@ -576,10 +612,17 @@ class AccumulatorSet:
         """A partial state from one batch."""
         return {a.name: a.update(a.empty(), batch) for a in self.accumulators}
 
+    # A model's batches carry the accumulators that apply to it (an embedder's no labels).
     def merge(self, a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
         if a is None:
             return b
-        return {acc.name: acc.merge(a[acc.name], b[acc.name]) for acc in self.accumulators}
+        return {
+            acc.name: acc.merge(a[acc.name], b[acc.name])
+            for acc in self.accumulators
+            if acc.name in a and acc.name in b
+        }
 
     def result(self, state: dict[str, Any]) -> dict[str, Any]:
-        return {acc.name: acc.result(state[acc.name]) for acc in self.accumulators}
+        return {
+            acc.name: acc.result(state[acc.name]) for acc in self.accumulators if acc.name in state
+        }

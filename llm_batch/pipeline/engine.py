@@ -100,7 +100,9 @@ class EngineStage:
         self._watchdog: asyncio.Future[None] | None = None
         self._overrides_column = sampling.get("overrides_column")
         self._params = SamplingParamsCache(sampling)
-        self._finisher = BatchFinisher(sampling, model_name=model_name, metrics=metrics, drop=drop)
+        self._finisher = BatchFinisher(
+            sampling, model_name=model_name, metrics=metrics, drop=drop, task=model["task"]
+        )
         # Ray wraps a failure here in an ActorDiedError; run_job digs the message back out.
         self._generator = self.generator_class(model)
         self._where = whereabouts()
@@ -154,7 +156,10 @@ class EngineStage:
         *,
         given_up: bool = False,
     ) -> pa.Table:
-        out, report = self._finisher.finish(batch, results)
+        generator = self._generator
+        out, report = self._finisher.finish(
+            batch, results, dim=generator.dim, labels=generator.labels
+        )
         if self._progress is not None:
             report_batch(
                 self._progress,

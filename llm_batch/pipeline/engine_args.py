@@ -11,8 +11,10 @@ __all__ = [
     "SAMPLING_KEYS",
     "SamplingParamsCache",
     "build_engine_args",
+    "build_pooling_params",
     "build_sampling_params",
     "engine_failure",
+    "is_classifier",
     "row_overrides",
 ]
 
@@ -42,6 +44,17 @@ def build_engine_args(
     }
     if shared:
         args["scheduling_policy"] = "priority"
+    task = model.get("task") or "generate"
+    if task != "generate":
+        # vLLM's pooling runner; a causal LM is converted into an embedder or a classifier
+        # (a checkpoint that is one already is taken as it is: convert "auto").
+        args["runner"] = "pooling"
+        args["convert"] = "classify" if task == "classify" else "embed"
+        if task in ("classify", "score") and is_classifier(model["path"]):
+            args["convert"] = "auto"
+        pooling = model.get("pooling") or {}
+        if pooling.get("pooling_type"):
+            args["pooler_config"] = {"pooling_type": pooling["pooling_type"]}
     for key in ("max_model_len", "max_num_seqs", "gpu_memory_utilization"):
         if engine.get(key) is not None:
             args[key] = engine[key]
@@ -53,6 +66,31 @@ def build_engine_args(
         args.setdefault("kv_cache_memory_bytes", int(space * _GIB))
     args.update(engine.get("extra_args") or {})
     return args
+
+
+def is_classifier(path: str) -> bool:
+    """A local checkpoint whose architecture is a sequence classifier already."""
+    import os
+
+    try:
+        with open(os.path.join(os.path.expanduser(path), "config.json")) as f:
+            architectures = json.load(f).get("architectures") or []
+    except (OSError, ValueError):
+        return False
+    return any(str(a).endswith("ForSequenceClassification") for a in architectures)
+
+
+def build_pooling_params(model: dict[str, Any]) -> Any:
+    """vLLM ``PoolingParams`` for a pooling model's requests (``model.pooling``)."""
+    from vllm import PoolingParams
+
+    pooling = model.get("pooling") or {}
+    if model["task"] == "classify":
+        return PoolingParams(task="classify")
+    # Embeddings (also both sides of a score's pair): vLLM normalizes them by default.
+    return PoolingParams(
+        task="embed", dimensions=pooling.get("dimensions"), use_activation=pooling.get("normalize")
+    )
 
 
 def build_sampling_params(sampling: dict[str, Any], *, sample_index: int = 0) -> Any:

@@ -24,7 +24,13 @@ import pyarrow as pa
 
 from llm_batch import columns
 from llm_batch.errors import EngineUnavailable
-from llm_batch.pipeline.engine_args import SamplingParamsCache, build_engine_args, engine_failure
+from llm_batch.pipeline.engine_args import (
+    SamplingParamsCache,
+    build_engine_args,
+    build_pooling_params,
+    engine_failure,
+    is_classifier,
+)
 
 __all__ = ["BatchInputs", "EngineLoad", "Generator", "RowResult", "whereabouts"]
 
@@ -42,6 +48,11 @@ class RowResult:
     error: str | None = None
     logprobs: list[dict[str, Any]] | None = None  # OpenAI's shape, when asked for
     latency: float | None = None  # seconds from submission to the last token
+    # A pooling model's output instead of text (model.task embed, classify, score).
+    embedding: Any = None  # numpy float32 vector
+    probs: Any = None  # numpy float32, in the order of the model's labels
+    label: str | None = None
+    score: float | None = None
 
     @classmethod
     def failed(cls, error: str) -> RowResult:
@@ -59,6 +70,7 @@ class BatchInputs:
     render_errors: list[str | None]
     samples: list[int]
     overrides: list[Any]
+    pairs: list[str | None] | None = None  # a score job's second texts
 
     @classmethod
     def from_table(cls, batch: pa.Table, *, overrides_column: str | None) -> BatchInputs:
@@ -76,6 +88,7 @@ class BatchInputs:
             render_errors=column(columns.RENDER_ERROR, None),
             samples=column(columns.SAMPLE_INDEX, 0),
             overrides=column(overrides_column, None),
+            pairs=column(columns.PAIR, None) if columns.PAIR in names else None,
         )
 
     def __len__(self) -> int:
@@ -288,7 +301,25 @@ class Generator:
             if shared:
                 _engine_below_control_plane()
         self._requests: dict[str, set[str]] = {}  # job key -> its requests in the engine
+        self.task: str = model.get("task") or "generate"
+        self.labels: list[str] = []  # a classifier's, in the order of its probabilities
+        self.dim: int | None = None  # an embedder's vector size
+        self.cross_encoder = False
+        self._pooling = self._pooling_setup(model) if self.task != "generate" else None
         logger.info("engine for %s ready in %.1fs", model["path"], time.monotonic() - started)
+
+    def _pooling_setup(self, model: dict[str, Any]) -> Any:
+        """A pooling model's request params, labels and embedding size. A score over a
+        cross-encoder (a classifier of one label) runs each pair as one classify request;
+        over an embedder, the cosine of the two texts' embeddings, as vLLM's LLM.score."""
+        config = self.engine.model_config
+        id2label = getattr(config.hf_config, "id2label", None) or {}
+        self.labels = [str(id2label[i]) for i in sorted(id2label)]
+        self.cross_encoder = self.task == "score" and is_classifier(model["path"])
+        dimensions = (model.get("pooling") or {}).get("dimensions")
+        self.dim = None if self.task == "classify" else (dimensions or int(config.embedding_size))
+        task = "classify" if self.task == "classify" or self.cross_encoder else "embed"
+        return build_pooling_params({**model, "task": task})
 
     @property
     def errored(self) -> bool:
@@ -320,7 +351,10 @@ class Generator:
         on_dead: Any = None,
     ) -> list[RowResult]:
         """One request per row, all at once; a row's failure is its ``error``.
-        ``on_dead(exception)`` is called when the engine itself died under a request."""
+        ``on_dead(exception)`` is called when the engine itself died under a request.
+        A pooling model's rows are pooled instead (``params`` unused)."""
+        if self._pooling is not None:
+            return await self._pool(inputs, job=job, priority=priority, on_dead=on_dead)
         token_ids = self._token_ids(
             [
                 p if e is None else None
@@ -387,6 +421,109 @@ class Generator:
             logprobs=_logprobs(completion, k) if k is not None else None,
             latency=time.monotonic() - started,
         )
+
+    async def _pool(
+        self, inputs: BatchInputs, *, job: str, priority: int, on_dead: Any
+    ) -> list[RowResult]:
+        """One pooling request per row (two for a score over an embedder), all at once."""
+        import numpy as np
+
+        texts = [
+            p if e is None else None
+            for p, e in zip(inputs.prompts, inputs.render_errors, strict=True)
+        ]
+        pairs = inputs.pairs if self.task == "score" else None
+        if self.task == "score" and pairs is None:
+            pairs = [None] * len(texts)
+        if self.cross_encoder:
+            assert pairs is not None
+            token_ids, pair_ids = self._pair_token_ids(texts, pairs), None
+        else:
+            token_ids = self._token_ids(texts)
+            pair_ids = self._token_ids(pairs) if pairs is not None else None
+        ids = self._requests.setdefault(job, set())
+
+        params = self._pooling
+        assert params is not None
+
+        async def encode(tokens: Any, text: str | None) -> Any:
+            prompt = self._engine_prompt(tokens, text, None)
+            request_id = f"{job}-{uuid.uuid4().hex}"
+            ids.add(request_id)
+            final = None
+            try:
+                async for out in self.engine.encode(prompt, params, request_id, priority=priority):
+                    final = out
+            finally:
+                ids.discard(request_id)
+            assert final is not None
+            return final
+
+        def vector(out: Any) -> Any:
+            return out.outputs.data.float().numpy().astype(np.float32, copy=False)
+
+        async def row(i: int) -> RowResult:
+            if inputs.render_errors[i] is not None:
+                return RowResult.failed(inputs.render_errors[i] or "")
+            if pairs is not None and pairs[i] is None:
+                return RowResult.failed("the pair's second text is null")
+            started = time.monotonic()
+            try:
+                if pairs is not None and not self.cross_encoder:
+                    assert pair_ids is not None
+                    a, b = await asyncio.gather(
+                        encode(token_ids[i], texts[i]), encode(pair_ids[i], pairs[i])
+                    )
+                    va, vb = vector(a), vector(b)
+                    norms = float(np.linalg.norm(va) * np.linalg.norm(vb))
+                    return RowResult(
+                        score=float(np.dot(va, vb) / norms) if norms else 0.0,
+                        input_tokens=len(a.prompt_token_ids) + len(b.prompt_token_ids),
+                        latency=time.monotonic() - started,
+                    )
+                out = await encode(token_ids[i], None if self.cross_encoder else texts[i])
+            except _RowError as e:
+                return RowResult.failed(str(e))
+            except Exception as e:  # noqa: BLE001 - a row's failure is data, not a crash
+                if self.engine.errored and on_dead is not None:
+                    on_dead(e)
+                cause = e.__cause__ if e.__cause__ is not None else e
+                return RowResult.failed(f"{type(cause).__name__}: {cause}")
+            values = vector(out)
+            tokens, latency = len(out.prompt_token_ids or ()), time.monotonic() - started
+            if self.task == "embed":
+                return RowResult(embedding=values, input_tokens=tokens, latency=latency)
+            if self.task == "score":
+                return RowResult(score=float(values[0]), input_tokens=tokens, latency=latency)
+            top = int(np.argmax(values))
+            label = self.labels[top] if top < len(self.labels) else str(top)
+            return RowResult(probs=values, label=label, input_tokens=tokens, latency=latency)
+
+        try:
+            return await asyncio.gather(*(row(i) for i in range(len(inputs))))
+        finally:
+            if not ids:
+                self._requests.pop(job, None)
+
+    def _pair_token_ids(self, texts: list[str | None], pairs: list[str | None]) -> list[Any]:
+        """A cross-encoder's input: each pair tokenized together, as the tokenizer joins a
+        text and its pair (its separator tokens), one call per batch."""
+        at = [
+            i
+            for i, (t, p) in enumerate(zip(texts, pairs, strict=True))
+            if t is not None and p is not None
+        ]
+        out: list[Any] = [None] * len(texts)
+        if at:
+            tokenizer: Any = self._tokenizer
+            encoded = tokenizer(
+                [texts[i] for i in at],
+                [pairs[i] for i in at],
+                **self._tok_params.get_encode_kwargs(),
+            )
+            for i, ids in zip(at, encoded["input_ids"], strict=True):
+                out[i] = ids
+        return out
 
     def _token_ids(self, prompts: list[str | None]) -> list[Any]:
         """Each text prompt's token ids, or the exception that refused it (None: no prompt).

@@ -91,6 +91,8 @@ def check_model_limits(field: str, model: ModelSpec, sampling: SamplingSpec) -> 
             f"{field}.engine.max_model_len: {mml} is more than the model allows: "
             f"{limit[0]} tokens ({limit[1]} in {model.path}/config.json)"
         )
+    if model.pools:
+        return  # nothing generated: sampling does not apply
     context = mml or (limit[0] if limit else None)
     if context is not None and sampling.max_tokens >= context:
         raise JobSpecError(

@@ -161,6 +161,8 @@ class EnginePool:
             "results": results,
             "engine": {**self.where, **self.generator.load.take()},
             "aborted": aborted,
+            "dim": self.generator.dim,
+            "labels": self.generator.labels,
         }
 
     async def abort(self, job_key: str) -> int:
@@ -290,7 +292,11 @@ def _handle(name: str) -> Any:
 def _finisher(config: str) -> tuple[BatchFinisher, int, int]:
     c = json.loads(config)
     finisher = BatchFinisher(
-        c["sampling"], model_name=c["model_name"], metrics=c["metrics"], drop=c["drop"]
+        c["sampling"],
+        model_name=c["model_name"],
+        metrics=c["metrics"],
+        drop=c["drop"],
+        task=c["task"],
     )
     return finisher, int(c["max_retries"]), int(c["restart_limit"])
 
@@ -311,6 +317,7 @@ def pool_stage_config(
             "model_name": model_name,
             "metrics": metrics,
             "drop": drop,
+            "task": model["task"],
             "max_retries": retries,
             # A pool restarts one replica at a time: as a job-local pool of one.
             "restart_limit": BatchLedger.restart_limit(1, retries, model["max_batches_in_flight"]),
@@ -373,7 +380,7 @@ def send_to_pool(
             logger.warning("%s: %d rows", decision["give_up"], batch.num_rows)
             results: list[RowResult] = given_up_results(batch, decision["give_up"])
             engine: dict[str, Any] = {}
-            given_up = True
+            given_up, shape = True, {}
             break
         alone = bool(decision.get("alone"))
         if key is not None and progress is not None:
@@ -395,8 +402,9 @@ def send_to_pool(
         if reply["aborted"]:
             raise JobCancelled("the job was cancelled: its requests were aborted in the pool")
         results, engine, given_up = reply["results"], reply["engine"], False
+        shape = {"dim": reply.get("dim"), "labels": reply.get("labels")}
         break
-    out, report = finisher.finish(batch, results)
+    out, report = finisher.finish(batch, results, **shape)
     if progress is not None:
         report_batch(
             progress,

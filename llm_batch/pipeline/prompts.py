@@ -99,6 +99,18 @@ class PromptRenderer:
         self._templates = [env.from_string(source) for source in self._fields.values()]
         self._roles = [m["role"] for m in prompt.get("messages") or []]
         self._chat = prompt.get("messages") is not None or self._messages_column is not None
+        # A score job's second text: a template of its own, or a column taken as it is.
+        self._pair_column: str | None = prompt.get("pair_column")
+        self._pair = None
+        self.pair_variables: set[str] = set()
+        if prompt.get("template_pair") is not None:
+            self.pair_variables = template_variables(
+                prompt["template_pair"], field="prompt.template_pair"
+            )
+            self._pair = env.from_string(prompt["template_pair"])
+        elif self._pair_column is not None:
+            self.pair_variables = {self._pair_column}
+        self.variables |= self.pair_variables
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         names = sorted(self.variables & set(batch.column_names))
@@ -137,7 +149,31 @@ class PromptRenderer:
                 )
             else:
                 rendered.append(texts[0])
+        if self._pair is not None or self._pair_column is not None:
+            batch = batch.append_column(columns.PAIR, self._pairs(values, errors))
         column = columns.MESSAGES if self._chat else columns.PROMPT
         arr = pa.array(rendered, type=_MESSAGE_TYPE if self._chat else pa.string())
         batch = batch.append_column(column, arr)
         return batch.append_column(columns.RENDER_ERROR, pa.array(errors, type=pa.string()))
+
+    def _pairs(self, values: dict[str, list[Any]], errors: list[str | None]) -> pa.Array:
+        """Each row's second text (a row whose pair fails gets its render error)."""
+        pairs: list[str | None] = []
+        names = sorted(self.pair_variables & set(values))
+        for i, error in enumerate(errors):
+            if error is not None:
+                pairs.append(None)
+                continue
+            if self._pair_column is not None:
+                value = values[self._pair_column][i]
+                if value is None:
+                    errors[i] = f"prompt.pair_column {self._pair_column!r}: the value is null"
+                pairs.append(None if value is None else str(value))
+                continue
+            assert self._pair is not None
+            try:
+                pairs.append(self._pair.render({name: values[name][i] for name in names}))
+            except Exception as e:  # noqa: BLE001 - this row's error, as for the prompt
+                pairs.append(None)
+                errors[i] = f"prompt.template_pair rendering failed: {type(e).__name__}: {e}"
+        return pa.array(pairs, type=pa.string())

@@ -15,6 +15,7 @@ import json
 import re
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from llm_batch import columns
@@ -24,6 +25,7 @@ from llm_batch.pipeline.generation import RowResult
 
 __all__ = [
     "LOGPROBS_TYPE",
+    "accumulator_view",
     "BatchFinisher",
     "BatchReport",
     "batch_key",
@@ -39,9 +41,25 @@ LOGPROBS_TYPE = pa.list_(
 
 
 def output_schema(
-    model_name: str | None, sampling: dict[str, Any]
+    model_name: str | None,
+    sampling: dict[str, Any],
+    *,
+    task: str = "generate",
+    dim: int | None = None,
 ) -> list[tuple[str, pa.DataType]]:
-    """The columns one model appends, in order."""
+    """The columns one model appends, in order (``dim``: an embedder's vector size)."""
+    if task != "generate":
+        pooled: dict[str, pa.DataType] = {
+            columns.EMBEDDING: pa.list_(pa.float32(), dim) if dim else pa.list_(pa.float32()),
+            columns.LABEL: pa.string(),
+            columns.PROBS: pa.list_(pa.float32()),
+            columns.SCORE: pa.float32(),
+            columns.NUM_INPUT_TOKENS: pa.int32(),
+            columns.ERROR: pa.string(),
+        }
+        return [
+            (columns.model_column(model_name, c), pooled[c]) for c in columns.TASK_COLUMNS[task]
+        ]
     types: dict[str, pa.DataType] = {
         columns.GENERATED_TEXT: pa.string(),
         columns.NUM_INPUT_TOKENS: pa.int32(),
@@ -55,6 +73,48 @@ def output_schema(
     if sampling.get("logprobs") is not None:
         types[columns.LOGPROBS] = LOGPROBS_TYPE
     return [(columns.model_column(model_name, c), t) for c, t in types.items()]
+
+
+def accumulator_view(plain: pa.Table, task: str) -> pa.Table:
+    """What the accumulators read of one model's output (plain column names): a pooling
+    model's as a generator's, its label as the generated text, no output tokens."""
+    if task == "generate":
+        return plain
+    n = plain.num_rows
+    view = {
+        columns.GENERATED_TEXT: (
+            plain.column(columns.LABEL) if task == "classify" else pa.nulls(n, pa.string())
+        ),
+        columns.NUM_INPUT_TOKENS: plain.column(columns.NUM_INPUT_TOKENS),
+        columns.NUM_OUTPUT_TOKENS: pa.array(np.zeros(n, np.int32)),
+        columns.FINISH_REASON: pa.nulls(n, pa.string()),
+        columns.ERROR: plain.column(columns.ERROR),
+    }
+    if columns.PROBS in plain.column_names:
+        view[columns.PROBS] = plain.column(columns.PROBS)
+    return pa.table(view)
+
+
+def _vectors(values: list[Any], dim: int | None, fixed: bool) -> pa.Array:
+    """One row's float32 vector each (None for an error row), into Arrow in one copy: a
+    fixed_size_list (embeddings) or a list (class probabilities)."""
+    valid = [v is not None for v in values]
+    sizes = [len(v) if v is not None else 0 for v in values]
+    if fixed:
+        dim = next((size for size, ok in zip(sizes, valid, strict=True) if ok), dim) or 0
+        flat = np.zeros((len(values), dim), np.float32)
+        for i, v in enumerate(values):
+            if v is not None:
+                flat[i] = v
+        mask = pa.array([not ok for ok in valid])
+        return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), dim, mask=mask)
+    flat_values = np.concatenate([v for v in values if v is not None] or [np.zeros(0, np.float32)])
+    offsets = pa.array(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32))
+    return pa.ListArray.from_arrays(
+        offsets,
+        pa.array(flat_values.astype(np.float32, copy=False)),
+        mask=pa.array([not ok for ok in valid]),
+    )
 
 
 def structured_complete(text: str | None, structured: dict[str, Any] | None) -> bool:
@@ -105,21 +165,23 @@ class BatchFinisher:
         model_name: str | None = None,
         metrics: dict[str, Any] | None = None,
         drop: list[str] | tuple[str, ...] = (),
+        task: str = "generate",
     ):
         metrics = metrics or {}
+        self._task = task
         self._sampling = sampling
-        self._structured = sampling.get("structured") or None
+        self._structured = (sampling.get("structured") or None) if task == "generate" else None
         self._model_name = model_name
         self._drop = list(drop)
-        self._label_column = metrics.get("label_column")
-        choices = (self._structured or {}).get("choice")
-        self._accumulators = AccumulatorSet(
-            JobContext(
-                label_column=self._label_column,
-                choices=tuple(choices) if choices else None,
-            ),
-            metrics.get("accumulators") or (),
+        # Label metrics read a prediction: a generator's text or a classifier's label.
+        self._label_column = (
+            metrics.get("label_column") if task in ("generate", "classify") else None
         )
+        self._custom = metrics.get("accumulators") or ()
+        choices = (self._structured or {}).get("choice")
+        self._accumulators: AccumulatorSet | None = None
+        if task != "classify":  # a classifier's choices are its labels, known once it runs
+            self._accumulators = self._accumulator_set(tuple(choices) if choices else None)
         self._schema = output_schema(model_name, sampling)
         # The same columns without the model prefix: what accumulators read.
         self._plain_names = [c for c, _ in output_schema(None, sampling)]
@@ -128,7 +190,22 @@ class BatchFinisher:
             arrow_type_for_schema(structured["json_schema"]) if structured.get("parse") else None
         )
 
-    def finish(self, batch: pa.Table, results: list[RowResult]) -> tuple[pa.Table, BatchReport]:
+    def _accumulator_set(self, choices: tuple[str, ...] | None) -> AccumulatorSet:
+        return AccumulatorSet(
+            JobContext(label_column=self._label_column, choices=choices), self._custom
+        )
+
+    def finish(
+        self,
+        batch: pa.Table,
+        results: list[RowResult],
+        *,
+        dim: int | None = None,
+        labels: list[str] | None = None,
+    ) -> tuple[pa.Table, BatchReport]:
+        """``dim`` and ``labels``: a pooling engine's vector size and class names."""
+        if self._task != "generate":
+            return self._finish_pooled(batch, results, dim=dim, labels=labels)
         n = batch.num_rows
         texts = [r.text for r in results]
         finishes = [r.finish_reason for r in results]
@@ -170,18 +247,55 @@ class BatchFinisher:
             out = out.append_column(name, arr)
 
         view = pa.Table.from_arrays(arrays, names=self._plain_names)
+        assert self._accumulators is not None
+        return out, self._report(batch, view, results, self._accumulators)
+
+    def _report(
+        self,
+        batch: pa.Table,
+        view: pa.Table,
+        results: list[RowResult],
+        accumulators: AccumulatorSet,
+    ) -> BatchReport:
         if self._label_column is not None:
             view = view.append_column(self._label_column, batch.column(self._label_column))
         latencies = pa.array([r.latency for r in results], pa.float64())
-        partial = self._accumulators.update(BatchView(view, latencies, self._model_name))
-        report = BatchReport(
-            rows=n,
-            failed=sum(1 for e in errors if e is not None),
+        return BatchReport(
+            rows=batch.num_rows,
+            failed=sum(1 for r in results if r.error is not None),
             input_tokens=sum(r.input_tokens or 0 for r in results),
             output_tokens=sum(r.output_tokens or 0 for r in results),
-            metrics=partial,
+            metrics=accumulators.update(BatchView(view, latencies, self._model_name)),
         )
-        return out, report
+
+    def _finish_pooled(
+        self,
+        batch: pa.Table,
+        results: list[RowResult],
+        *,
+        dim: int | None,
+        labels: list[str] | None,
+    ) -> tuple[pa.Table, BatchReport]:
+        """A pooling model's columns (``columns.TASK_COLUMNS``): vectors into Arrow whole."""
+        values: dict[str, pa.Array] = {
+            columns.NUM_INPUT_TOKENS: pa.array([r.input_tokens for r in results], pa.int32()),
+            columns.ERROR: pa.array([r.error for r in results], pa.string()),
+        }
+        if self._task == "embed":
+            values[columns.EMBEDDING] = _vectors([r.embedding for r in results], dim, fixed=True)
+        elif self._task == "score":
+            values[columns.SCORE] = pa.array([r.score for r in results], pa.float32())
+        else:
+            values[columns.LABEL] = pa.array([r.label for r in results], pa.string())
+            values[columns.PROBS] = _vectors([r.probs for r in results], None, fixed=False)
+        own = columns.TASK_COLUMNS[self._task]
+        out = batch.drop_columns([c for c in self._drop if c in batch.column_names])
+        for name in own:
+            out = out.append_column(columns.model_column(self._model_name, name), values[name])
+        if self._accumulators is None:
+            self._accumulators = self._accumulator_set(tuple(labels) if labels else None)
+        view = accumulator_view(pa.table({c: values[c] for c in own}), self._task)
+        return out, self._report(batch, view, results, self._accumulators)
 
     def _parse(self, text: str | None, finish: str | None) -> tuple[Any, str | None]:
         if text is None:

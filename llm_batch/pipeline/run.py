@@ -29,7 +29,7 @@ import pyarrow.fs as pafs
 
 from llm_batch import columns
 from llm_batch.errors import EngineUnavailable, JobSpecError
-from llm_batch.job.spec import JobSpec
+from llm_batch.job.spec import POOLING_TASKS, JobSpec
 from llm_batch.pipeline.accumulators import JobContext
 from llm_batch.pipeline.engine import EngineStage
 from llm_batch.pipeline.fs import open_filesystem
@@ -47,6 +47,7 @@ from llm_batch.pipeline.pool import JobCancelled, pool_stage_config, send_to_poo
 from llm_batch.pipeline.progress import ProgressTracker, Snapshot
 from llm_batch.pipeline.prompts import PromptRenderer
 from llm_batch.pipeline.read import InputDatasource, InputInfo, check_columns, inspect_input
+from llm_batch.pipeline.rows import accumulator_view
 from llm_batch.pipeline.write import (
     CHECKPOINT_NAME,
     OWN_FILES,
@@ -84,7 +85,13 @@ class JobPlan:
     @property
     def drop_before_write(self) -> list[str]:
         """Columns that ride to the engines but are not output."""
-        internal = [columns.PROMPT, columns.MESSAGES, columns.RENDER_ERROR, columns.INPUT_ERROR]
+        internal = [
+            columns.PROMPT,
+            columns.MESSAGES,
+            columns.PAIR,
+            columns.RENDER_ERROR,
+            columns.INPUT_ERROR,
+        ]
         return internal + [c for c in self.carried if c not in self.written]
 
     @property
@@ -111,7 +118,10 @@ def plan_job(spec: JobSpec) -> JobPlan:
     check_columns(
         info.schema,
         {
-            spec.prompt.field: renderer.variables,
+            spec.prompt.field: renderer.variables - renderer.pair_variables,
+            ("prompt.template_pair" if spec.prompt.template_pair else "prompt.pair_column"): (
+                renderer.pair_variables
+            ),
             "carryover": set(spec.carryover),
             "input.columns": set(spec.input.columns or []),
             "metrics.label_column": {c for c in [spec.metrics.label_column] if c},
@@ -210,7 +220,18 @@ def _preload(tracker: Any, spec: JobSpec, *, rows_per_call: int = 65_536) -> int
         and bool(structured.choice)
     )
     outputs = list(columns.OUTPUT_COLUMNS) + ([columns.LOGPROBS] if scored else [])
-    plain = {name: {columns.model_column(name, c): c for c in outputs} for name in spec.model_names}
+    tasks = {
+        name: model.task for name, model in zip(spec.model_names, spec.model_specs, strict=True)
+    }
+    # A pooling model's own columns but its vectors (an embedder's are not read).
+    own = {
+        task: [c for c in columns.TASK_COLUMNS[task] if c != columns.EMBEDDING]
+        for task in POOLING_TASKS
+    }
+    plain = {
+        name: {columns.model_column(name, c): c for c in own.get(task, outputs)}
+        for name, task in tasks.items()
+    }
     wanted = [c for names in plain.values() for c in names] + ([label] if label else [])
     done = 0
     for batch in dataset.to_batches(columns=list(dict.fromkeys(wanted)), batch_size=rows_per_call):
@@ -218,7 +239,8 @@ def _preload(tracker: Any, spec: JobSpec, *, rows_per_call: int = 65_536) -> int
         done += table.num_rows
         for name, names in plain.items():
             view = table.select(list(names)).rename_columns(list(names.values()))
-            if label:
+            view = accumulator_view(view, tasks[name])
+            if label and tasks[name] in ("generate", "classify"):
                 view = view.append_column(label, table.column(label))
             ray.get(
                 tracker.preload.remote(
