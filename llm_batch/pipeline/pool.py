@@ -82,6 +82,9 @@ _ENGINE_FIELDS = ("path", "engine", "device", "accelerator_type", "placement_str
 def pool_key(model: dict[str, Any]) -> str:
     """The identity of the engine a model block asks for (equal keys share a pool)."""
     identity = {k: model.get(k) for k in _ENGINE_FIELDS}
+    if (model.get("task") or "generate") != "generate":
+        # A pooling engine is another engine (vLLM's pooling runner, its pooling options).
+        identity.update(task=model["task"], pooling=model.get("pooling"))
     text = json.dumps(identity, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
