@@ -193,14 +193,13 @@ def test_scores_equal_llm_score_over_the_pairs(
     data, _ = table
     prompts = [f"Review: {t}\nSentiment:" for t in data.column("text").to_pylist()]
     docs = data.column("doc").to_pylist()
-    expected = [o.outputs.score for o in reference_engines(tiny_model, **EMBED).score(prompts, docs)]
+    scorer = reference_engines(tiny_model, **EMBED)
+    expected = [o.outputs.score for o in scorer.score(prompts, docs)]
     assert out.column("sim__score").type == pa.float32()
     np.testing.assert_allclose(out.column("sim__score").to_numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_a_pooling_job_resumed_after_its_driver_is_killed_runs_each_row_once(
-    tmp_path, tiny_model
-):
+def test_a_pooling_job_resumed_after_its_driver_is_killed_runs_each_row_once(tmp_path, tiny_model):
     rows = 1200
     path = tmp_path / "in.parquet"
     pq.write_table(
