@@ -350,9 +350,46 @@ class StructuredSpec(_Strict):
 
 
 class SamplingSpec(_Strict):
+    """vLLM's ``SamplingParams``, with its own ranges (a value it would refuse is refused here,
+    naming the field, before any engine starts)."""
+
     max_tokens: int = Field(default=16, gt=0, description="Most tokens generated per row.")
-    temperature: float = Field(default=0.0, ge=0, description="0 is greedy.")
+    temperature: float = Field(default=0.0, ge=0, le=2, description="0 is greedy.")
     top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(default=0, ge=-1, description="Sample from the k likeliest (0, -1: all).")
+    min_p: float = Field(
+        default=0.0, ge=0, le=1, description="Drop tokens below this share of the likeliest's."
+    )
+    presence_penalty: float = Field(
+        default=0.0, ge=-2, le=2, description="Penalize tokens already generated (once each)."
+    )
+    frequency_penalty: float = Field(
+        default=0.0, ge=-2, le=2, description="Penalize tokens by how often they were generated."
+    )
+    repetition_penalty: float = Field(
+        default=1.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Above 1 discourages tokens of the prompt and the output so far.",
+    )
+    min_tokens: int = Field(
+        default=0, ge=0, description="Tokens generated before a stop or EOS may end the row."
+    )
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+        default=None, description="Token ids that end a generation."
+    )
+    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        default=None, description="Token id -> bias added to its logit (-100 to 100)."
+    )
+    bad_words: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        default=None, description="Words never generated."
+    )
+    include_stop_str_in_output: bool = Field(
+        default=False, description="Keep the stop string at the end of the text."
+    )
+    skip_special_tokens: bool = Field(
+        default=True, description="Leave special tokens out of the text."
+    )
     seed: int | None = Field(default=None, description="Per-request sampling seed.")
     stop: list[str] | None = Field(default=None, description="Strings that end a generation.")
     ignore_eos: bool = Field(
@@ -384,6 +421,15 @@ class SamplingSpec(_Strict):
         if v is not None and any(s == "" for s in v):
             raise ValueError("stop strings must not be empty")
         return v
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> SamplingSpec:
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"sampling.min_tokens={self.min_tokens} must be at most "
+                f"sampling.max_tokens={self.max_tokens}"
+            )
+        return self
 
 
 class MetricsSpec(_Strict):

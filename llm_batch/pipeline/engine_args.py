@@ -20,8 +20,22 @@ __all__ = [
 
 _GIB = 1 << 30
 
+# Sampling fields passed to vLLM as they are, under its own names.
+_PASSED = (
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "min_tokens",
+    "stop_token_ids",
+    "logit_bias",
+    "bad_words",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
+)
 # The sampling fields a row may override (``sampling.overrides_column``).
-SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop", "ignore_eos")
+SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop", "ignore_eos", *_PASSED)
 
 
 def build_engine_args(
@@ -124,6 +138,8 @@ def build_sampling_params(sampling: dict[str, Any], *, sample_index: int = 0) ->
         ignore_eos=sampling.get("ignore_eos", False),
         logprobs=sampling.get("logprobs"),
         structured_outputs=structured,
+        # vLLM's own fields, under its own names (a job spec made before them has none).
+        **{k: sampling[k] for k in _PASSED if sampling.get(k) is not None},
         # Only the final output of each request crosses back from the engine.
         output_kind=RequestOutputKind.FINAL_ONLY,
     )
