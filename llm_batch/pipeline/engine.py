@@ -55,6 +55,7 @@ def report_batch(
         failed=report.failed,
         input_tokens=report.input_tokens,
         output_tokens=report.output_tokens,
+        deduplicated=report.deduplicated,
         seconds=seconds,
         metrics=report.metrics,
         batch_key=key,

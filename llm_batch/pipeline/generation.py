@@ -12,8 +12,10 @@ the jobs of a service (``pool.py``) alike; there, each request carries its job's
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -48,6 +50,7 @@ class RowResult:
     error: str | None = None
     logprobs: list[dict[str, Any]] | None = None  # OpenAI's shape, when asked for
     latency: float | None = None  # seconds from submission to the last token
+    deduplicated: bool = False  # another row's output: the same prompt and sampling
     # A pooling model's output instead of text (model.task embed, classify, score).
     embedding: Any = None  # numpy float32 vector
     probs: Any = None  # numpy float32, in the order of the model's labels
@@ -141,6 +144,9 @@ def _yield_to_engine(niceness: int = 19) -> None:
                 if os.getpriority(os.PRIO_PROCESS, int(tid)) < niceness:
                     os.setpriority(os.PRIO_PROCESS, int(tid), niceness)
 
+
+# Deterministic outputs kept for rows asking the same again (in flight, or this recent).
+_SAME_OUTPUTS_KEPT = 50_000
 
 # Niceness of a shared pool's engine processes (see _engine_below_control_plane).
 SHARED_ENGINE_NICENESS = 5
@@ -301,6 +307,11 @@ class Generator:
             if shared:
                 _engine_below_control_plane()
         self._requests: dict[str, set[str]] = {}  # job key -> its requests in the engine
+        # Outputs of deterministic requests, in flight or recent: a row asking the same again
+        # takes it (Generator._same_output_key), the engine generating it once.
+        self._outputs: collections.OrderedDict[tuple[Any, ...], asyncio.Future[RowResult]] = (
+            collections.OrderedDict()
+        )
         self.task: str = model.get("task") or "generate"
         self.labels: list[str] = []  # a classifier's, in the order of its probabilities
         self.dim: int | None = None  # an embedder's vector size
@@ -385,18 +396,59 @@ class Generator:
                 return RowResult.failed(
                     str(e) if isinstance(e, _RowError) else f"{type(e).__name__}: {e}"
                 )
+            key = self._same_output_key(job, prompt, sampling, inputs, i, deterministic)
+            earlier = self._outputs.get(key) if key is not None else None
+            if key is not None and earlier is not None:  # the same output, generated once
+                self._outputs.move_to_end(key)
+                return dataclasses.replace(await asyncio.shield(earlier), deduplicated=True)
+            done: asyncio.Future[RowResult] | None = None
+            if key is not None:
+                done = self._outputs[key] = asyncio.get_running_loop().create_future()
+                while len(self._outputs) > _SAME_OUTPUTS_KEPT:
+                    self._outputs.popitem(last=False)
             request_id = f"{job}-{uuid.uuid4().hex}"
             ids.add(request_id)
+            result = RowResult.failed("the request was cancelled")
             try:
-                return await self._generate_one(prompt, sampling, request_id, priority, k, on_dead)
+                result = await self._generate_one(
+                    prompt, sampling, request_id, priority, k, on_dead
+                )
+                return result
             finally:
                 ids.discard(request_id)
+                if key is not None and done is not None:
+                    done.set_result(result)
+                    if result.error is not None or result.finish_reason == "abort":
+                        # Not kept: a copy asks the engine again.
+                        self._outputs.pop(key, None)
 
+        # Deterministic sampling only (greedy, or seeded), and one sample per prompt: n
+        # samples of a prompt are meant to differ.
+        deterministic = params.sampling.get("n", 1) == 1
         try:
             return await asyncio.gather(*(row(i) for i in range(len(inputs))))
         finally:
             if not ids:
                 self._requests.pop(job, None)
+
+    @staticmethod
+    def _same_output_key(
+        job: str, prompt: Any, sampling: Any, inputs: BatchInputs, i: int, deterministic: bool
+    ) -> tuple[Any, ...] | None:
+        """What makes two rows' outputs the same: the job (its sampling), the prompt's
+        tokens and the row's overrides; None when sampling is random (unseeded)."""
+        if not deterministic or (sampling.temperature > 0 and sampling.seed is None):
+            return None
+        tokens = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
+        if tokens is None:
+            return None
+        overrides = inputs.overrides[i]
+        return (
+            job,
+            tuple(tokens),
+            None if overrides is None else json.dumps(overrides, sort_keys=True, default=str),
+            inputs.samples[i],
+        )
 
     async def _generate_one(
         self, prompt: Any, params: Any, request_id: str, priority: int, k: int | None, on_dead: Any

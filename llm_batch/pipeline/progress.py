@@ -134,7 +134,13 @@ class ProgressTracker:
 
     @staticmethod
     def _zero() -> dict[str, float]:
-        return {"rows_done": 0, "rows_failed": 0, "input_tokens": 0, "output_tokens": 0}
+        return {
+            "rows_done": 0,
+            "rows_failed": 0,
+            "rows_deduplicated": 0,
+            "input_tokens": 0,
+            "output_tokens": 0,
+        }
 
     # The engine stages' side of the BatchLedger (see there).
     def engine_started(self, model: str | None) -> None:
@@ -165,6 +171,7 @@ class ProgressTracker:
         input_tokens: int,
         output_tokens: int,
         seconds: float,
+        deduplicated: int = 0,
         metrics: dict[str, Any] | None = None,
         engine: dict[str, Any] | None = None,
         batch_key: str | None = None,
@@ -192,6 +199,7 @@ class ProgressTracker:
         if metrics is not None:
             self._metrics[model] = self._accumulators.merge(self._metrics.get(model), metrics)
         self._add(model, rows, failed, input_tokens, output_tokens)
+        self._models[model]["rows_deduplicated"] += deduplicated
         self._record()
 
     def preload(
@@ -261,6 +269,8 @@ class ProgressTracker:
             "rows_total": self._rows_total,
             "rows_done": done,
             "rows_failed": failed,
+            # Rows that took the output of an identical row instead of generating it again.
+            "rows_deduplicated": int(self._total("rows_deduplicated")),
             "input_tokens": int(self._total("input_tokens")),
             "output_tokens": out_tokens,
             "rows_per_second": round(rate, 3),

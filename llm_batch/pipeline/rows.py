@@ -152,6 +152,7 @@ class BatchReport:
     input_tokens: int
     output_tokens: int
     metrics: dict[str, Any]
+    deduplicated: int = 0  # rows that took another row's output (the same prompt, sampling)
 
 
 class BatchFinisher:
@@ -266,6 +267,7 @@ class BatchFinisher:
             input_tokens=sum(r.input_tokens or 0 for r in results),
             output_tokens=sum(r.output_tokens or 0 for r in results),
             metrics=accumulators.update(BatchView(view, latencies, self._model_name)),
+            deduplicated=sum(1 for r in results if r.deduplicated),
         )
 
     def _finish_pooled(

@@ -80,6 +80,11 @@ class JobProgress(BaseModel):
     resumed_rows: int | None = Field(
         default=None, description="Rows an interrupted earlier run had written."
     )
+    rows_deduplicated: int | None = Field(
+        default=None,
+        description="Rows that took the output of an identical row (the same prompt and "
+        "deterministic sampling) instead of generating it again.",
+    )
     models: dict[str, ModelProgress] | None = Field(
         default=None, description="Counts per model (`default` for a one-model job)."
     )
