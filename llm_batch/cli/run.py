@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from llm_batch.cli.terminal import ProgressView, RunLog, default_log_path, terminal
+from llm_batch.errors import LLMBatchError
+from llm_batch.models.tiny import TASKS
 
 __all__ = ["add_commands"]
 
@@ -81,10 +83,26 @@ def _short(value: Any, width: int = 60) -> str:
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
-    from llm_batch.models.tiny import write_tiny_model
+    from llm_batch.models.tiny import check_labels, write_tiny_model
 
-    out = write_tiny_model(args.dir, seed=args.seed)
-    terminal.say(f"wrote a tiny model (seed {args.seed}) to {out}")
+    labels = None
+    if args.labels is not None:
+        if args.task != "classify":
+            raise LLMBatchError(f"--labels is only for --task classify (the task is {args.task})")
+        labels = [name.strip() for name in args.labels.split(",")]
+    if args.task == "classify":
+        if labels is None:
+            raise LLMBatchError(
+                "--task classify needs --labels: the class names, comma-separated "
+                "(e.g. --labels positive,negative,neutral)"
+            )
+        try:
+            check_labels(labels)
+        except ValueError as e:
+            raise LLMBatchError(f"--labels {args.labels!r}: {e}") from None
+    out = write_tiny_model(args.dir, seed=args.seed, task=args.task, labels=labels)
+    what = f"{args.task}, labels {', '.join(labels)}" if labels else args.task
+    terminal.say(f"wrote a tiny model ({what}, seed {args.seed}) to {out}")
     return 0
 
 
@@ -115,4 +133,15 @@ def add_commands(sub: Any) -> None:
     tiny = sub.add_parser("tiny-model", help="write a small deterministic model to DIR")
     tiny.add_argument("dir", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument(
+        "--task",
+        choices=TASKS,
+        default="generate",
+        help="generate (default) or embed: a causal LM; classify: a sequence classifier",
+    )
+    tiny.add_argument(
+        "--labels",
+        metavar="A,B,...",
+        help="with --task classify: the class names, comma-separated (at least 2, distinct)",
+    )
     tiny.set_defaults(func=_cmd_tiny_model)

@@ -6,13 +6,29 @@ template, and a 2-layer Llama with random, seeded weights. It loads in vLLM's
 CPU engine in seconds; greedy decoding on it is deterministic, so outputs can
 be compared row by row with ``vllm.LLM.generate``. The shapes follow what the
 CPU attention kernels accept (head_dim 64).
+
+Tasks (``write_tiny_model(.., task=...)``, the job's ``model.task``):
+
+* ``generate`` and ``embed``: the same ``LlamaForCausalLM``. vLLM serves the
+  embed task from it with ``runner="pooling", convert="embed"`` (last-token
+  pooling, normalised: ``hidden_size`` floats per prompt).
+* ``classify``: a ``LlamaForSequenceClassification`` with a seeded random
+  ``score`` head, one output per label (``id2label`` / ``label2id`` in the
+  config, in the order given). vLLM recognises the architecture with
+  ``runner="pooling"`` alone and pools the last token, then softmax.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["CHAT_TEMPLATE", "build_tokenizer", "write_tiny_model"]
+__all__ = ["CHAT_TEMPLATE", "TASKS", "build_tokenizer", "check_labels", "write_tiny_model"]
+
+# What a tiny model can be written for (a job's ``model.task`` also has ``score``,
+# which vLLM serves from a classify model).
+TASKS = ("generate", "embed", "classify")
 
 # A plain, readable chat format; the generation prompt ends with the assistant tag.
 CHAT_TEMPLATE = (
@@ -61,21 +77,52 @@ def build_tokenizer(vocab_size: int = 512, corpus: list[str] | None = None):  # 
     return fast
 
 
+def check_labels(labels: Sequence[str] | None) -> list[str]:
+    """The class names of a classify model: at least two, distinct, non-empty.
+
+    Raises ``ValueError`` naming what is wrong.
+    """
+    if labels is None or isinstance(labels, str):
+        raise ValueError("a classify model needs labels: a list of at least 2 class names")
+    names = list(labels)
+    if len(names) < 2:
+        raise ValueError(f"a classify model needs at least 2 labels, got {len(names)}")
+    for name in names:
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"labels must be non-empty strings, got {name!r}")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"labels must be distinct: {', '.join(map(repr, dupes))} repeated")
+    return names
+
+
 def write_tiny_model(
     directory: str | Path,
     *,
     seed: int = 0,
+    task: str = "generate",
+    labels: Sequence[str] | None = None,
     hidden_size: int = 128,
     intermediate_size: int = 256,
     num_layers: int = 2,
     max_position_embeddings: int = 2048,
 ) -> Path:
-    """Write the tokenizer and a seeded random Llama to ``directory``; returns it."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """Write the tokenizer and a seeded random Llama to ``directory``; returns it.
 
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    ``task``: ``generate`` (default) or ``embed``, a ``LlamaForCausalLM``; ``classify``,
+    a ``LlamaForSequenceClassification`` over ``labels`` (required then, at least two,
+    distinct; ``id2label`` keeps their order). ``labels`` with another task is an error.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if task == "classify":
+        names = check_labels(labels)
+    elif labels is not None:
+        raise ValueError(f"labels are only for task classify, not {task!r}")
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
     tokenizer = build_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -88,13 +135,23 @@ def write_tiny_model(
         max_position_embeddings=max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        # Also what HF's sequence classification pools by: the last non-pad token.
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
         dtype="bfloat16",
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).bfloat16()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model: Any
+    if task == "classify":
+        config.id2label = dict(enumerate(names))
+        config.label2id = {name: i for i, name in enumerate(names)}
+        config.num_labels = len(names)
+        model = LlamaForSequenceClassification(config).bfloat16()
+    else:
+        model = LlamaForCausalLM(config).bfloat16()
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
