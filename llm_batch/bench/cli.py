@@ -18,15 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from llm_batch.bench.systems import SYSTEMS
-from llm_batch.bench.workload import WorkloadSpec
+from llm_batch.bench.timeline import UNITS, rate_key
+from llm_batch.bench.workload import TASKS, WorkloadSpec
 from llm_batch.errors import JobSpecError, LLMBatchError
 
 __all__ = ["add_bench_parser", "main"]
 
 DESCRIPTION = (
     "Run one workload through raw vLLM, Ray's ray.data.llm and llm-batch, one after another "
-    "on the same model, engine arguments, prompts and sampling; print a side-by-side table and "
-    "write report.json and report.png."
+    "on the same model, engine arguments, prompts and sampling (or, with --task embed, their "
+    "embedding paths); print a side-by-side table and write report.json and report.png."
 )
 
 
@@ -52,9 +53,21 @@ def _engine_arg(value: str) -> tuple[str, Any]:
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     w = WorkloadSpec.model_fields
+    p.add_argument(
+        "--task",
+        choices=TASKS,
+        default=w["task"].default,
+        help="generate: --output-tokens greedy tokens per row, measured in output tokens/s; "
+        "embed: one embedding per row (vLLM's pooling runner), measured in rows/s",
+    )
     p.add_argument("--rows", type=int, default=w["rows"].default, help="input rows")
     p.add_argument("--prompt-tokens", type=int, default=w["prompt_tokens"].default)
-    p.add_argument("--output-tokens", type=int, default=w["output_tokens"].default)
+    p.add_argument(
+        "--output-tokens",
+        type=int,
+        default=w["output_tokens"].default,
+        help="tokens generated per row (unused with --task embed)",
+    )
     p.add_argument(
         "--carry-strings",
         type=int,
@@ -142,10 +155,16 @@ def config_from_args(args: argparse.Namespace) -> Any:
     from llm_batch.bench.harness import BenchConfig
     from llm_batch.job.spec import format_validation_error
 
+    if args.service and args.task != "generate":
+        raise JobSpecError(
+            f"--task {args.task}: the service bench (--service) measures generation only; "
+            "drop --service or --task"
+        )
     out = args.out or f"out/bench/{dt.datetime.now():%Y%m%d-%H%M%S}"
     try:
         return BenchConfig(
             workload=WorkloadSpec(
+                task=args.task,
                 rows=args.rows,
                 prompt_tokens=args.prompt_tokens,
                 output_tokens=args.output_tokens,
@@ -210,23 +229,32 @@ def run_command(args: argparse.Namespace) -> int:
     for name, system in report["systems"].items():
         for note in system.get("notes") or []:
             console.print(f"  {name}: {note}", highlight=False)
-    for i, r in enumerate(report.get("rounds") or [], 1):
-        ratios = ", ".join(
-            f"{key} {v['steady_tokens_per_s']:.2f}×"
-            for key, v in r["ratios"].items()
-            if v.get("steady_tokens_per_s") is not None
-        )
-        tok = ", ".join(
-            f"{name} {s['steady_tokens_per_s']:,.0f}"
-            for name, s in r["systems"].items()
-            if s.get("steady_tokens_per_s") is not None
-        )
-        console.print(f"  round {i}: steady tok/s {tok}; {ratios}", highlight=False)
+    console.print(rounds_text(report), highlight=False, end="")
     console.print(f"report: {out / 'report.json'}  chart: {chart}")
     problems = failures(report)
     for problem in problems:
         console.print(f"[red]FAILED[/red] {problem}", highlight=False)
     return 1 if problems else 0
+
+
+def rounds_text(report: dict[str, Any]) -> str:
+    """One line per round (none for a single round): each system's steady rate, the ratios."""
+    unit = report.get("unit") or UNITS["generate"]
+    rate = rate_key(unit)
+    label = "rows/s" if unit == "rows" else "tok/s"
+    lines = []
+    for i, r in enumerate(report.get("rounds") or [], 1):
+        ratios = ", ".join(
+            f"{key} {v[rate]:.2f}×" for key, v in r["ratios"].items() if v.get(rate) is not None
+        )
+        fmt = "{:,.1f}" if unit == "rows" else "{:,.0f}"
+        done = ", ".join(
+            f"{name} {fmt.format(s[rate])}"
+            for name, s in r["systems"].items()
+            if s.get(rate) is not None
+        )
+        lines.append(f"  round {i}: steady {label} {done}; {ratios}\n")
+    return "".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,6 +19,14 @@ differently in another batch shape), and measures, for each system:
   of completions (raw and ray.data.llm per request, llm-batch per batch);
 - peak memory: the largest sum of PSS over its processes.
 
+Task embed (``WorkloadSpec.task``) runs the same rows through each system's
+embedding path instead and counts rows where generation counts output tokens:
+the steady rate is rows/s (``timeline.UNITS``), the CPU time is per 1,000 rows.
+Its checks: one embedding per input row, every row with one and all of one
+size, no row's ``error`` set; and every system's embeddings equal to the first
+system's (raw vLLM when it ran) within ``EMBEDDING_RTOL``/``EMBEDDING_ATOL``,
+else the run fails: unlike greedy text, a vector has no near tie to break.
+
 Every time is on ``time.monotonic()``, which on Linux is one clock for all
 processes; the harness checks that before it starts.
 """
@@ -45,14 +53,22 @@ import uuid
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llm_batch.bench.processes import MARKER_ENV, MemorySampler, find_marked, stop_marked
 from llm_batch.bench.systems import SYSTEMS
-from llm_batch.bench.timeline import steady_state
-from llm_batch.bench.workload import ID_COLUMN, PROMPT_COLUMN, Workload, WorkloadSpec
+from llm_batch.bench.timeline import UNITS, cpu_key, rate_key, steady_state
+from llm_batch.bench.workload import (
+    EMBEDDING_COLUMN,
+    ID_COLUMN,
+    PROMPT_COLUMN,
+    Workload,
+    WorkloadSpec,
+)
 from llm_batch.errors import LLMBatchError
 from llm_batch.pipeline.placement import default_batch_size
 
@@ -60,8 +76,11 @@ __all__ = [
     "BenchConfig",
     "BenchError",
     "check_shared_clock",
+    "embedding_matrix",
     "failures",
     "job_dict",
+    "median_of_rounds",
+    "ratios_of",
     "run_bench",
     "tiny_model_dir",
 ]
@@ -70,6 +89,13 @@ logger = logging.getLogger(__name__)
 
 SystemName = Literal["raw", "ray-data-llm", "llm-batch"]
 OURS = "llm-batch"
+
+# Embeddings of the same row by two systems are "equal" within these (np.isclose).
+# On the tiny model the three systems' vectors were identical to the bit (2,000 rows,
+# CPU engine); the engines compute in bfloat16, and another model, machine or kernel
+# may round a row differently in a batch of another shape.
+EMBEDDING_RTOL = 1e-2
+EMBEDDING_ATOL = 1e-3
 
 
 class BenchError(LLMBatchError):
@@ -181,7 +207,8 @@ def _version(dist: str) -> str | None:
 
 
 def job_dict(config: BenchConfig, workload: Workload, model: str, output: str) -> dict[str, Any]:
-    """Our job for the workload: the prompt column as the template, the rest carried."""
+    """Our job for the workload: the prompt column as the template, the rest carried; task
+    embed: a pooling model (``model.task``), and no sampling block."""
     engine: dict[str, Any] = {
         "max_model_len": workload.max_model_len(),
         "dtype": "bfloat16",
@@ -192,24 +219,31 @@ def job_dict(config: BenchConfig, workload: Workload, model: str, output: str) -
     }
     if config.max_num_seqs is not None:
         engine["max_num_seqs"] = config.max_num_seqs
-    return {
+    job: dict[str, Any] = {
         "name": "bench",
         "input": {"path": workload.input_path, "format": workload.spec.format},
         "prompt": {"template": "{{ " + PROMPT_COLUMN + " }}"},
         "model": {
             "path": model,
+            "task": workload.spec.task,
             "engine": engine,
             "replicas": config.replicas,
             "batch_size": config.batch_size,
         },
-        "sampling": _sampling(workload.spec),
         "carryover": workload.carryover,
         "output": {"path": output},
     }
+    sampling = _sampling(workload.spec)
+    if sampling is not None:
+        job["sampling"] = sampling
+    return job
 
 
-def _sampling(spec: WorkloadSpec) -> dict[str, Any]:
-    # Greedy, a fixed length, EOS ignored: every system generates the same tokens.
+def _sampling(spec: WorkloadSpec) -> dict[str, Any] | None:
+    """Greedy, a fixed length, EOS ignored: every system generates the same tokens. None
+    when embedding."""
+    if spec.task == "embed":
+        return None
     return {"max_tokens": spec.output_tokens, "temperature": 0.0, "ignore_eos": True}
 
 
@@ -323,9 +357,16 @@ def _read_output(path: str, columns: list[str]) -> pa.Table:
 def _check_output(
     system: str, output: str, workload: Workload, reference_ids: pa.Array
 ) -> tuple[pa.Table | None, list[str]]:
-    """The output's id/text/token columns sorted by id, and what is wrong with it."""
+    """The output's id and result columns sorted by id (generate: text and output tokens;
+    embed: embedding and input tokens), and what is wrong with it."""
+    embed = workload.spec.task == "embed"
     try:
-        table = _read_output(output, [ID_COLUMN, "generated_text", "num_output_tokens"])
+        columns = [ID_COLUMN, "generated_text", "num_output_tokens"]
+        if embed:
+            columns = [ID_COLUMN, EMBEDDING_COLUMN, "num_input_tokens"]
+            names = pads.dataset(output, format="parquet").schema.names
+            columns += ["error"] if "error" in names else []  # llm-batch's; the others raise
+        table = _read_output(output, columns)
     except (OSError, pa.ArrowInvalid, ValueError) as e:
         return None, [f"{system}: output unreadable: {e}"]
     problems = []
@@ -334,6 +375,8 @@ def _check_output(
         problems.append(f"{system}: {table.num_rows} output rows for {want} input rows")
     elif not table.column(ID_COLUMN).combine_chunks().equals(reference_ids):
         problems.append(f"{system}: output ids are not the input ids, once each")
+    if embed:
+        return table, problems + _embedding_problems(system, table)
     tokens = table.column("num_output_tokens").to_pylist()
     wrong = sum(1 for n in tokens if n != workload.spec.output_tokens)
     if wrong:
@@ -341,6 +384,56 @@ def _check_output(
             f"{system}: {wrong} rows do not have {workload.spec.output_tokens} output tokens"
         )
     return table, problems
+
+
+def _embedding_problems(system: str, table: pa.Table) -> list[str]:
+    problems = []
+    if "error" in table.column_names:
+        errors = [e for e in table.column("error").to_pylist() if e]
+        if errors:
+            problems.append(f"{system}: {len(errors)} rows failed, the first: {errors[0]}")
+    try:
+        embedding_matrix(table.column(EMBEDDING_COLUMN))
+    except ValueError as e:
+        problems.append(f"{system}: {e}")
+    return problems
+
+
+def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """An embedding column as a ``(rows, D)`` float32 array; ``ValueError`` when a row has
+    none or the rows' sizes differ.
+
+    Takes any list type: a fixed-size list (llm-batch, raw vLLM), a list or large list, or
+    the storage of an extension type (Ray Data's tensor columns, read without Ray)."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if isinstance(array, pa.ExtensionArray):
+        array = array.storage
+    if not (
+        pa.types.is_fixed_size_list(array.type)
+        or pa.types.is_list(array.type)
+        or pa.types.is_large_list(array.type)
+    ):
+        raise ValueError(f"embeddings are {array.type}, not a list of numbers")
+    if array.null_count:
+        raise ValueError(f"{array.null_count} rows have no embedding")
+    sizes = set(pc.list_value_length(array).to_pylist())
+    if len(sizes) > 1 or 0 in sizes:
+        raise ValueError(f"embeddings of {len(sizes)} sizes ({sorted(sizes)[:5]}), not one")
+    size = sizes.pop() if sizes else 0
+    values = pc.list_flatten(array).to_numpy(zero_copy_only=False)
+    return np.asarray(values, dtype=np.float32).reshape(len(array), size)
+
+
+def _embeddings_differing(got: np.ndarray, want: np.ndarray) -> dict[str, Any]:
+    """Rows whose vectors are not close (``EMBEDDING_RTOL``, ``EMBEDDING_ATOL``), and the
+    largest difference of any value."""
+    if got.shape != want.shape:
+        return {"rows": len(want), "shape": [list(got.shape), list(want.shape)]}
+    close = np.isclose(got, want, rtol=EMBEDDING_RTOL, atol=EMBEDDING_ATOL).all(axis=1)
+    return {
+        "rows": int((~close).sum()),
+        "max_abs_diff": float(np.abs(got - want).max()) if got.size else 0.0,
+    }
 
 
 def _carryover_mismatches(output: str, inputs: pa.Table, carryover: list[str]) -> dict[str, int]:
@@ -363,7 +456,8 @@ def _carryover_mismatches(output: str, inputs: pa.Table, carryover: list[str]) -
 
 
 def _measure(run: _Run, workload: Workload) -> dict[str, Any]:
-    """The reported numbers of one run, times in seconds since its process started."""
+    """The reported numbers of one run, times in seconds since its process started; the
+    steady rate and CPU in the task's unit (``timeline.UNITS``)."""
     t0 = run.launched_at
     sampler = run.sampler
     memory = {
@@ -389,6 +483,7 @@ def _measure(run: _Run, workload: Workload) -> dict[str, Any]:
 
     if r["started_at"] < t0:
         raise BenchError(f"{run.system}: its clock reads earlier than its launch; not comparable")
+    unit = UNITS[workload.spec.task]
     events = [(t - t0, n) for t, n in r["events"]]
     steady = steady_state(events)
     engine_start = None
@@ -401,12 +496,12 @@ def _measure(run: _Run, workload: Workload) -> dict[str, Any]:
             "engine_start_s": engine_start,
             "engine_ready_s": since(r.get("engine_ready_at")),
             "first_row_s": since(r.get("first_output_at")),
-            "steady_tokens_per_s": None if steady is None else round(steady.tokens_per_second, 1),
+            rate_key(unit): None if steady is None else round(steady.tokens_per_second, 1),
             "steady_window_s": None
             if steady is None
             else [round(steady.start, 3), round(steady.end, 3)],
-            "steady_window_tokens": None if steady is None else steady.tokens,
-            "steady_cpu_s_per_1k_tokens": _cpu_per_1k(sampler, steady, t0),
+            f"steady_window_{unit}": None if steady is None else steady.tokens,
+            cpu_key(unit): _cpu_per_1k(sampler, steady, t0),
             "timeline_events": len(events),
             "timeline": [(round(t, 3), n) for t, n in sorted(events)],
             "notes": r.get("notes", []),
@@ -418,7 +513,8 @@ def _measure(run: _Run, workload: Workload) -> dict[str, Any]:
 
 
 def _cpu_per_1k(sampler: MemorySampler | None, steady: Any, t0: float) -> float | None:
-    """CPU seconds all the run's processes spent per 1,000 output tokens in the steady window.
+    """CPU seconds all the run's processes spent per 1,000 output tokens (rows, when
+    embedding) in the steady window.
 
     The tokens are counted from the window's start to its end, so the CPU time is too: the
     cumulative CPU series is interpolated at both ends (the samples nearest inside the
@@ -514,9 +610,10 @@ def _run_round(
         shutil.rmtree(folder, ignore_errors=True)
         job = job_dict(config, workload, model, str(folder / "output"))
         run_cfg = {
+            "task": workload.spec.task,
             "model": model,
             "engine_args": engine_args,
-            "sampling": _sampling(config.workload),
+            "sampling": _sampling(workload.spec),
             "input": {"files": workload.files, "format": config.workload.format},
             "prompt_column": PROMPT_COLUMN,
             "carryover": workload.carryover,
@@ -540,14 +637,9 @@ def _run_round(
     return runs
 
 
-# The numbers of a system that a report of several rounds gives as their median.
-MEDIAN_OF_ROUNDS = (
-    "wall_s",
-    "engine_start_s",
-    "first_row_s",
-    "steady_tokens_per_s",
-    "steady_cpu_s_per_1k_tokens",
-)
+def median_of_rounds(unit: str) -> tuple[str, ...]:
+    """The numbers of a system that a report of several rounds gives as their median."""
+    return ("wall_s", "engine_start_s", "first_row_s", rate_key(unit), cpu_key(unit))
 
 
 def _median(values: list[Any]) -> Any:
@@ -561,10 +653,11 @@ def _combine(reports: list[dict[str, Any]]) -> dict[str, Any]:
     highest, any round's failure or wrong output a failure. The first round's timelines
     and memory series stay for the chart; every round's numbers are kept in ``rounds``."""
     combined = {**reports[0], "systems": {}, "ratios": {}}
+    medians = median_of_rounds(reports[0].get("unit", "tokens"))
     for name in reports[0]["systems"]:
         per = [r["systems"][name] for r in reports if name in r["systems"]]
         merged = dict(per[0])
-        for key in MEDIAN_OF_ROUNDS:
+        for key in medians:
             merged[key] = _median([s.get(key) for s in per])
         peaks = [s["memory"]["peak_bytes"] for s in per if s["memory"]["peak_bytes"]]
         merged["memory"] = {**per[0]["memory"], "peak_bytes": max(peaks) if peaks else None}
@@ -590,7 +683,7 @@ def _combine(reports: list[dict[str, Any]]) -> dict[str, Any]:
         {
             "systems": {
                 name: {
-                    **{k: s.get(k) for k in MEDIAN_OF_ROUNDS},
+                    **{k: s.get(k) for k in medians},
                     "peak_bytes": s["memory"]["peak_bytes"],
                 }
                 for name, s in r["systems"].items()
@@ -611,12 +704,15 @@ def _report(
     on_cpu: bool,
 ) -> dict[str, Any]:
     systems = {name: _measure(runs[name], workload) for name in SYSTEMS if name in runs}
+    embed = workload.spec.task == "embed"
+    unit = UNITS[workload.spec.task]
 
-    # Checks: every output complete and of the same length; texts compared with
-    # the first system that produced output (raw vLLM when it ran).
+    # Checks: every output complete and of the same length; texts (embeddings)
+    # compared with the first system that produced output (raw vLLM when it ran).
     problems: list[str] = []
     ids = pa.array(range(workload.spec.rows), pa.int64())
     texts: dict[str, pa.ChunkedArray] = {}
+    vectors: dict[str, np.ndarray] = {}
     inputs = None
     for name, run in runs.items():
         if run.result is None:
@@ -625,7 +721,10 @@ def _report(
         problems += found
         if table is None or found:
             continue
-        texts[name] = table.column("generated_text")
+        if embed:
+            vectors[name] = embedding_matrix(table.column(EMBEDDING_COLUMN))
+        else:
+            texts[name] = table.column("generated_text")
         if inputs is None:
             from llm_batch.bench.systems.common import read_input
 
@@ -635,30 +734,28 @@ def _report(
         if mismatched:
             problems.append(f"{name}: carryover values differ from the input: {mismatched}")
         systems[name]["rows_out"] = table.num_rows
-        systems[name]["output_tokens"] = sum(table.column("num_output_tokens").to_pylist())
-    reference = next((n for n in SYSTEMS if n in texts), None)
-    if reference is not None:
+        if embed:
+            systems[name]["input_tokens"] = sum(table.column("num_input_tokens").to_pylist())
+            systems[name]["embedding_size"] = vectors[name].shape[1]
+        else:
+            systems[name]["output_tokens"] = sum(table.column("num_output_tokens").to_pylist())
+    reference = next((n for n in SYSTEMS if n in texts or n in vectors), None)
+    if reference is not None and embed:
+        for name, got in vectors.items():
+            differing = _embeddings_differing(got, vectors[reference])
+            systems[name]["rows_differing"] = {"from": reference, **differing}
+            if differing["rows"]:
+                problems.append(
+                    f"{name}: {differing['rows']} rows' embeddings differ from {reference}'s "
+                    f"(rtol {EMBEDDING_RTOL}, atol {EMBEDDING_ATOL})"
+                )
+    elif reference is not None:
         expected = texts[reference].to_pylist()
         for name, column in texts.items():
             pairs = zip(column.to_pylist(), expected, strict=True)
             differ = sum(1 for a, b in pairs if a != b)
             systems[name]["rows_differing"] = {"from": reference, "rows": differ}
 
-    ratios = {}
-    if OURS in systems:
-        ours = systems[OURS]
-        for other in ("raw", "ray-data-llm"):
-            if other in systems:
-                ratios[f"{OURS}/{other}"] = {
-                    "steady_tokens_per_s": _ratio(
-                        ours.get("steady_tokens_per_s"), systems[other].get("steady_tokens_per_s")
-                    ),
-                    "wall_s": _ratio(ours.get("wall_s"), systems[other].get("wall_s")),
-                    "steady_cpu_s_per_1k_tokens": _ratio(
-                        ours.get("steady_cpu_s_per_1k_tokens"),
-                        systems[other].get("steady_cpu_s_per_1k_tokens"),
-                    ),
-                }
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return {
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -676,8 +773,27 @@ def _report(
         "model": model,
         "workload": workload.summary(),
         "engine_args": engine_args,
-        "sampling": _sampling(config.workload),
+        "sampling": _sampling(workload.spec),
+        "task": workload.spec.task,
+        "unit": unit,
         "systems": systems,
-        "ratios": ratios,
-        "checks": {"problems": problems, "texts_compared_with": reference},
+        "ratios": ratios_of(systems, unit),
+        "checks": {
+            "problems": problems,
+            ("embeddings_compared_with" if embed else "texts_compared_with"): reference,
+        },
     }
+
+
+def ratios_of(systems: dict[str, dict[str, Any]], unit: str) -> dict[str, dict[str, Any]]:
+    """Ours ÷ each other system that ran: steady rate, wall time, CPU per 1k of the unit."""
+    ratios = {}
+    if OURS in systems:
+        ours = systems[OURS]
+        for other in ("raw", "ray-data-llm"):
+            if other in systems:
+                ratios[f"{OURS}/{other}"] = {
+                    key: _ratio(ours.get(key), systems[other].get(key))
+                    for key in (rate_key(unit), "wall_s", cpu_key(unit))
+                }
+    return ratios

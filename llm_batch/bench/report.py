@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_batch.bench.systems import SYSTEMS
+from llm_batch.bench.timeline import cpu_key, rate_key
 
 __all__ = ["LABELS", "render_table", "write_chart"]
 
@@ -18,6 +19,14 @@ def _num(value: float | None, fmt: str = "{:.1f}") -> str:
     return "n/a" if value is None else fmt.format(value)
 
 
+def _embed(report: dict[str, Any]) -> bool:
+    return bool(report.get("task") == "embed")
+
+
+def _unit(report: dict[str, Any]) -> str:
+    return str(report.get("unit") or "tokens")  # reports from before task embed: tokens
+
+
 def render_table(report: dict[str, Any]) -> Any:
     """A ``rich.table.Table``: one column per system, then the ratios of ours to the others."""
     from rich.table import Table
@@ -25,9 +34,12 @@ def render_table(report: dict[str, Any]) -> Any:
     systems = [s for s in SYSTEMS if s in report["systems"]]
     ratio_keys = list(report["ratios"])
     w = report["workload"]
+    embed, unit = _embed(report), _unit(report)
+    rate, cpu = rate_key(unit), cpu_key(unit)
+    work = ", embedded" if embed else f" × {w['output_tokens']} output tokens"
     title = (
-        f"{w['rows']} rows × ~{w['prompt_tokens_measured']['mean']:.0f} prompt tokens × "
-        f"{w['output_tokens']} output tokens, {w['format']}, "
+        f"{w['rows']} rows × ~{w['prompt_tokens_measured']['mean']:.0f} prompt tokens"
+        f"{work}, {w['format']}, "
         + (
             f"carry {w['carry_strings']}×{w['carry_string_bytes']} B strings"
             if w["carry_strings"]
@@ -60,15 +72,11 @@ def render_table(report: dict[str, Any]) -> Any:
     row("engine start, s", lambda m: _num(m.get("engine_start_s")))
     row("first output row, s", lambda m: _num(m.get("first_row_s")))
     row(
-        "steady output tok/s",
-        lambda m: _num(m.get("steady_tokens_per_s"), "{:,.0f}"),
-        "steady_tokens_per_s",
+        "steady rows/s" if embed else "steady output tok/s",
+        lambda m: _num(m.get(rate), "{:,.1f}" if embed else "{:,.0f}"),
+        rate,
     )
-    row(
-        "CPU s per 1k steady tokens",
-        lambda m: _num(m.get("steady_cpu_s_per_1k_tokens"), "{:.3f}"),
-        "steady_cpu_s_per_1k_tokens",
-    )
+    row(f"CPU s per 1k steady {unit}", lambda m: _num(m.get(cpu), "{:.3f}"), cpu)
     row(
         "peak memory, GiB",
         lambda m: _num(
@@ -76,13 +84,23 @@ def render_table(report: dict[str, Any]) -> Any:
         ),
     )
     row("rows out", lambda m: _num(m.get("rows_out"), "{:,}"))
-    row("output tokens", lambda m: _num(m.get("output_tokens"), "{:,}"))
-    reference = report["checks"].get("texts_compared_with")
+    if embed:
+        row("input tokens", lambda m: _num(m.get("input_tokens"), "{:,}"))
+        row("embedding size", lambda m: _num(m.get("embedding_size"), "{:,}"))
+        reference, differs = report["checks"].get("embeddings_compared_with"), "embedding ≉"
+    else:
+        row("output tokens", lambda m: _num(m.get("output_tokens"), "{:,}"))
+        reference, differs = report["checks"].get("texts_compared_with"), "text ≠"
     if reference:
         row(
-            f"rows whose text ≠ {LABELS[reference]}",
+            f"rows whose {differs} {LABELS[reference]}",
             lambda m: _num((m.get("rows_differing") or {}).get("rows"), "{:,}"),
         )
+        if embed:
+            row(
+                "largest difference",
+                lambda m: _num((m.get("rows_differing") or {}).get("max_abs_diff"), "{:.2g}"),
+            )
     if any(report["systems"][s].get("left_behind") for s in systems):
         row("processes left behind", lambda m: str(len(m.get("left_behind") or [])))
     return table
@@ -103,6 +121,8 @@ def write_chart(report: dict[str, Any], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     systems = [s for s in SYSTEMS if s in report["systems"]]
+    embed, unit = _embed(report), _unit(report)
+    done_what = "rows embedded" if embed else "output tokens completed"
     fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
     (ax_tl, ax_tp), (ax_wall, ax_mem) = axes
 
@@ -125,9 +145,9 @@ def write_chart(report: dict[str, Any], path: str | Path) -> Path:
                 [t for t, _ in series], [b / _GIB for _, b in series], color=color, label=LABELS[s]
             )
     ax_tl.set(
-        title="output tokens completed (shaded: steady-state window)",
+        title=f"{done_what} (shaded: steady-state window)",
         xlabel="seconds since the system's process started",
-        ylabel="tokens",
+        ylabel=unit,
     )
     ax_tl.legend(loc="upper left")
     ax_mem.set(
@@ -139,10 +159,11 @@ def write_chart(report: dict[str, Any], path: str | Path) -> Path:
 
     labels = [LABELS[s] for s in systems]
     colors = [_COLORS[s] for s in systems]
-    tps = [report["systems"][s].get("steady_tokens_per_s") or 0 for s in systems]
+    tps = [report["systems"][s].get(rate_key(unit)) or 0 for s in systems]
     bars = ax_tp.bar(labels, tps, color=colors)
     ax_tp.bar_label(bars, labels=[f"{v:,.0f}" for v in tps])
-    ax_tp.set(title="steady-state output tokens/s (10%–90% of tokens)", ylabel="tokens/s")
+    what = "rows/s" if embed else "output tokens/s"
+    ax_tp.set(title=f"steady-state {what} (10%–90% of {unit})", ylabel=f"{unit}/s")
 
     first = [report["systems"][s].get("first_row_s") or 0 for s in systems]
     wall = [report["systems"][s].get("wall_s") or 0 for s in systems]
@@ -168,10 +189,14 @@ def write_chart(report: dict[str, Any], path: str | Path) -> Path:
     ax_wall.set_xlim(0, max(wall + [1]) * 1.15)
 
     w = report["workload"]
-    fig.suptitle(
-        f"llm-batch bench: {w['rows']} rows, {w['prompt_tokens']}→{w['output_tokens']} tokens, "
-        f"{w['carry_strings']} carried strings, embedding {w['embedding_dim']}, {w['format']}"
-    )
+    if embed:
+        work = f"{w['prompt_tokens']} tokens embedded, {w['carry_strings']} carried strings"
+    else:
+        work = (
+            f"{w['prompt_tokens']}→{w['output_tokens']} tokens, {w['carry_strings']} carried "
+            f"strings, embedding {w['embedding_dim']}"
+        )
+    fig.suptitle(f"llm-batch bench: {w['rows']} rows, {work}, {w['format']}")
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out, dpi=110)

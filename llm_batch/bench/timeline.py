@@ -1,7 +1,9 @@
 """Steady-state throughput from a timeline of completions, computed one way for every system.
 
 A timeline is a list of ``(time, output tokens completed at that time)`` events:
-per request for raw vLLM, per batch for the Ray pipelines. The steady-state rate
+per request for raw vLLM and ray.data.llm, per batch for llm-batch. An embedding
+run counts rows instead of tokens (``UNITS``: a row is done when its vector is),
+by the same rule; the fields below say tokens for either. The steady-state rate
 is measured on the middle of the run, between the completion of 10% and of 90%
 of all output tokens, so neither engine start nor the tail (the last, partly
 filled batches) counts:
@@ -22,7 +24,20 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
-__all__ = ["SteadyState", "cumulative", "steady_state"]
+__all__ = ["UNITS", "SteadyState", "cpu_key", "cumulative", "rate_key", "steady_state"]
+
+# What a timeline counts, per bench task; the report's keys are named after it.
+UNITS = {"generate": "tokens", "embed": "rows"}
+
+
+def rate_key(unit: str) -> str:
+    """The report's steady rate: ``steady_tokens_per_s``, ``steady_rows_per_s``."""
+    return f"steady_{unit}_per_s"
+
+
+def cpu_key(unit: str) -> str:
+    """The report's CPU seconds per 1,000 of the unit done in the steady window."""
+    return f"steady_cpu_s_per_1k_{unit}"
 
 
 @dataclasses.dataclass(frozen=True)

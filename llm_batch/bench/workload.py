@@ -4,7 +4,9 @@ Every row has an ``id`` (int64, always carried, so outputs can be joined across
 systems), a ``prompt`` of about ``prompt_tokens`` tokens as the model's own
 tokenizer counts them, ``carry_strings`` string columns of ``carry_string_bytes``
 bytes each and, optionally, a float32 ``embedding`` of ``embedding_dim`` values.
-Everything is seeded: the same spec gives the same files.
+Everything is seeded: the same spec gives the same files. ``task`` is what every
+system does with the rows: generate ``output_tokens`` tokens from each prompt, or
+embed each prompt (one vector per row; ``output_tokens`` is then unused).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
     "EMBEDDING_COLUMN",
+    "TASKS",
     "ID_COLUMN",
     "PROMPT_COLUMN",
     "Workload",
@@ -38,6 +41,9 @@ __all__ = [
 ID_COLUMN = "id"
 PROMPT_COLUMN = "prompt"
 EMBEDDING_COLUMN = "embedding"
+
+BenchTask = Literal["generate", "embed"]
+TASKS: tuple[BenchTask, ...] = ("generate", "embed")
 
 # Plain words and numbers: a prompt reads like text, and rows rarely share a
 # long prefix, so the engine's prefix cache does not flatter any system.
@@ -58,6 +64,11 @@ class WorkloadSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    task: BenchTask = Field(
+        default="generate",
+        description="generate: output_tokens greedy tokens per row. embed: one embedding "
+        "per row, on vLLM's pooling runner (output_tokens unused).",
+    )
     rows: int = Field(default=4000, ge=1, description="Input rows (prompts).")
     prompt_tokens: int = Field(
         default=64, ge=1, description="Prompt length in tokens, as the model's tokenizer counts."
@@ -77,11 +88,16 @@ class WorkloadSpec(BaseModel):
     seed: int = Field(default=0, description="Seed of the prompts and carried values.")
 
     @model_validator(mode="after")
-    def _csv_is_flat(self) -> WorkloadSpec:
+    def _columns_fit(self) -> WorkloadSpec:
         if self.format == "csv" and self.embedding_dim:
             raise ValueError(
                 f"{self.embedding_dim=} needs a nested column, which CSV cannot hold; "
                 "use format parquet or jsonl"
+            )
+        if self.task == "embed" and self.embedding_dim:
+            raise ValueError(
+                f"{self.embedding_dim=}: task embed writes its own {EMBEDDING_COLUMN!r} column, "
+                "so none can be carried; set embedding_dim to 0"
             )
         return self
 
@@ -113,8 +129,10 @@ class Workload:
         return self.spec.carryover
 
     def max_model_len(self) -> int:
-        """Room for the longest prompt and the generation, rounded up to 16 tokens."""
-        need = self.prompt_tokens_max + self.spec.output_tokens + 1
+        """Room for the longest prompt and the generation (none when embedding), rounded up
+        to 16 tokens."""
+        output = self.spec.output_tokens if self.spec.task == "generate" else 0
+        need = self.prompt_tokens_max + output + 1
         return -(-need // 16) * 16
 
     def summary(self) -> dict[str, Any]:

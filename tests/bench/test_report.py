@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
 
-from llm_batch.bench.cli import config_from_args, main
+from llm_batch.bench.cli import config_from_args, main, rounds_text
 from llm_batch.bench.harness import (
     BenchConfig,
     _carryover_mismatches,
@@ -277,6 +277,9 @@ def test_rounds_combine_into_medians_with_every_round_kept(tmp_path):
         pytest.approx(0.9),
         pytest.approx(0.5),
     ]
+    assert rounds_text(combined).splitlines()[1] == (
+        "  round 2: steady tok/s raw 18,000, llm-batch 16,200; llm-batch/raw 0.90×"
+    )
     console = Console(width=150, record=True)
     console.print(render_table(combined))
     assert "median of 3 rounds" in console.export_text()

@@ -16,6 +16,7 @@ from llm_batch.bench.workload import (
     EMBEDDING_COLUMN,
     ID_COLUMN,
     PROMPT_COLUMN,
+    Workload,
     WorkloadSpec,
     build_table,
     generate_workload,
@@ -97,6 +98,20 @@ def test_formats_round_trip_in_parts(tmp_path, fmt):
 def test_csv_cannot_hold_an_embedding():
     with pytest.raises(ValidationError, match="embedding_dim=8 needs a nested column"):
         WorkloadSpec(format="csv", embedding_dim=8)
+
+
+def test_embed_cannot_carry_an_embedding_and_needs_no_room_to_generate(tmp_path):
+    with pytest.raises(ValidationError, match="task embed writes its own 'embedding' column"):
+        WorkloadSpec(task="embed", embedding_dim=8)
+    with pytest.raises(ValidationError):
+        WorkloadSpec(task="classify")
+    measured = {"input_path": "", "files": [], "input_bytes": 0, "prompt_tokens_mean": 40.0}
+    lengths = {"prompt_tokens_min": 38, "prompt_tokens_max": 47}
+    embed = Workload(spec=WorkloadSpec(task="embed", output_tokens=64), **measured, **lengths)
+    generate = Workload(spec=WorkloadSpec(output_tokens=64), **measured, **lengths)
+    assert embed.max_model_len() == 48  # 47 + 1
+    assert generate.max_model_len() == 112  # 47 + 64 + 1, rounded up to 16
+    assert embed.summary()["task"] == "embed"
 
 
 def test_generate_measures_with_the_models_tokenizer(tmp_path, tokenizer):

@@ -21,8 +21,12 @@ __all__ = [
 # Engine actors inherit the runner's environment on a local Ray: where to note their start.
 ENGINE_STARTS_ENV = "LLM_BATCH_BENCH_ENGINE_STARTS"
 
-# Every system's output: the carryover columns, then these.
-OUTPUT_COLUMNS = ("generated_text", "num_input_tokens", "num_output_tokens")
+# Every system's output, per task: the carryover columns, then these. An embedding is
+# a list of float32 (llm-batch: fixed_size_list<float32>[D]; the harness reads any list).
+OUTPUT_COLUMNS = {
+    "generate": ("generated_text", "num_input_tokens", "num_output_tokens"),
+    "embed": ("embedding", "num_input_tokens"),
+}
 
 
 def read_input(files: list[str], fmt: str) -> pa.Table:

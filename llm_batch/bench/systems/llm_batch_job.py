@@ -5,9 +5,10 @@ its tracker class. ``TimedEngineStage`` is the pipeline's engine stage, noting w
 its engine started and was ready. The timeline comes from the job's progress
 tracker, which every engine batch reports to; its own series is merged to about one
 point a second, too coarse for a short run, so the runner uses ``StampingTracker``:
-the same tracker, which also appends ``(time.monotonic(), output tokens)`` for each
-report to a file. Reports are fire-and-forget calls to a separate actor; the stamp
-is when a batch's report arrives, about when the batch is handed on.
+the same tracker, which also appends ``(time.monotonic(), output tokens, rows)`` for
+each report to a file (the timeline counts tokens, or rows when embedding). Reports
+are fire-and-forget calls to a separate actor; the stamp is when a batch's report
+arrives, about when the batch is handed on.
 
 Without stamps (none arrived), the runner falls back to the tracker's series, placed
 on this process's clock through each snapshot's ``elapsed_seconds``: the tracker's
@@ -31,7 +32,8 @@ EVENTS_ENV = "LLM_BATCH_BENCH_EVENTS"
 
 
 class StampingTracker(ProgressTracker):
-    """``ProgressTracker`` that also writes one ``<monotonic> <output tokens>`` line per report."""
+    """``ProgressTracker`` that also writes one ``<monotonic> <output tokens> <rows>`` line
+    per report."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -41,7 +43,7 @@ class StampingTracker(ProgressTracker):
     def report(self, **kwargs: Any) -> None:
         super().report(**kwargs)
         if self._events is not None:
-            self._events.write(f"{time.monotonic()!r} {kwargs['output_tokens']}\n")
+            self._events.write(f"{time.monotonic()!r} {kwargs['output_tokens']} {kwargs['rows']}\n")
 
 
 class TimedEngineStage(EngineStage):
@@ -87,10 +89,11 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
     ray.shutdown()
     final = result.progress
-    events = _read_events(events_file)
+    rows = cfg["task"] == "embed"  # count rows, not output tokens
+    events = _read_events(events_file, rows=rows)
     source = "tracker reports (stamped)"
     if not events:
-        events = _series_events(final["series"], received)
+        events = _series_events(final["series"], received, rows=rows)
         source = "tracker series (about one point a second)"
     notes = [f"timeline: {source}"]
     if final["rows_failed"]:
@@ -107,26 +110,28 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _read_events(path: Path) -> list[tuple[float, int]]:
+def _read_events(path: Path, *, rows: bool = False) -> list[tuple[float, int]]:
+    """``StampingTracker``'s lines as ``(time, output tokens)``, or ``(time, rows)``."""
     if not path.is_file():
         return []
     events = []
     for line in path.read_text(encoding="utf-8").splitlines():
-        at, tokens = line.split()
-        events.append((float(at), int(tokens)))
+        at, tokens, done = line.split()
+        events.append((float(at), int(done if rows else tokens)))
     return events
 
 
 def _series_events(
-    series: list[dict[str, Any]], received: list[tuple[float, float]]
+    series: list[dict[str, Any]], received: list[tuple[float, float]], *, rows: bool = False
 ) -> list[tuple[float, int]]:
     if not received:
         return []
+    key = "rows_done" if rows else "output_tokens"
     tracker_start = min(at - elapsed for at, elapsed in received)
     events, done = [], 0
     for point in series:
-        new = point["output_tokens"] - done
+        new = point[key] - done
         if new > 0:
             events.append((tracker_start + point["t"], new))
-            done = point["output_tokens"]
+            done = point[key]
     return events

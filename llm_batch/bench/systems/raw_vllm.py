@@ -3,9 +3,11 @@
 Read the input with pyarrow, start ``vllm.LLM``, ``LLM.generate`` over all
 prompts at once, join the outputs with the carryover columns and write one
 Parquet file. ``LLM.generate`` returns nothing before it is done, so its first
-output row is at its return.
+output row is at its return. Task embed: the same with ``LLM.embed`` (the engine
+arguments, ours, name the pooling runner), which also returns when done.
 
-The timeline: each finished request, stamped with the engine core's own time of
+The timeline: each finished request (its output tokens, or one row when
+embedding), stamped with the engine core's own time of
 the step that finished it (``EngineCoreOutputs.timestamp``, ``time.monotonic()``
 in the engine-core process; on Linux one clock for every process, the clock the
 pipelines' probes use). ``CompletionStamps`` wraps the engine client's
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -52,34 +55,35 @@ class CompletionStamps:
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     table = read_input(cfg["input"]["files"], cfg["input"]["format"])
     prompts = table.column(cfg["prompt_column"]).to_pylist()
+    embed = cfg["task"] == "embed"
 
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     engine_started = time.monotonic()
     llm = LLM(**cfg["engine_args"])
     engine_ready = time.monotonic()
-    params = SamplingParams(**cfg["sampling"])
     stamps = CompletionStamps(llm.llm_engine.engine_core)
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    generated = time.monotonic()
-
-    completions = [o.outputs[0] for o in outputs]
     out = table.select(cfg["carryover"])
-    out = out.append_column("generated_text", pa.array([c.text for c in completions], pa.string()))
-    out = out.append_column(
-        "num_input_tokens", pa.array([len(o.prompt_token_ids or ()) for o in outputs], pa.int32())
-    )
-    out = out.append_column(
-        "num_output_tokens", pa.array([len(c.token_ids) for c in completions], pa.int32())
-    )
+    if embed:
+        outputs = llm.embed(prompts, use_tqdm=False)
+        finished = time.monotonic()
+        out = _embed_columns(out, outputs)
+        per_request = 1  # a row
+    else:
+        from vllm import SamplingParams
+
+        params = SamplingParams(**cfg["sampling"])
+        generated = llm.generate(prompts, params, use_tqdm=False)
+        finished = time.monotonic()
+        out = _generate_columns(out, generated)
+        # Every request generates max_tokens (ignore_eos); the harness checks that on the output.
+        per_request = cfg["sampling"]["max_tokens"]
     folder = Path(cfg["output"])
     folder.mkdir(parents=True, exist_ok=True)
     pq.write_table(out, folder / "part-00000.parquet", compression="zstd")
     written = time.monotonic()
     llm.llm_engine.engine_core.shutdown()  # end the engine-core process now, not at exit
 
-    # Every request generates max_tokens (ignore_eos); the harness checks that on the output.
-    per_request = cfg["sampling"]["max_tokens"]
     events = [(t, n * per_request) for t, n in stamps.times]
     notes = ["timeline: each request's completion, stamped with its engine step's time"]
     if not events:
@@ -87,8 +91,28 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     return {
         "engine_started_at": engine_started,
         "engine_ready_at": engine_ready,
-        "first_output_at": generated,
+        "first_output_at": finished,
         "output_written_at": written,
         "events": events,
         "notes": notes,
     }
+
+
+def _generate_columns(out: pa.Table, outputs: list[Any]) -> pa.Table:
+    completions = [o.outputs[0] for o in outputs]
+    out = out.append_column("generated_text", pa.array([c.text for c in completions], pa.string()))
+    out = out.append_column(
+        "num_input_tokens", pa.array([len(o.prompt_token_ids or ()) for o in outputs], pa.int32())
+    )
+    return out.append_column(
+        "num_output_tokens", pa.array([len(c.token_ids) for c in completions], pa.int32())
+    )
+
+
+def _embed_columns(out: pa.Table, outputs: list[Any]) -> pa.Table:
+    vectors = np.asarray([o.outputs.embedding for o in outputs], dtype=np.float32)
+    embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1])
+    out = out.append_column("embedding", embedding)
+    return out.append_column(
+        "num_input_tokens", pa.array([len(o.prompt_token_ids or ()) for o in outputs], pa.int32())
+    )

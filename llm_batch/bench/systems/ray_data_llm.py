@@ -5,6 +5,10 @@ tokenize and detokenize stages off (the prompts are plain text and vLLM
 detokenizes), the same batch size and engine arguments as ours, and Ray's
 defaults for everything else, as a user gets them. The carryover columns ride
 in the processor's ``__data`` rows and are picked out again by ``postprocess``.
+Task embed: the processor's own embedding task (``task_type="embed"``: vLLM's
+pooling runner, ``PoolingParams(task="embed")`` per row, vLLM's defaults), no
+sampling parameters; ``postprocess`` keeps its ``embeddings`` (a NumPy vector per
+row, written as Ray Data writes them) as ``embedding``.
 
 Two probes, both ``time.monotonic()``:
 
@@ -59,15 +63,23 @@ class StampingEngineUDF(vLLMEngineStageUDF):
         return out
 
 
-def _preprocess(row: dict[str, Any], *, prompt_column: str, sampling: dict[str, Any]) -> dict:
+def _preprocess(
+    row: dict[str, Any], *, prompt_column: str, sampling: dict[str, Any] | None
+) -> dict:
+    if sampling is None:  # embed: the stage's default pooling parameters
+        return {"prompt": row[prompt_column]}
     return {"prompt": row[prompt_column], "sampling_params": dict(sampling)}
 
 
-def _postprocess(row: dict[str, Any], *, carryover: list[str]) -> dict[str, Any]:
+def _postprocess(row: dict[str, Any], *, carryover: list[str], task: str) -> dict[str, Any]:
     out = {c: row[c] for c in carryover}
-    out["generated_text"] = row["generated_text"]
+    if task == "embed":
+        out["embedding"] = row["embeddings"]
+    else:
+        out["generated_text"] = row["generated_text"]
     out["num_input_tokens"] = row["num_input_tokens"]
-    out["num_output_tokens"] = row["num_generated_tokens"]
+    if task != "embed":
+        out["num_output_tokens"] = row["num_generated_tokens"]
     out[DONE_COLUMN] = row.get(DONE_COLUMN)
     return out
 
@@ -100,9 +112,13 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
+    task = cfg["task"]
+    # The stage sets vLLM's runner and convert from task_type itself (the same as ours).
+    skip = {"model", "runner", "convert"}
     config = vLLMEngineProcessorConfig(
         model_source=cfg["model"],
-        engine_kwargs={k: v for k, v in cfg["engine_args"].items() if k != "model"},
+        task_type=task,
+        engine_kwargs={k: v for k, v in cfg["engine_args"].items() if k not in skip},
         batch_size=cfg["batch_size"],
         concurrency=cfg["replicas"],
         chat_template_stage=False,
@@ -115,7 +131,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         preprocess=functools.partial(
             _preprocess, prompt_column=cfg["prompt_column"], sampling=cfg["sampling"]
         ),
-        postprocess=functools.partial(_postprocess, carryover=cfg["carryover"]),
+        postprocess=functools.partial(_postprocess, carryover=cfg["carryover"], task=task),
     )
     notes = [
         f"Ray's defaults: max_concurrent_batches={config.max_concurrent_batches}, "
@@ -140,12 +156,13 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     written = time.monotonic()
     ray.shutdown()
 
-    times = pq.read_table(cfg["output"], columns=[STAMP_COLUMN, DONE_COLUMN, "num_output_tokens"])
+    counted = [] if task == "embed" else ["num_output_tokens"]  # embed: a row each
+    times = pq.read_table(cfg["output"], columns=[STAMP_COLUMN, DONE_COLUMN, *counted])
     done = times.column(DONE_COLUMN).to_pylist()
     if not any(done):  # the probe did not take: fall back to the coarse block stamps
         done = times.column(STAMP_COLUMN).to_pylist()
-    tokens = times.column("num_output_tokens").to_pylist()
-    events = [(t, n) for t, n in zip(done, tokens, strict=True) if t]
+    counts = times.column(counted[0]).to_pylist() if counted else [1] * times.num_rows
+    events = [(t, n) for t, n in zip(done, counts, strict=True) if t]
     blocks = pc.count_distinct(times.column(STAMP_COLUMN)).as_py()
     notes.append(f"timeline: each request's completion; rows handed back in {blocks} blocks")
     engine_started, engine_ready = first_engine(engines_file)
