@@ -33,12 +33,13 @@ $(CHROMIUM):
 test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q --timeout=900 tests
 
-# The throughput benchmark of the README (about ten minutes each: three interleaved rounds,
+# The throughput benchmarks of the README (about ten minutes each: three interleaved rounds,
 # whose medians are reported, since one round on a shared machine can be off by a quarter).
 bench: $(STAMP)
 	$(VENV)/bin/llm-batch bench --rounds 3 --out out/bench/default
 	$(VENV)/bin/llm-batch bench --rounds 3 --carry-strings 32 --carry-string-bytes 1024 \
 		--embedding-dim 768 --out out/bench/carryover
+	$(VENV)/bin/llm-batch bench --task embed --rounds 3 --rows 20000 --out out/bench/embed
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check llm_batch tests tools
