@@ -258,12 +258,14 @@ class BatchFinisher:
         results: list[RowResult],
         accumulators: AccumulatorSet,
     ) -> BatchReport:
+        # The error column as written: it holds errors found here too (a cut structured output).
+        failed = view.num_rows - view.column(columns.ERROR).null_count
         if self._label_column is not None:
             view = view.append_column(self._label_column, batch.column(self._label_column))
         latencies = pa.array([r.latency for r in results], pa.float64())
         return BatchReport(
             rows=batch.num_rows,
-            failed=sum(1 for r in results if r.error is not None),
+            failed=failed,
             input_tokens=sum(r.input_tokens or 0 for r in results),
             output_tokens=sum(r.output_tokens or 0 for r in results),
             metrics=accumulators.update(BatchView(view, latencies, self._model_name)),

@@ -109,3 +109,20 @@ def test_a_sampling_value_vllm_would_refuse_is_refused_naming_it(sampling, said)
     with pytest.raises(JobSpecError) as e:
         JobSpec.from_dict({**job, "sampling": sampling})
     assert said in str(e.value)
+
+
+def test_a_structured_output_cut_at_max_tokens_is_counted_as_failed():
+    import pyarrow as pa
+
+    from llm_batch.pipeline.generation import RowResult
+    from llm_batch.pipeline.rows import BatchFinisher
+
+    finisher = BatchFinisher({"structured": {"choice": ["positive", "negative"]}})
+    results = [
+        RowResult(text="posi", input_tokens=3, output_tokens=2, finish_reason="length"),
+        RowResult(text="negative", input_tokens=3, output_tokens=2, finish_reason="stop"),
+    ]
+    out, report = finisher.finish(pa.table({"row_id": [0, 1]}), results)
+    assert out.column("error").to_pylist()[0].startswith("structured output cut at max_tokens")
+    assert (report.rows, report.failed) == (2, 1)
+    assert report.metrics["errors"]["count"] == 1
