@@ -16,6 +16,21 @@ job format, as is the model: requests are grouped by (model, n, logprobs,
 response format) and each group becomes one job (its own Parquet file), at most
 ``MAX_GROUPS`` per batch. Memory stays bounded by a buffer of rows per group and
 the set of ``custom_id``s.
+
+``/v1/embeddings`` requests go to a catalog model whose task is ``embed``. Each
+element of a request's ``input`` is one row; the carryover columns tell finalizing
+which line a row belongs to and how to write it::
+
+    custom_id        string   the request's
+    prompt           string   the element's text
+    input_index      int32    its index in the request's ``input``
+    input_count      int32    how many elements the request has
+    encoding_format  string   ``float`` or ``base64``
+
+``dimensions`` sets the job's ``model.pooling.dimensions``, an engine setting:
+requests are grouped by (model, dimensions). The pipeline takes text, not token
+ids: an ``input`` of token ids is decoded with the model's tokenizer, and refused
+unless the text encodes back to exactly those ids (what the engine then sees).
 """
 
 from __future__ import annotations
@@ -34,6 +49,8 @@ from llm_batch.service.catalog import ModelCatalog
 __all__ = [
     "CHAT",
     "COMPLETIONS",
+    "EMBEDDINGS",
+    "EMBEDDING_CARRYOVER",
     "ENDPOINTS",
     "INPUT_COLUMNS",
     "MAX_GROUPS",
@@ -46,7 +63,8 @@ __all__ = [
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
-ENDPOINTS = (CHAT, COMPLETIONS)
+EMBEDDINGS = "/v1/embeddings"
+ENDPOINTS = (CHAT, COMPLETIONS, EMBEDDINGS)
 
 MAX_GROUPS = 8  # jobs one batch may become (each starts its own engines)
 _MAX_ERRORS = 100  # errors reported before validation stops reading
@@ -54,6 +72,8 @@ _FLUSH_ROWS = 1024
 _ROWS_PER_FILE = 512  # output rows per Parquet file: a cancelled batch keeps what was written
 _COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 _CHAT_MAX_TOKENS = 4096  # when the model block does not say its max_model_len
+_MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on the elements of one request's input
+_ENCODING_FORMATS = ("float", "base64")
 
 OVERRIDES_TYPE = pa.struct(
     [
@@ -65,7 +85,11 @@ OVERRIDES_TYPE = pa.struct(
     ]
 )
 MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-INPUT_COLUMNS = {CHAT: "messages", COMPLETIONS: "prompt"}
+INPUT_COLUMNS = {CHAT: "messages", COMPLETIONS: "prompt", EMBEDDINGS: "prompt"}
+# What an embeddings job carries from its input to its output rows (see the docstring).
+EMBEDDING_CARRYOVER = ("custom_id", "input_index", "input_count", "encoding_format")
+# The task a catalog model must have to serve each endpoint.
+_TASKS = {CHAT: "generate", COMPLETIONS: "generate", EMBEDDINGS: "embed"}
 
 # Body fields accepted and ignored when they have these values (they change nothing here).
 _HARMLESS: dict[str, tuple[Any, ...]] = {
@@ -107,7 +131,8 @@ class _Refused(Exception):
 
 @dataclasses.dataclass
 class Group:
-    """Requests that run as one job: same model, n, logprobs and response format."""
+    """Requests that run as one job: same model, n, logprobs and response format
+    (embeddings: same model and dimensions)."""
 
     index: int
     model: str
@@ -115,7 +140,9 @@ class Group:
     logprobs: int | None
     json_schema: dict[str, Any] | None
     path: Path
+    dimensions: int | None = None
     requests: int = 0
+    rows: int = 0  # input rows: one per request, or per element of an embeddings input
     _writer: pq.ParquetWriter | None = None
     _rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
@@ -288,6 +315,7 @@ _KNOWN = {
         "model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "n",
         "logprobs",
     },
+    EMBEDDINGS: {"model", "input", "encoding_format", "dimensions"},
 }  # fmt: skip
 
 
@@ -305,17 +333,138 @@ def _check_fields(body: dict[str, Any], endpoint: str) -> None:
         raise _Refused("unsupported_parameter", f"{name} {what} by this service", f"body.{name}")
 
 
+class _Tokenizers:
+    """The catalog models' tokenizers, each loaded on the first token-id input for it.
+
+    The pipeline takes text: token ids become the text they decode to, kept only when
+    that text encodes back to the very same ids with the settings the engine uses for a
+    text prompt (its special tokens added), so that the engine embeds what was sent.
+    """
+
+    def __init__(self, catalog: ModelCatalog):
+        self.catalog = catalog
+        self._loaded: dict[str, Any] = {}  # model -> tokenizer, or why it cannot load
+
+    def _get(self, model: str, param: str) -> Any:
+        if model not in self._loaded:
+            block = self.catalog.block(model, field="body.model")
+            extra = (block.get("engine") or {}).get("extra_args") or {}
+            source = str(extra.get("tokenizer") or block.get("path", ""))
+            try:
+                from transformers import AutoTokenizer
+
+                # Never a download: the model is the operator's, already where it runs.
+                self._loaded[model] = AutoTokenizer.from_pretrained(source, local_files_only=True)
+            except Exception as e:  # noqa: BLE001 - any failure means: no token ids here
+                self._loaded[model] = f"{type(e).__name__}: {str(e)[:200]}"
+        tokenizer = self._loaded[model]
+        if isinstance(tokenizer, str):
+            raise _Refused(
+                "unsupported_value",
+                f"token ids are not supported for model {model!r}: its tokenizer cannot be "
+                f"loaded here ({tokenizer}); send the text instead",
+                param,
+            )
+        return tokenizer
+
+    def text(self, model: str, ids: list[int], param: str) -> str:
+        tokenizer = self._get(model, param)
+        size = len(tokenizer)
+        outside = next((t for t in ids if t >= size), None)
+        if outside is not None:
+            raise _Refused(
+                "invalid_value",
+                f"token id {outside} is outside the vocabulary of model {model!r} ({size} tokens)",
+                param,
+            )
+        text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if tokenizer(text, add_special_tokens=True)["input_ids"] != ids:
+            raise _Refused(
+                "unsupported_value",
+                "token ids are not supported unless they decode to a text that the model's "
+                "tokenizer encodes back to the same ids (with its special tokens); these do "
+                "not: send the text instead",
+                param,
+            )
+        return str(text)
+
+
+def _token_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(_is_int(t) for t in value)
+
+
+def _embedding_inputs(body: dict[str, Any], model: str, tokenizers: _Tokenizers) -> list[str]:
+    """The texts of an embeddings request's ``input``: a string, a list of strings, a list
+    of token ids or a list of such lists."""
+    value = body.get("input")
+    param = "body.input"
+    if value is None:
+        raise _Refused("missing_required_parameter", "body.input is required", param)
+    shape = (
+        "input must be a string, a list of strings, a list of token ids or a list of "
+        "lists of token ids"
+    )
+    if isinstance(value, str):
+        items: list[Any] = [value]
+        params = [param]
+    elif isinstance(value, list) and value:
+        if len(value) > _MAX_EMBEDDING_INPUTS:
+            raise _Refused(
+                "invalid_value",
+                f"input holds at most {_MAX_EMBEDDING_INPUTS} elements, got {len(value)}",
+                param,
+            )
+        if all(_is_int(t) for t in value):
+            items, params = [value], [param]
+        else:
+            items, params = value, [f"{param}[{i}]" for i in range(len(value))]
+            kind = type(value[0])
+            other = next((i for i, v in enumerate(value) if type(v) is not kind), None)
+            if other is not None:
+                raise _Refused("invalid_value", shape + " (not mixed)", params[other])
+    else:
+        raise _Refused("invalid_value", shape + " (not empty)", param)
+    texts = []
+    for item, where in zip(items, params, strict=True):
+        if isinstance(item, str):
+            if not item:
+                raise _Refused("invalid_value", "an input string must not be empty", where)
+            texts.append(item)
+        elif _token_ids(item):
+            if any(t < 0 for t in item):
+                raise _Refused("invalid_value", "token ids must not be negative", where)
+            texts.append(tokenizers.text(model, item, where))
+        else:
+            raise _Refused("invalid_value", shape + " (not mixed, not empty)", where)
+    return texts
+
+
+def _encoding_format(body: dict[str, Any]) -> str:
+    value = body.get("encoding_format")
+    if value is None:
+        return "float"
+    if value not in _ENCODING_FORMATS:
+        raise _Refused(
+            "invalid_value",
+            f"encoding_format must be float or base64, got {value!r}",
+            "body.encoding_format",
+        )
+    return str(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Request:
     custom_id: str
     model: str
-    text: Any  # the prompt string or the message list
-    overrides: dict[str, Any]
-    key: tuple[Any, ...]  # (model, n, logprobs, schema as JSON)
-    json_schema: dict[str, Any] | None
+    rows: list[dict[str, Any]]  # what the request writes to its group's Parquet input
+    key: tuple[Any, ...]  # its group: (model, n, logprobs, schema as JSON) or (model, dimensions)
+    n: int = 1
+    logprobs: int | None = None
+    json_schema: dict[str, Any] | None = None
+    dimensions: int | None = None
 
 
-def _request(value: Any, endpoint: str, catalog: ModelCatalog) -> _Request:
+def _request(value: Any, endpoint: str, catalog: ModelCatalog, tokenizers: _Tokenizers) -> _Request:
     """One input line's request; raises _Refused naming the parameter."""
     if not isinstance(value, dict):
         raise _Refused("invalid_json_line", f"expected a JSON object, got {type(value).__name__}")
@@ -347,7 +496,34 @@ def _request(value: Any, endpoint: str, catalog: ModelCatalog) -> _Request:
             f"model {model!r} is not offered by this service (offered: {offered})",
             "body.model",
         )
+    block = catalog.block(model, field="body.model")
+    task = block.get("task") or "generate"
+    if task != _TASKS[endpoint]:
+        what = "not an embedding model" if endpoint == EMBEDDINGS else "not a text generation model"
+        raise _Refused(
+            "unsupported_value",
+            f"model {model!r} is {what} (its task is {task}); {endpoint} needs a model "
+            f"whose task is {_TASKS[endpoint]}",
+            "body.model",
+        )
     _check_fields(body, endpoint)
+    if endpoint == EMBEDDINGS:
+        texts = _embedding_inputs(body, model, tokenizers)
+        encoding = _encoding_format(body)
+        dimensions = _int(body, "dimensions", low=1)
+        if dimensions == (block.get("pooling") or {}).get("dimensions"):
+            dimensions = None  # the model's own setting: the same job
+        rows = [
+            {
+                "custom_id": custom_id,
+                "prompt": text,
+                "input_index": i,
+                "input_count": len(texts),
+                "encoding_format": encoding,
+            }
+            for i, text in enumerate(texts)
+        ]
+        return _Request(custom_id, model, rows, (model, dimensions), dimensions=dimensions)
     text: Any = _messages(body) if endpoint == CHAT else _prompt(body)
     max_tokens = _int(body, "max_tokens", low=1)
     if endpoint == CHAT:
@@ -364,10 +540,21 @@ def _request(value: Any, endpoint: str, catalog: ModelCatalog) -> _Request:
     logprobs = _logprobs(body, endpoint)
     schema = _response_format(body) if endpoint == CHAT else None
     key = (model, n, logprobs, json.dumps(schema, sort_keys=True) if schema is not None else None)
-    return _Request(custom_id, model, text, overrides, key, schema)
+    row = {"custom_id": custom_id, INPUT_COLUMNS[endpoint]: text, "sampling": overrides}
+    return _Request(custom_id, model, [row], key, n=n, logprobs=logprobs, json_schema=schema)
 
 
 def _schema(endpoint: str) -> pa.Schema:
+    if endpoint == EMBEDDINGS:
+        return pa.schema(
+            [
+                pa.field("custom_id", pa.string()),
+                pa.field("prompt", pa.string()),
+                pa.field("input_index", pa.int32()),
+                pa.field("input_count", pa.int32()),
+                pa.field("encoding_format", pa.string()),
+            ]
+        )
     text = (
         pa.field("messages", MESSAGES_TYPE) if endpoint == CHAT else pa.field("prompt", pa.string())
     )
@@ -395,14 +582,16 @@ def convert_input(
 ) -> Conversion:
     """Validate the JSONL file ``source`` and, when every line is valid, write one Parquet
     input per group of requests into ``folder``. With errors, no Parquet file is left and
-    ``Conversion.errors`` lists them (line-numbered, at most ``_MAX_ERRORS``)."""
+    ``Conversion.errors`` lists them (line-numbered, at most ``_MAX_ERRORS``).
+    ``max_requests`` bounds the lines, and for ``/v1/embeddings`` also the inputs
+    of all the lines together (OpenAI's limits)."""
     folder.mkdir(parents=True, exist_ok=True)
     schema = _schema(endpoint)
-    column = INPUT_COLUMNS[endpoint]
+    tokenizers = _Tokenizers(catalog)
     seen: dict[str, int] = {}
     groups: dict[tuple[Any, ...], Group] = {}
     errors: list[LineError] = []
-    total = 0
+    total = inputs = 0
 
     def refuse(error: LineError) -> bool:
         errors.append(error)
@@ -434,7 +623,7 @@ def convert_input(
                         break
                     continue
                 try:
-                    request = _request(value, endpoint, catalog)
+                    request = _request(value, endpoint, catalog, tokenizers)
                 except _Refused as e:
                     if refuse(LineError(e.code, e.message, number, e.param)):
                         break
@@ -445,36 +634,44 @@ def convert_input(
                     if refuse(LineError("duplicate_custom_id", message, number, "custom_id")):
                         break
                     continue
+                inputs += len(request.rows)
+                if endpoint == EMBEDDINGS and inputs > max_requests:
+                    message = (
+                        f"a {EMBEDDINGS} batch holds at most {max_requests} inputs, "
+                        "counting every element of every request's input"
+                    )
+                    refuse(LineError("too_many_tasks", message, number, "body.input"))
+                    break
                 group = groups.get(request.key)
                 if group is None:
                     if len(groups) >= MAX_GROUPS:
+                        what = (
+                            "(model, dimensions)"
+                            if endpoint == EMBEDDINGS
+                            else "(model, n, logprobs/top_logprobs, response_format)"
+                        )
                         message = (
-                            f"the batch's requests need more than {MAX_GROUPS} jobs: each distinct "
-                            "(model, n, logprobs/top_logprobs, response_format) runs as its own job"
+                            f"the batch's requests need more than {MAX_GROUPS} jobs: each "
+                            f"distinct {what} runs as its own job"
                         )
                         if refuse(LineError("too_many_groups", message, number, "body")):
                             break
                         continue
-                    model, n, logprobs, _ = request.key
                     group = Group(
                         index=len(groups),
-                        model=model,
-                        n=n,
-                        logprobs=logprobs,
+                        model=request.model,
+                        n=request.n,
+                        logprobs=request.logprobs,
                         json_schema=request.json_schema,
+                        dimensions=request.dimensions,
                         path=folder / f"input-{len(groups)}.parquet",
                     )
                     groups[request.key] = group
                 group.requests += 1
+                group.rows += len(request.rows)
                 if errors:
                     continue  # nothing is written once a line has failed
-                group._rows.append(
-                    {
-                        "custom_id": request.custom_id,
-                        column: request.text,
-                        "sampling": request.overrides,
-                    }
-                )
+                group._rows.extend(request.rows)
                 if len(group._rows) >= _FLUSH_ROWS:
                     _flush(group, schema)
     except BaseException:
@@ -509,8 +706,27 @@ def job_body(
     Sampling defaults are OpenAI's (temperature 1, top_p 1; max_tokens 16 for
     completions, up to the context length for chat); each request's own values
     come from its ``sampling`` overrides.
+
+    An embeddings group names its catalog model, or, with ``dimensions``, is that
+    model's block with ``pooling.dimensions`` set (another engine: vLLM applies it
+    per request, but the pools key engines by their pooling options).
     """
     block = catalog.block(group.model, field="body.model")
+    name = f"{batch_id} ({group.model})" + (f" #{group.index + 1}" if groups > 1 else "")
+    output = {"path": str(output_path), "rows_per_file": _ROWS_PER_FILE}
+    if endpoint == EMBEDDINGS:
+        model: Any = group.model
+        if group.dimensions is not None:
+            pooling = {**(block.get("pooling") or {}), "dimensions": group.dimensions}
+            model = {**block, "pooling": pooling}
+        return {
+            "name": name,
+            "input": {"path": str(group.path), "format": "parquet"},
+            "prompt": {"template": "{{ prompt }}"},
+            "model": model,
+            "carryover": list(EMBEDDING_CARRYOVER),
+            "output": output,
+        }
     max_model_len = (block.get("engine") or {}).get("max_model_len")
     if endpoint == CHAT:
         # vLLM stops a generation at the context length, which is what OpenAI does
@@ -533,7 +749,6 @@ def job_body(
         sampling["logprobs"] = group.logprobs
     if group.json_schema is not None:
         sampling["structured"] = {"json_schema": group.json_schema}
-    name = f"{batch_id} ({group.model})" + (f" #{group.index + 1}" if groups > 1 else "")
     return {
         "name": name,
         "input": {"path": str(group.path), "format": "parquet"},
@@ -541,5 +756,5 @@ def job_body(
         "model": group.model,
         "sampling": sampling,
         "carryover": ["custom_id"],
-        "output": {"path": str(output_path), "rows_per_file": _ROWS_PER_FILE},
+        "output": output,
     }

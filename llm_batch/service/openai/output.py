@@ -3,18 +3,24 @@
 One line per request, streamed part file by part file (memory: one record batch):
 
     output file  {"id", "custom_id", "response": {"status_code": 200, "request_id",
-                  "body": <chat.completion | text_completion>}, "error": null}
+                  "body": <chat.completion | text_completion | list of embeddings>},
+                  "error": null}
     error file   {"id", "custom_id", "response": {"status_code": 400 | 500, "request_id",
                   "body": {"error": {...}}}, "error": {"code", "message"}}
 
 A request with ``n > 1`` is ``n`` consecutive output rows (its samples, written
 together); it is one line with ``n`` choices, or an error line when any sample
-failed. The files' ids derive from the batch's id, so finalizing again after a
-restart rewrites the same files instead of leaving orphans.
+failed. An embeddings request is one row per element of its ``input``, which
+may be written in different part files: its rows are held until all of them
+(``input_count``) have been read, so memory holds the requests a part file
+boundary cut, not the batch. The files' ids derive from the batch's id, so
+finalizing again after a restart rewrites the same files instead of leaving
+orphans.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import json
@@ -28,7 +34,7 @@ import pyarrow.dataset as pads
 
 from llm_batch import columns
 from llm_batch.service import results
-from llm_batch.service.openai.convert import CHAT
+from llm_batch.service.openai.convert import CHAT, EMBEDDINGS
 from llm_batch.service.store import Job, StoredFile, utcnow
 
 __all__ = ["BatchResults", "error_code", "write_results"]
@@ -74,6 +80,8 @@ def error_code(message: str) -> tuple[int, str]:
         return 400, "invalid_request"
     if "does not parse as the schema" in message:
         return 500, "invalid_response_format"
+    if "matryoshka" in lowered or "supports dimensions" in lowered:
+        return 400, "invalid_request"  # a `dimensions` the embedding model cannot give
     return 500, "server_error"
 
 
@@ -159,8 +167,26 @@ class _Lines:
         self.partial.unlink(missing_ok=True)
 
 
-def _requests(job: Job) -> Iterator[list[dict[str, Any]]]:
-    """The job's written output rows, grouped per request (its samples, consecutive)."""
+_WANTED = (
+    columns.ROW_ID,
+    "custom_id",
+    columns.SAMPLE_INDEX,
+    columns.GENERATED_TEXT,
+    columns.NUM_INPUT_TOKENS,
+    columns.NUM_OUTPUT_TOKENS,
+    columns.FINISH_REASON,
+    columns.ERROR,
+    columns.LOGPROBS,
+    columns.EMBEDDING,
+    "input_index",
+    "input_count",
+    "encoding_format",
+)
+
+
+def _rows(job: Job) -> Iterator[dict[str, Any]]:
+    """The job's written output rows, in the order of its part files (an embedding as a
+    numpy float32 vector, None for a failed row)."""
     from llm_batch.pipeline.fs import open_filesystem
 
     files = results.part_files(job.output_path)
@@ -168,34 +194,82 @@ def _requests(job: Job) -> Iterator[list[dict[str, Any]]]:
         return
     fs, _ = open_filesystem(job.output_path)
     dataset = pads.dataset(files, filesystem=fs, format="parquet")
-    wanted = [
-        columns.ROW_ID,
-        "custom_id",
-        columns.SAMPLE_INDEX,
-        columns.GENERATED_TEXT,
-        columns.NUM_INPUT_TOKENS,
-        columns.NUM_OUTPUT_TOKENS,
-        columns.FINISH_REASON,
-        columns.ERROR,
-        columns.LOGPROBS,
-    ]
-    names = [c for c in wanted if c in dataset.schema.names]
-    current: list[dict[str, Any]] = []
+    names = [c for c in _WANTED if c in dataset.schema.names]
     for batch in dataset.to_batches(columns=names, batch_size=_BATCH_ROWS):
-        for row in batch.to_pylist():
+        if columns.EMBEDDING not in names:
+            yield from batch.to_pylist()
+            continue
+        # One numpy vector per row, not a Python float per value.
+        vectors = batch.column(columns.EMBEDDING).to_numpy(zero_copy_only=False)
+        others = batch.drop_columns([columns.EMBEDDING]).to_pylist()
+        for row, vector in zip(others, vectors, strict=True):
+            row[columns.EMBEDDING] = vector
+            yield row
+
+
+def _requests(job: Job, endpoint: str) -> Iterator[list[dict[str, Any]]]:
+    """The job's written output rows, grouped per request: its samples (consecutive), or
+    the rows of an embeddings request's inputs (by ``input_index``), once all are read."""
+    if endpoint != EMBEDDINGS:
+        current: list[dict[str, Any]] = []
+        for row in _rows(job):
             if current and row[columns.ROW_ID] != current[0][columns.ROW_ID]:
                 yield current
                 current = []
             current.append(row)
-    if current:
-        yield current
+        if current:
+            yield current
+        return
+    pending: dict[str, list[dict[str, Any]]] = {}
+    for row in _rows(job):
+        inputs = pending.setdefault(row["custom_id"], [])
+        inputs.append(row)
+        if len(inputs) == row["input_count"]:
+            del pending[row["custom_id"]]
+            yield sorted(inputs, key=lambda r: r["input_index"])
+    # What is still pending was not finished (a cancelled or expired job): no line.
+
+
+def _tokens(samples: list[dict[str, Any]], endpoint: str) -> tuple[int, int]:
+    """A request's (prompt, completion) tokens: its samples share one prompt; an
+    embeddings request's prompt is all its inputs."""
+    if endpoint == EMBEDDINGS:
+        return sum(s[columns.NUM_INPUT_TOKENS] or 0 for s in samples), 0
+    completion = sum(s.get(columns.NUM_OUTPUT_TOKENS) or 0 for s in samples)
+    return samples[0][columns.NUM_INPUT_TOKENS] or 0, completion
+
+
+def _embedding(vector: Any, encoding_format: str) -> list[float] | str:
+    """OpenAI's ``embedding``: the floats, or their little-endian float32 bytes in base64
+    (what the ``openai`` client decodes with ``numpy.frombuffer(..., "float32")``)."""
+    if encoding_format == "base64":
+        return base64.b64encode(vector.astype("<f4", copy=False).tobytes()).decode("ascii")
+    return vector.tolist()
+
+
+def _embeddings_body(inputs: list[dict[str, Any]], *, model: str) -> dict[str, Any]:
+    tokens, _ = _tokens(inputs, EMBEDDINGS)
+    return {
+        "object": "list",
+        "data": [
+            {
+                "object": "embedding",
+                "index": row["input_index"],
+                "embedding": _embedding(row[columns.EMBEDDING], row["encoding_format"]),
+            }
+            for row in inputs
+        ],
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
 
 
 def _body(
     samples: list[dict[str, Any]], *, endpoint: str, model: str, created: int
 ) -> dict[str, Any]:
-    prompt_tokens = samples[0][columns.NUM_INPUT_TOKENS] or 0
-    completion_tokens = sum(s[columns.NUM_OUTPUT_TOKENS] or 0 for s in samples)
+    if endpoint == EMBEDDINGS:
+        return _embeddings_body(samples, model=model)
+    prompt_tokens, completion_tokens = _tokens(samples, endpoint)
     choices = []
     for s in sorted(samples, key=lambda s: s.get(columns.SAMPLE_INDEX) or 0):
         index = s.get(columns.SAMPLE_INDEX) or 0
@@ -278,11 +352,12 @@ def write_results(
         for job, model in runs:
             created = int((job.finished_at or utcnow()).timestamp())
             answered: set[str] = set()
-            for samples in _requests(job):
+            for samples in _requests(job, endpoint):
                 custom_id = samples[0]["custom_id"]
                 answered.add(custom_id)
-                counts.input_tokens += samples[0][columns.NUM_INPUT_TOKENS] or 0
-                counts.output_tokens += sum(s[columns.NUM_OUTPUT_TOKENS] or 0 for s in samples)
+                prompt_tokens, completion_tokens = _tokens(samples, endpoint)
+                counts.input_tokens += prompt_tokens
+                counts.output_tokens += completion_tokens
                 failed = next((s[columns.ERROR] for s in samples if s[columns.ERROR]), None)
                 request_id = "req_" + secrets.token_hex(12)
                 if failed is None:

@@ -177,7 +177,14 @@ class BatchRunner:
                     base=self.settings.data_dir,
                     own=[folder],
                 )
-                runs.append({"job_id": job.id, "model": group.model, "requests": group.requests})
+                runs.append(
+                    {
+                        "job_id": job.id,
+                        "model": group.model,
+                        "requests": group.requests,
+                        "rows": group.rows,
+                    }
+                )
         except LLMBatchError as e:
             for run in runs:
                 with contextlib.suppress(LLMBatchError):
@@ -218,19 +225,22 @@ class BatchRunner:
                 jobs = [self.store.get(run["job_id"]) for run in runs]
         if not all(job.status in TERMINAL for job in jobs):
             if batch.status == "in_progress":
-                self._count(batch, jobs)
+                self._count(batch, runs, jobs)
             return
         self._finalize(batch, runs, jobs)
 
-    def _count(self, batch: Batch, jobs: list[Job]) -> None:
-        """Live request counts from the jobs' progress (exact ones come with the files)."""
+    def _count(self, batch: Batch, runs: list[dict[str, Any]], jobs: list[Job]) -> None:
+        """Live request counts from the jobs' progress (exact ones come with the files).
+        An embeddings request is as many rows as its inputs: counted in proportion."""
         completed = failed = 0
-        for job in jobs:
+        for run, job in zip(runs, jobs, strict=True):
             progress = job.progress or {}
             n = int(job.spec.get("sampling", {}).get("n", 1))
             done, bad = progress.get("rows_done") or 0, progress.get("rows_failed") or 0
-            completed += max(done - bad, 0) // n
-            failed += bad // n
+            requests = run["requests"]
+            rows = max(run.get("rows") or requests, 1) * n  # output rows of the whole job
+            completed += max(done - bad, 0) * requests // rows
+            failed += min(bad * requests // rows, requests)
         counts = dict(batch.request_counts or {})
         if (counts.get("completed"), counts.get("failed")) != (completed, failed):
             counts.update(completed=completed, failed=failed)

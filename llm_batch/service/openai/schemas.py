@@ -86,7 +86,9 @@ class BatchCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input_file_id: str = Field(description="A file uploaded with purpose `batch`.")
-    endpoint: str = Field(description="`/v1/chat/completions` or `/v1/completions`.")
+    endpoint: str = Field(
+        description="`/v1/chat/completions`, `/v1/completions` or `/v1/embeddings`."
+    )
     completion_window: str = Field(description="`24h` (the only value OpenAI takes).")
     metadata: dict[str, str] | None = Field(
         default=None, description="Up to 16 pairs; keys up to 64, values up to 512 characters."

@@ -205,7 +205,7 @@ def test_too_many_requests(tmp_path, db_url, models_file):
 @pytest.mark.parametrize(
     ("change", "error", "param"),
     [
-        ({"endpoint": "/v1/embeddings"}, openai.BadRequestError, "endpoint"),
+        ({"endpoint": "/v1/responses"}, openai.BadRequestError, "endpoint"),
         ({"completion_window": "48h"}, openai.BadRequestError, "completion_window"),
         ({"input_file_id": "file-nope"}, openai.NotFoundError, "input_file_id"),
         ({"metadata": {f"k{i}": "v" for i in range(17)}}, openai.BadRequestError, "metadata"),
