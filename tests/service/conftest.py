@@ -16,7 +16,8 @@ import pytest
 def service(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
     """ONE real service for the session's end-to-end service tests: ``llm-batch serve`` as a
     subprocess on a free loopback port, its own data folder, its own local Ray head on free
-    ports, and the tiny model offered as ``tiny`` (its models file). At the end the service
+    ports, and the tiny model offered as ``tiny`` (its models file), and as ``tiny-embed``
+    (task embed: its engine starts only for a job that uses it). At the end the service
     and the head are stopped, with every process that worked for the head (workers, vLLM
     engine cores), orphaned or not."""
     import psutil
@@ -27,6 +28,8 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
     models = folder / "models.yaml"
     models.write_text(
         f"tiny:\n  path: {tiny_model}\n"
+        "  engine: {max_model_len: 2048, enforce_eager: true, dtype: bfloat16}\n"
+        f"tiny-embed:\n  path: {tiny_model}\n  task: embed\n"
         "  engine: {max_model_len: 2048, enforce_eager: true, dtype: bfloat16}\n"
     )
     svc = ServiceProcess(
