@@ -555,7 +555,8 @@ class JobSpec(_Strict):
         """What pooling models (embed, classify, score) take and refuse."""
         models = self.named_models()
         pooling = [(f, m) for f, m in models if m.pools]
-        if pooling and len(pooling) == len(models) and "sampling" in self.model_fields_set:
+        # Refused when it says anything: a stored spec spells out the default block.
+        if pooling and len(pooling) == len(models) and self.sampling != SamplingSpec():
             field, model = pooling[0]
             raise ValueError(
                 f"sampling: does not apply to pooling models ({field}.task is {model.task}); "

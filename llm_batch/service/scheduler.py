@@ -23,6 +23,7 @@ none, starts over on a cleared output folder: either way each row once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -172,7 +173,11 @@ class Scheduler:
         self._start_queued()
         if self.pools is not None:
             running = self.store.active()
-            self.pools.write_desired([(job.id, self._spec(job)) for job in running])
+            wanted = []
+            for job in running:
+                with contextlib.suppress(LLMBatchError):  # failed on its own (_start_queued)
+                    wanted.append((job.id, self._spec(job)))
+            self.pools.write_desired(wanted)
             for gone in set(self._specs) - {job.id for job in running}:
                 self._specs.pop(gone, None)
 
@@ -289,7 +294,13 @@ class Scheduler:
         if free <= 0:
             return
         for job in self.store.next_queued(free):
-            hosted = self.pools is not None and self._small(job)
+            try:
+                hosted = self.pools is not None and self._small(job)
+            except LLMBatchError as e:
+                # A stored spec this version refuses fails its job, not the queue behind it.
+                logger.error("job %s: its stored spec is refused: %s", job.id, e)
+                self.store.finish(job.id, JobStatus.FAILED, error=str(e), from_statuses=("queued",))
+                continue
             submission = self.pools.host_id if hosted and self.pools is not None else job.id
             if not self.store.claim(job.id, submission_id=submission):
                 continue  # cancelled in between

@@ -202,3 +202,12 @@ def test_a_pair_renders_from_its_template_or_its_column():
         "prompt.pair_column 'd': the value is null",
     ]
     assert PromptRenderer({"template": "{{ q }}", "pair_column": "d"}).variables == {"q", "d"}
+
+
+def test_a_stored_pooling_spec_loads_again():
+    """The service stores a spec as its full dump (the default sampling block spelled out)
+    and its scheduler reads it back: a pooling job must survive that."""
+    spec = job(model={"path": "m", "task": "classify"})
+    again = JobSpec.from_dict(spec.model_dump(mode="json"))
+    assert again == spec
+    assert refused(sampling={"temperature": 0.5}).startswith("job is invalid: sampling:")
