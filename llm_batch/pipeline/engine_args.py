@@ -153,7 +153,10 @@ def row_overrides(value: Any) -> dict[str, Any]:
         value = json.loads(value)
     if not isinstance(value, dict):
         raise ValueError(f"expected an object of sampling fields, got {type(value).__name__}")
-    return {k: v for k, v in value.items() if v is not None}
+    out = {k: v for k, v in value.items() if v is not None}
+    if isinstance(out.get("logit_bias"), list):  # an Arrow map reads as (key, value) pairs
+        out["logit_bias"] = dict(out["logit_bias"])
+    return out
 
 
 class SamplingParamsCache:

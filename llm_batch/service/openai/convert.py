@@ -82,6 +82,14 @@ OVERRIDES_TYPE = pa.struct(
         ("top_p", pa.float64()),
         ("seed", pa.int64()),
         ("stop", pa.list_(pa.string())),
+        ("presence_penalty", pa.float64()),
+        ("frequency_penalty", pa.float64()),
+        ("logit_bias", pa.map_(pa.int64(), pa.float64())),
+        # vLLM's extra fields, as its OpenAI server takes them.
+        ("top_k", pa.int64()),
+        ("min_p", pa.float64()),
+        ("repetition_penalty", pa.float64()),
+        ("min_tokens", pa.int64()),
     ]
 )
 MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
@@ -95,9 +103,6 @@ _TASKS = {CHAT: "generate", COMPLETIONS: "generate", EMBEDDINGS: "embed"}
 _HARMLESS: dict[str, tuple[Any, ...]] = {
     "stream": (False, None),
     "stream_options": (None,),
-    "presence_penalty": (0, 0.0, None),
-    "frequency_penalty": (0, 0.0, None),
-    "logit_bias": (None, {}),
     "tools": (None, []),
     "tool_choice": (None, "none", "auto"),
     "functions": (None, []),
@@ -188,6 +193,26 @@ def _number(
             "invalid_value", f"{name} must be a number in {interval}, got {value!r}", f"body.{name}"
         )
     return float(value)
+
+
+def _logit_bias(body: dict[str, Any]) -> list[tuple[int, float]] | None:
+    """OpenAI's ``logit_bias``: token ids (as strings) to a bias from -100 to 100."""
+    value = body.get("logit_bias")
+    if value is None or value == {}:
+        return None
+    if not isinstance(value, dict):
+        raise _Refused("invalid_value", "logit_bias must be an object", "body.logit_bias")
+    out = []
+    for key, bias in value.items():
+        token = str(key)
+        if not token.isdigit() or not _is_number(bias) or not -100 <= bias <= 100:
+            raise _Refused(
+                "invalid_value",
+                f"logit_bias maps token ids to numbers from -100 to 100, got {key!r}: {bias!r}",
+                f"body.logit_bias.{key}",
+            )
+        out.append((int(token), float(bias)))
+    return out
 
 
 def _stop(body: dict[str, Any]) -> list[str] | None:
@@ -306,14 +331,25 @@ def _response_format(body: dict[str, Any]) -> dict[str, Any] | None:
     )
 
 
+# Per-request sampling fields beyond OpenAI's basics: its penalties and logit_bias, and the
+# extra fields vLLM's own OpenAI server takes.
+_SAMPLING_EXTRA = {
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "min_tokens",
+}
 _KNOWN = {
     CHAT: {
         "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
-        "seed", "stop", "n", "logprobs", "top_logprobs", "response_format",
+        "seed", "stop", "n", "logprobs", "top_logprobs", "response_format", *_SAMPLING_EXTRA,
     },
     COMPLETIONS: {
         "model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "n",
-        "logprobs",
+        "logprobs", *_SAMPLING_EXTRA,
     },
     EMBEDDINGS: {"model", "input", "encoding_format", "dimensions"},
 }  # fmt: skip
@@ -535,6 +571,15 @@ def _request(value: Any, endpoint: str, catalog: ModelCatalog, tokenizers: _Toke
         "top_p": _number(body, "top_p", low=0, high=1, low_open=True),
         "seed": _int(body, "seed", low=-(2**63), high=2**63 - 1),
         "stop": _stop(body),
+        "presence_penalty": _number(body, "presence_penalty", low=-2, high=2),
+        "frequency_penalty": _number(body, "frequency_penalty", low=-2, high=2),
+        "logit_bias": _logit_bias(body),
+        "top_k": _int(body, "top_k", low=-1),
+        "min_p": _number(body, "min_p", low=0, high=1),
+        "repetition_penalty": _number(
+            body, "repetition_penalty", low=0, high=math.inf, low_open=True
+        ),
+        "min_tokens": _int(body, "min_tokens", low=0),
     }
     n = _int(body, "n", low=1, high=128) or 1
     logprobs = _logprobs(body, endpoint)

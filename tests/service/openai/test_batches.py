@@ -93,7 +93,7 @@ def test_validation_makes_one_job_reading_a_parquet_input(app, client, runner, s
         {"role": "system", "content": "Terse."},
         {"role": "user", "content": "{{ x }}"},
     ]
-    assert rows[0]["sampling"] == {
+    assert {k: v for k, v in rows[0]["sampling"].items() if v is not None} == {
         "max_tokens": 1000, "temperature": 0.2, "top_p": 0.9, "seed": 7, "stop": ["\n"]
     }  # fmt: skip
     assert rows[1]["sampling"]["max_tokens"] == 5
@@ -112,6 +112,29 @@ def test_completions_become_a_template_job(app, client, runner):
     assert job.spec["prompt"]["template"] == "{{ prompt }}"
     assert job.spec["sampling"]["max_tokens"] == 16  # OpenAI's default for completions
     assert pq.read_table(job.spec["input"]["path"]).column("prompt").to_pylist() == ["2 + 2 ="]
+
+
+def test_penalties_logit_bias_and_vllms_extra_fields_are_honoured_per_request(app, client, runner):
+    penalties = {
+        "presence_penalty": 0.5, "frequency_penalty": -0.5, "logit_bias": {"17": -100, "3": 2.5},
+        "top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1, "min_tokens": 2,
+    }  # fmt: skip
+    batch = submit(client, [chat_line("a", **penalties), chat_line("b")])
+    runner.run_once()
+    (job,) = batch_jobs(app, batch.id)
+    rows = pq.read_table(job.spec["input"]["path"]).to_pylist()
+    got = dict(rows[0]["sampling"])
+    assert dict(got.pop("logit_bias")) == {17: -100.0, 3: 2.5}
+    assert {k: got[k] for k in penalties if k != "logit_bias"} == {
+        k: v for k, v in penalties.items() if k != "logit_bias"
+    }
+    assert all(rows[1]["sampling"][k] is None for k in penalties)
+    # What the engine stage makes of the row: vLLM's own SamplingParams fields.
+    from llm_batch.pipeline.engine_args import SamplingParamsCache
+
+    params = SamplingParamsCache(job.spec["sampling"]).get(rows[0]["sampling"], 0)
+    assert params.logit_bias == {17: -100.0, 3: 2.5}
+    assert (params.presence_penalty, params.top_k, params.min_tokens) == (0.5, 20, 2)
 
 
 def good(i: int) -> dict:
@@ -142,6 +165,13 @@ def good(i: int) -> dict:
         ),
         ([chat_line("a", temperature=3)], [("invalid_value", 1, "body.temperature")]),
         ([chat_line("a", stop=[""])], [("invalid_value", 1, "body.stop")]),
+        ([chat_line("a", presence_penalty=3)], [("invalid_value", 1, "body.presence_penalty")]),
+        (
+            [chat_line("a", logit_bias={"abc": 1})],
+            [("invalid_value", 1, "body.logit_bias.abc")],
+        ),
+        ([chat_line("a", logit_bias={"5": 101})], [("invalid_value", 1, "body.logit_bias.5")]),
+        ([chat_line("a", top_k=-2)], [("invalid_value", 1, "body.top_k")]),
         ([chat_line("a", top_logprobs=2)], [("invalid_value", 1, "body.top_logprobs")]),
         (
             [{**good(1), "body": {"model": "tiny"}}],
