@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
@@ -56,6 +57,8 @@ def test_library_has_the_common_cases():
         "reviews-sentiment-compare.yaml",
         "synthetic-reviews.yaml",
         "review-records.yaml",
+        "reviews-classify.yaml",
+        "reviews-embed.yaml",
     } <= names
 
 
@@ -86,6 +89,26 @@ def test_demo_model_labels_the_held_out_reviews(results):
         )
     )
     assert got / table.num_rows == labels["accuracy"]
+
+
+def test_the_trained_classifier_labels_the_held_out_reviews(results):
+    """prompts/reviews-classify.yaml: the sequence classifier on vLLM's pooling runner."""
+    _, table, metrics = results["reviews-classify.yaml"]
+    labels = metrics["metrics"]["clf"]["labels"]
+    assert labels["accuracy"] >= 0.9, labels
+    truth = table.column("label").to_pylist()
+    predicted = table.column("clf__label").to_pylist()
+    assert (
+        sum(p == t for p, t in zip(predicted, truth, strict=True)) / len(truth)
+        == (labels["accuracy"])
+    )
+    probs = table.column("clf__probs").to_pylist()
+    names = ["positive", "negative", "neutral"]  # the model's id2label
+    assert [names[max(range(3), key=p.__getitem__)] for p in probs] == predicted
+    assert labels["probability"]["source"] == "the classifier's class probabilities"
+    # The embedding job: one normalized 128-float vector per review.
+    _, embedded, _ = results["reviews-embed.yaml"]
+    assert embedded.column("embedding").type == pa.list_(pa.float32(), 128)
 
 
 def test_demo_labels_equal_llm_generate(results, reference_engines):
