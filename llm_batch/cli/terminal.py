@@ -87,6 +87,14 @@ class RunLog:
         return self
 
 
+def _rate(snap: dict[str, Any]) -> str:
+    """Tokens generated per second; rows per second for a job that generates none (a
+    pooling model's: embeddings, classes, scores)."""
+    if snap.get("output_tokens"):
+        return f"{snap.get('output_tokens_per_second') or 0:.1f} tok/s"
+    return f"{snap.get('rows_per_second') or 0:.1f} rows/s"
+
+
 class ProgressView:
     """A rich progress bar on a terminal; plain periodic lines otherwise."""
 
@@ -115,14 +123,14 @@ class ProgressView:
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("rows · {task.fields[tps]:>8.1f} tok/s · failed {task.fields[failed]}"),
+                TextColumn("rows · {task.fields[rate]:>14} · failed {task.fields[failed]}"),
                 TimeElapsedColumn(),
                 TextColumn("left"),
                 TimeRemainingColumn(),
                 console=Console(file=self._stream),
             )
             self._bar.__enter__()
-            self._task = self._bar.add_task(self._label, total=None, tps=0.0, failed=0)
+            self._task = self._bar.add_task(self._label, total=None, rate="", failed=0)
         return self
 
     def update(self, snap: dict[str, Any]) -> None:
@@ -131,7 +139,7 @@ class ProgressView:
                 self._task,
                 completed=snap["rows_done"],
                 total=snap.get("rows_total"),
-                tps=snap.get("output_tokens_per_second") or 0.0,
+                rate=_rate(snap),
                 failed=snap.get("rows_failed", 0),
             )
             return
@@ -143,7 +151,7 @@ class ProgressView:
         eta = snap.get("eta_seconds")
         print(
             f"{self._label}: {snap['rows_done']}/{total if total is not None else '?'} rows, "
-            f"{snap.get('output_tokens_per_second', 0):.1f} tok/s, "
+            f"{_rate(snap)}, "
             f"{snap.get('rows_failed', 0)} failed"
             + (f", ~{eta:.0f}s left" if eta is not None else ""),
             file=self._stream,
