@@ -1,6 +1,6 @@
 """Shared fixtures. Engines are slow to start (tens of seconds), so everything
-that needs one shares it per session: one tiny model, one local Ray, one
-reference vLLM engine for the outputs every pipeline result is checked against.
+that needs one shares it per session: one tiny model, one local Ray. The reference vLLM
+engines every pipeline result is checked against are tests/pipeline's own.
 """
 
 from __future__ import annotations
@@ -44,47 +44,6 @@ def tiny_model_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from llm_batch.models.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-seed1", seed=1)
-
-
-@pytest.fixture(scope="session")
-def reference_engines():  # noqa: ANN201
-    """``engine(model_path, **engine_args) -> vllm.LLM``: plain vLLM engines, one per model
-    and arguments (``runner="pooling", convert="embed"``, say), made on first use."""
-    from vllm import LLM
-
-    engines: dict[str, LLM] = {}
-
-    def get(path: Path, **args: str) -> LLM:
-        key = f"{path} {sorted(args.items())}"
-        if key not in engines:
-            engines[key] = LLM(
-                model=str(path),
-                max_model_len=512,
-                dtype="bfloat16",
-                enforce_eager=True,
-                kv_cache_memory_bytes=1 << 30,
-                seed=0,
-                **args,
-            )
-        return engines[key]
-
-    yield get
-    for llm in engines.values():
-        llm.llm_engine.engine_core.shutdown()
-
-
-@pytest.fixture(scope="session")
-def reference(tiny_model: Path, reference_engines):  # noqa: ANN201
-    """``generate(prompts, max_tokens) -> texts`` with plain ``vllm.LLM.generate``, greedy."""
-    from vllm import SamplingParams
-
-    llm = reference_engines(tiny_model)
-
-    def generate(prompts: list[str], max_tokens: int) -> list[str]:
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-        return [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
-
-    return generate
 
 
 # -- the service's (tests/service, tests/cli) ------------------------------------------

@@ -22,12 +22,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def engine_cores() -> set[int]:
+    """vLLM engine processes whose owner is gone (orphans, adopted by init): what a removed
+    node or a shut-down cluster must not leave. Engines of other work running on this
+    machine still have their owner, and are not counted."""
     import psutil
 
     found = set()
-    for p in psutil.process_iter(["name", "cmdline"]):
+    for p in psutil.process_iter(["name", "cmdline", "ppid"]):
         text = (p.info["name"] or "") + " ".join(p.info["cmdline"] or [])
-        if "EngineCore" in text or "VLLM::Worker" in text:
+        if ("EngineCore" in text or "VLLM::Worker" in text) and p.info["ppid"] in (0, 1):
             found.add(p.pid)
     return found
 
