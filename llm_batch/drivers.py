@@ -128,6 +128,7 @@ def launch_driver(
     job_id: str | None = None,
     clear_status: bool = True,
     pools: dict[str | None, str] | None = None,
+    retry_errors: bool = False,
 ) -> bool:
     """Submit the driver of ``spec`` (absolute paths, validated) under ``submission_id``;
     False when Ray already runs that submission (then it is followed, not started again).
@@ -137,7 +138,8 @@ def launch_driver(
     (uploaded by the Jobs API). With ``clear_status``, a status file left by an earlier
     run is removed first: it would show that run's progress as this one's. ``pools``
     (model name → Serve application of the service's shared pools) has the job's engine
-    stages send their batches there instead of starting engines.
+    stages send their batches there instead of starting engines. ``retry_errors``: the
+    driver runs again only the rows with an error of the job's finished output.
     """
     from llm_batch.pipeline.driver import default_status_uri, remove_status, write_pools
 
@@ -146,6 +148,8 @@ def launch_driver(
     metadata = submission_metadata(spec, job_id=job_id)
     env = {"env_vars": driver_env()}
     extra = ["--job-name", job_id] if job_id else []
+    if retry_errors:
+        extra.append("--retry-errors")
     if spec_dir is not None:
         write_spec(spec_dir, spec)
         if pools:

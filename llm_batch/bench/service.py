@@ -136,6 +136,7 @@ def run_service_bench(config: Any, *, big_rows: int, small_every: float) -> dict
         "model": model,
         "engine_args": engine_args,
         "sampling": _sampling(config.workload),
+        "task": config.workload.task,
         "input": {"files": [str(out / "input" / "steady" / "part-0.parquet")], "format": "parquet"},
         "prompt_column": PROMPT_COLUMN,
         "carryover": big.carryover,

@@ -93,6 +93,7 @@ def run_on_cluster(
     address: str,
     jobs: Any = None,
     poll: float = 1.0,
+    retry_errors: bool = False,
 ) -> int:
     """Run ``spec`` (validated and planned already) as a Ray job on the cluster at
     ``address`` and follow it to its end; the exit code of ``llm-batch run`` (0 when the
@@ -109,7 +110,9 @@ def run_on_cluster(
     else:
         submission_id = _submission_id(spec.name)
         python = None if on_this_machine(address) else "python"
-        launch_driver(jobs, spec, submission_id=submission_id, python=python)
+        launch_driver(
+            jobs, spec, submission_id=submission_id, python=python, retry_errors=retry_errors
+        )
         said = f"submitted {spec.name} to the Ray cluster at {address} as {submission_id}"
     # From here on the job runs without us: a Ctrl-C, even one that lands while this line
     # is printed (a user who reacts to it does), only stops following.

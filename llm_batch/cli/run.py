@@ -36,6 +36,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.output or spec.output is None:
         spec = spec.with_output(args.output or f"out/{spec.name}")
     plan = plan_job(spec)  # fails fast, before Ray or an engine starts
+    if args.retry_errors:
+        from llm_batch.pipeline.retry import failed_rows
+
+        out = spec.output_path
+        failed = failed_rows(out if "://" in out else os.path.abspath(out), spec.model_names)
+        if failed == 0:  # (None: an interrupted run, which this run resumes)
+            terminal.say(f"nothing to retry: no row of {spec.output_path} has an error")
+            return 0
+        if failed:
+            terminal.say(f"running again the {failed} row(s) of {out} with an error")
     _quiet_engines()
     if args.address:
         # Ray's Jobs API client takes RAY_ADDRESS over the address it is given.
@@ -44,14 +54,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if address:
         from llm_batch.cli.cluster import run_on_cluster
 
-        code = run_on_cluster(spec, address=address)
+        code = run_on_cluster(spec, address=address, retry_errors=args.retry_errors)
         if code == 0 and args.show:
             _print_rows(spec.output_path, args.show)
         return code
     if not args.verbose:
         RunLog(Path(args.log) if args.log else default_log_path(spec.name)).start()
     with ProgressView(spec.name) as view:
-        result = run_job(spec, plan=plan, on_progress=view.update)
+        result = run_job(spec, plan=plan, on_progress=view.update, retry_errors=args.retry_errors)
     snap = result.progress
     terminal.say(
         f"wrote {snap['rows_done']} rows ({snap['rows_failed']} with errors) to "
@@ -116,6 +126,12 @@ def add_commands(sub: Any) -> None:
         "--address",
         help="Ray cluster to run on as a Ray job: dashboard URL http://head:8265, "
         "ray://head:10001 or head:6379 (default: RAY_ADDRESS; unset: a local Ray here)",
+    )
+    run.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="run again only the rows whose error is set in the job's finished output (the "
+        "job file may change its model or engine block); the other rows are kept",
     )
     run.add_argument("--show", type=int, default=0, metavar="N", help="print N output rows")
     run.add_argument(

@@ -1,6 +1,6 @@
 """The job driver: one process per job, what the service submits to Ray's Jobs API.
 
-    python -m llm_batch.pipeline.driver SPEC.json [--status URI]
+    python -m llm_batch.pipeline.driver SPEC.json [--status URI] [--retry-errors]
 
 It runs the job on the Ray cluster it is started in and keeps a small status
 file (``_status.json`` in the output folder by default, on storage the service
@@ -117,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         "--pools", help="JSON file: model name → the service's engine pool to send it to"
     )
     parser.add_argument("--job-name", help="how engine pools name this job")
+    parser.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="run again only the rows with an error of the job's finished output",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -149,7 +154,13 @@ def main(argv: list[str] | None = None) -> int:
         engines = Engines()
         if args.pools:
             engines = Engines(pools=read_pools(args.pools), job=args.job_name)
-        result = run_job(spec, plan=plan, on_progress=on_progress, engines=engines)
+        result = run_job(
+            spec,
+            plan=plan,
+            on_progress=on_progress,
+            engines=engines,
+            retry_errors=args.retry_errors,
+        )
     except LLMBatchError as e:
         if claimed:
             status.write("failed", last, str(e), force=True)

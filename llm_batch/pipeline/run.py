@@ -47,6 +47,7 @@ from llm_batch.pipeline.pool import JobCancelled, pool_stage_config, send_to_poo
 from llm_batch.pipeline.progress import ProgressTracker, Snapshot
 from llm_batch.pipeline.prompts import PromptRenderer
 from llm_batch.pipeline.read import InputDatasource, InputInfo, check_columns, inspect_input
+from llm_batch.pipeline.retry import finish_moves, prepare_retry
 from llm_batch.pipeline.rows import accumulator_view
 from llm_batch.pipeline.write import (
     CHECKPOINT_NAME,
@@ -369,6 +370,7 @@ def run_job(
     tracker_class: type = ProgressTracker,
     tracker: Any = None,
     cancel: threading.Event | None = None,
+    retry_errors: bool = False,
 ) -> JobResult:
     """Run a job to completion on the connected (or a new local) Ray; blocks.
 
@@ -380,6 +382,8 @@ def run_job(
     claimed, then every ``progress_interval`` seconds. Setting ``cancel`` stops the
     job (``JobCancelled``); rows already written stay. ``tracker``: a warm tracker actor
     (``new_tracker()``) to reset for this job and leave running, instead of a new one.
+    ``retry_errors``: the job finished in its output folder before; only its rows with an
+    error run again (``retry.py``), the others are kept.
     """
     import ray
     from ray.data import DataContext
@@ -401,7 +405,7 @@ def run_job(
         tracker.reset.remote(*args, **kwargs)
     phases = {"start": started}
     try:
-        run = claim_output(spec, resume=resume)
+        run = claim_output(spec, resume=resume, retry_errors=retry_errors)
         phases["claim"] = time.monotonic()
         if run.resuming:
             done = _preload(tracker, spec)
@@ -471,10 +475,12 @@ class OutputRun:
         self.manifest.write(self.uri)
 
 
-def claim_output(spec: JobSpec, *, resume: bool = True) -> OutputRun:
+def claim_output(spec: JobSpec, *, resume: bool = True, retry_errors: bool = False) -> OutputRun:
     """Check the output folder again (it may have changed since ``plan_job``), record this
     run in its manifest before anything else is written there, and clear what earlier
-    runs wrote unless this run resumes one of the very same job."""
+    runs wrote unless this run resumes one of the very same job, or retries the rows with
+    errors of a finished one (``retry.prepare_retry``: the folder becomes an interrupted
+    run of this spec without those rows)."""
     assert spec.output is not None
     # Ray Data takes a URI or an absolute path; job files name relative ones (out/<name>).
     uri = spec.output.path if "://" in spec.output.path else os.path.abspath(spec.output.path)
@@ -490,9 +496,16 @@ def claim_output(spec: JobSpec, *, resume: bool = True) -> OutputRun:
         and fs.get_file_info(checkpoint).type != pafs.FileType.NotFound
     )
     run_id = new_run_id()
+    if retry_errors and not resuming:  # (a retry cut short resumes as any run does)
+        manifest = prepare_retry(
+            uri, folder.manifest, run_id, digest=digest, model_names=spec.model_names
+        )
+        return OutputRun(uri, run_id, True, manifest)
     manifest.add_run(run_id, digest, OWN_FILES)
     manifest.write(uri)  # before this run writes anything
-    if not resuming:
+    if resuming:
+        finish_moves(uri)  # a retry cut short after its checkpoint was in place
+    else:
         replaced = folder.foreign_parquet if spec.output.mode == "overwrite" else []
         if replaced:
             logger.warning(

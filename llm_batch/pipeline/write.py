@@ -27,6 +27,7 @@ from ray.data.datasource.filename_provider import FilenameProvider
 
 from llm_batch.pipeline.fs import open_filesystem
 from llm_batch.pipeline.manifest import MANIFEST_NAME, Manifest, part_name
+from llm_batch.pipeline.retry import RETRY_NAME
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -44,7 +45,7 @@ CHECKPOINT_NAME = "_checkpoint"
 STATUS_NAME = "_status.json"  # the job driver's (pipeline/driver.py)
 # What every run may write in its output folder besides its part files (recorded in the
 # manifest before it writes them).
-OWN_FILES = [f"{CHECKPOINT_NAME}/", METRICS_NAME, STATUS_NAME]
+OWN_FILES = [f"{CHECKPOINT_NAME}/", METRICS_NAME, STATUS_NAME, f"{RETRY_NAME}/"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,10 @@ def clear_output(uri: str, manifest: Manifest, *, foreign_parquet: Sequence[str]
         and fs.get_file_info(checkpoint).type == pafs.FileType.Directory
     ):
         fs.delete_dir(checkpoint)  # empty by now: every file in it was the manifest's
+    staging = f"{base}/{RETRY_NAME}"
+    leftover = fs.get_file_info(staging).type == pafs.FileType.Directory
+    if leftover and manifest.owns(f"{RETRY_NAME}/"):
+        fs.delete_dir(staging)  # a retry cut short before it began
     return removed
 
 
