@@ -81,10 +81,16 @@ def _interrupted(fs: Any, base: str) -> bool:
 def _check(uri: str, manifest: Manifest | None) -> tuple[Any, str]:
     fs, path = open_filesystem(uri)
     base = path.rstrip("/")
+    if not isinstance(fs, pafs.LocalFileSystem):
+        raise JobSpecError(
+            f"output.path: {uri!r}: retrying rows with errors needs the output on a file "
+            "system (local, or a mount shared by the nodes); on object storage run the job "
+            "again whole"
+        )
     if manifest is None:
         raise JobSpecError(
-            f"--retry-errors: {uri!r} holds no output of llm-batch ({MANIFEST_NAME} is "
-            "missing): run the job first"
+            f"output.path: {uri!r} holds no output of llm-batch ({MANIFEST_NAME} is "
+            "missing): run the job before retrying its rows with errors"
         )
     return fs, base
 
@@ -112,7 +118,7 @@ def _read(fs: Any, info: pafs.FileInfo, errors: list[str], *, whole: bool = Fals
         missing = [c for c in [columns.ROW_ID, *errors] if c not in schema.names]
         if missing:
             raise JobSpecError(
-                f"--retry-errors: {info.base_name} has no column {missing[0]!r}: a retry keeps "
+                f"models: {info.base_name} has no column {missing[0]!r}: a retry keeps "
                 "the job's model names (models[].name), so that its rows replace the old ones"
             )
         return pq.read_table(f, columns=None if whole else [columns.ROW_ID, *errors])
@@ -141,8 +147,8 @@ def prepare_retry(
     assert manifest is not None
     if _interrupted(fs, base):
         raise JobSpecError(
-            f"--retry-errors: the last run in {uri!r} did not finish and was of another job "
-            "spec: run that spec again to finish it, then retry its errors"
+            f"output.path: the last run in {uri!r} did not finish and was of another job "
+            "spec: run that spec again to finish it, then retry its rows with errors"
         )
     manifest.add_run(run_id, digest, OWN_FILES)
     manifest.write(uri)

@@ -397,6 +397,7 @@ class Host:
                 engines=Engines(pools=pools, job=job_id, task_cpus=SMALL_JOB_TASK_CPUS),
                 tracker=tracker,
                 cancel=cancel,
+                retry_errors=bool(message.get("retry_errors")),
             )
             status.write("succeeded", result.progress, force=True)
             healthy = True

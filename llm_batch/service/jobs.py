@@ -7,6 +7,8 @@ scheduler do with jobs, in one place.
               wakes the scheduler
     get/page  a key sees its own jobs (an admin all); others' are "not found"
     cancel    a queued job at once; a running one through the scheduler
+    retry     an ended job's rows with errors run again (optionally with another model
+              or engine block), the other rows kept (``pipeline/retry.py``)
     results   the part files a job has written so far (its manifest says which)
 
 Routes translate HTTP to these calls and back; they hold no rule of their own.
@@ -27,6 +29,7 @@ from llm_batch.service.catalog import ModelCatalog
 from llm_batch.service.errors import FileExpired, JobConflict, OutputFileNotFound
 from llm_batch.service.settings import Settings
 from llm_batch.service.store import (
+    TERMINAL,
     Job,
     JobStatus,
     JobStore,
@@ -217,6 +220,54 @@ class JobService:
         Ray has stopped it. Raises ``JobConflict`` for a job that already ended."""
         self.get(job_id, principal)  # not found for others' jobs
         job = self.store.cancel(job_id)
+        self._wake()
+        return job
+
+    def retry(self, job_id: str, changes: Any, principal: Principal) -> Job:
+        """Queue an ended job again to run only its rows with errors. ``changes``: None, or
+        ``{"model": ...}`` / ``{"models": [...]}`` replacing the job's model block(s) (the
+        models' names stay, so that new rows replace old ones); validated as a submission.
+        ``JobConflict`` when the job has not ended or has no row with an error."""
+        from llm_batch.job.spec import JobSpec
+        from llm_batch.pipeline.retry import failed_rows
+
+        job = self._unexpired(job_id, principal)
+        if job.status not in TERMINAL:
+            raise JobConflict(
+                f"job {job_id} is {job.status}: its rows with errors can be retried once it "
+                "has ended"
+            )
+        spec = before = JobSpec.from_dict(job.spec, source=f"job {job_id}")
+        if changes:
+            allowed = {"model", "models"}
+            unknown = sorted(set(changes) - allowed) if isinstance(changes, dict) else ["body"]
+            if unknown:
+                raise JobSpecError(
+                    f"{unknown[0]}: a retry takes only `model` or `models` (the job's model "
+                    "block(s), changed)"
+                )
+            body = {k: v for k, v in job.spec.items() if k not in allowed}
+            spec = prepare_submission({**body, **changes}, self.admission(principal)).spec
+            if spec.model_names != before.model_names:
+                names = ", ".join(str(n) for n in before.model_names)
+                raise JobSpecError(
+                    f"models: a retry keeps the job's model names ({names}), so that its new "
+                    "rows replace the old ones"
+                )
+        failed = failed_rows(job.output_path, spec.model_names)
+        if failed == 0:
+            raise JobConflict(f"job {job_id} has no rows with errors: nothing to retry")
+        if failed is None and spec.digest() != before.digest():
+            raise JobConflict(
+                f"job {job_id} stopped before its output was complete: retry it without "
+                "changes first (it resumes where it stopped), then with them"
+            )
+        job = self.store.retry(
+            job_id,
+            spec=spec.model_dump(mode="json"),
+            priority=spec.priority,
+            progress=initial_progress((job.progress or {}).get("rows_total")),
+        )
         self._wake()
         return job
 

@@ -153,12 +153,21 @@ class EnginePools:
 
         return ModelSpec.model_validate(block).model_dump()
 
-    def run(self, job_id: str, *, spec_path: Path, status: str, pools: dict[str | None, str]):
-        """Run a small job in the host."""
+    def run(
+        self,
+        job_id: str,
+        *,
+        spec_path: Path,
+        status: str,
+        pools: dict[str | None, str],
+        retry_errors: bool = False,
+    ) -> None:
+        """Run a small job in the host (``retry_errors``: only its rows with errors)."""
         self.mailbox.send(
             "run",
             {
                 "job_id": job_id,
+                "retry_errors": retry_errors,
                 "spec": str(spec_path),
                 "status": status,
                 "pools": {"" if k is None else k: v for k, v in pools.items()},

@@ -56,6 +56,12 @@ _RAY_ACTIVE = ("PENDING", "RUNNING")
 HOSTED_POLL = 0.1
 
 
+def run_id(job: Job) -> str:
+    """The Ray submission id of a job's driver: the job's id, and for each retry of its rows
+    with errors one of its own (Ray keeps ended submissions under their ids)."""
+    return job.id if not job.retries else f"{job.id}-retry-{job.retries}"
+
+
 def status_uri(settings: Settings, job_id: str) -> str:
     """Where a job's driver keeps its status file: beside its spec in the service's data
     directory (shared with the cluster's nodes in cluster mode), not in the job's output
@@ -301,7 +307,7 @@ class Scheduler:
                 logger.error("job %s: its stored spec is refused: %s", job.id, e)
                 self.store.finish(job.id, JobStatus.FAILED, error=str(e), from_statuses=("queued",))
                 continue
-            submission = self.pools.host_id if hosted and self.pools is not None else job.id
+            submission = self.pools.host_id if hosted and self.pools is not None else run_id(job)
             if not self.store.claim(job.id, submission_id=submission):
                 continue  # cancelled in between
             job.ray_submission_id = submission
@@ -335,7 +341,8 @@ class Scheduler:
         spec = JobSpec.from_dict(job.spec, source=f"job {job.id}").with_output(job.output_path)
         # Two drivers on one output delete each other's uncommitted part files and
         # checkpoint (this job's own Ray run, still going, is followed instead).
-        other = next((s for s in output_writers(self.jobs, job.output_path) if s != job.id), None)
+        own = job.ray_submission_id or run_id(job)
+        other = next((s for s in output_writers(self.jobs, job.output_path) if s != own), None)
         if other is not None:
             raise LLMBatchError(busy_output(job.output_path, other))
         pools = self.pools.pools_for(spec) if self.pools is not None else {}
@@ -345,18 +352,25 @@ class Scheduler:
             assert self.pools is not None
             write_spec(folder, spec)
             remove_status(status)
-            self.pools.run(job.id, spec_path=folder / SPEC_NAME, status=status, pools=pools)
+            self.pools.run(
+                job.id,
+                spec_path=folder / SPEC_NAME,
+                status=status,
+                pools=pools,
+                retry_errors=bool(job.retries),
+            )
             logger.info("job %s: running in the engine host", job.id)
             return
         fresh = launch_driver(
             self.jobs,
             spec,
-            submission_id=job.id,
+            submission_id=own,
             spec_dir=folder,
             status=status,
             job_id=job.id,
-            clear_status=self.jobs.status(job.id) is None,
+            clear_status=self.jobs.status(own) is None,
             pools=pools,
+            retry_errors=bool(job.retries),
         )
         if fresh:
             logger.info("job %s: submitted to Ray", job.id)

@@ -165,6 +165,11 @@ class JobPublic(BaseModel):
     progress: JobProgress
     output: JobOutput
     error: str | None = Field(description="Why a failed job failed, in words a user can act on.")
+    retries: int = Field(
+        default=0,
+        description="How many times its rows with errors were sent to run again "
+        "(`POST /v1/jobs/{id}/retry`).",
+    )
     spec: dict[str, Any] = Field(description="The job as accepted (validated, paths resolved).")
 
 
@@ -205,6 +210,7 @@ def to_public(job: Job) -> JobPublic:
             expired=job.expired_at is not None,
         ),
         error=job.error,
+        retries=job.retries or 0,
         spec=job.spec,
     )
 

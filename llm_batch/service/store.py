@@ -113,6 +113,10 @@ class Job(_Base):
     progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # How many times its rows with errors were sent to run again (POST /v1/jobs/{id}/retry):
+    # above 0, its runs are retries (``llm-batch run --retry-errors``), each a Ray
+    # submission of its own (``submission_id``).
+    retries: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), default=None)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), default=None)
@@ -519,6 +523,39 @@ class JobStore:
                 .where(Job.id == job_id, Job.status.in_(ACTIVE))
                 .values(progress=progress, updated_at=utcnow()),
             )
+
+    def retry(
+        self, job_id: str, *, spec: dict[str, Any], priority: int, progress: dict[str, Any]
+    ) -> Job:
+        """Ended → queued again to run its rows with errors (``spec``: the job's, or with the
+        model block the retry changed); ``JobConflict`` unless the job has ended."""
+        now = utcnow()
+        with self._session() as s:
+            changed = _execute(
+                s,
+                update(Job)
+                .where(Job.id == job_id, Job.status.in_(TERMINAL), Job.expired_at.is_(None))
+                .values(
+                    status=JobStatus.QUEUED.value,
+                    spec=spec,
+                    priority=priority,
+                    progress=progress,
+                    error=None,
+                    started_at=None,
+                    finished_at=None,
+                    expires_at=None,
+                    ray_submission_id=None,
+                    retries=Job.retries + 1,
+                    updated_at=now,
+                ),
+            )
+        job = self.get(job_id)
+        if not changed:
+            raise JobConflict(
+                f"job {job_id} is {job.status}: a job's rows with errors can be retried once "
+                "it has ended"
+            )
+        return job
 
     def requeue(self, job_id: str, *, progress: dict[str, Any] | None = None) -> bool:
         """Running → queued (its Ray run is gone); it will run again from the start."""

@@ -19,7 +19,7 @@ from llm_batch.service.errors import JobConflict, JobNotFound
 from llm_batch.service.jobs import JobService, Principal
 from llm_batch.service.process import free_port
 from llm_batch.service.settings import Settings
-from llm_batch.service.store import JobStore
+from llm_batch.service.store import JobStatus, JobStore
 
 ALICE = Principal(owner="alice", admin=False)
 BOB = Principal(owner="bob", admin=False)
@@ -129,3 +129,49 @@ def test_both_doors_refuse_the_same_path_the_same_way(service, body, settings, t
     assert r.status_code == 422
     assert r.json()["detail"] == str(refused.value)
     assert str(refused.value).startswith("output.path: ")
+
+
+def _finished_output(path: Path, errors: list[str | None]) -> None:
+    """What a finished run of the job leaves: its manifest and one part file."""
+    from llm_batch.pipeline.manifest import Manifest, new_run_id, part_name
+    from llm_batch.pipeline.write import OWN_FILES
+
+    run = new_run_id()
+    path.mkdir(parents=True)
+    pq.write_table(
+        pa.table({"row_id": list(range(len(errors))), "error": errors}), path / part_name(run, 0)
+    )
+    manifest = Manifest(job="two")
+    manifest.add_run(run, "d", OWN_FILES)
+    manifest.write(str(path))
+
+
+def test_a_retry_queues_an_ended_job_with_errors_again(service, body):
+    jobs, waker = service
+    job, _ = jobs.submit(body, ALICE)
+    with pytest.raises(JobConflict, match="can be retried once it has ended"):
+        jobs.retry(job.id, None, ALICE)
+    jobs.store.finish(job.id, JobStatus.SUCCEEDED, from_statuses=("queued",))
+    _finished_output(Path(job.output_path), [None, "too long"])
+    with pytest.raises(JobNotFound):
+        jobs.retry(job.id, None, BOB)
+    with pytest.raises(JobSpecError, match=r"^sampling: a retry takes only `model` or `models`"):
+        jobs.retry(job.id, {"sampling": {}}, ALICE)
+    with pytest.raises(JobSpecError, match=r"^models: a retry keeps the job's model names"):
+        jobs.retry(job.id, {"models": [{"name": "m", "path": "tiny-hub-id"}]}, ALICE)
+    woken = waker.woken
+    again = jobs.retry(
+        job.id, {"model": {"path": "tiny-hub-id", "engine": {"max_model_len": 512}}}, ALICE
+    )
+    assert again.status == "queued" and again.retries == 1 and waker.woken == woken + 1
+    assert again.spec["model"]["engine"]["max_model_len"] == 512
+    assert again.progress["rows_total"] == 2 and again.progress["rows_done"] == 0
+
+
+def test_a_job_without_errors_has_nothing_to_retry(service, body):
+    jobs, _ = service
+    job, _ = jobs.submit(body, ALICE)
+    jobs.store.finish(job.id, JobStatus.SUCCEEDED, from_statuses=("queued",))
+    _finished_output(Path(job.output_path), [None, None])
+    with pytest.raises(JobConflict, match="has no rows with errors: nothing to retry"):
+        jobs.retry(job.id, None, ALICE)

@@ -105,6 +105,34 @@ def cancel_job(job_id: str, jobs: JobServiceDep, principal: PrincipalDep) -> Job
     return to_public(jobs.cancel(job_id, principal))
 
 
+@router.post(
+    "/{job_id}/retry",
+    response_model=JobPublic,
+    summary="Run a job's rows with errors again",
+    responses={
+        **_ERRORS,
+        409: {"description": "The job has not ended, or has no row with an error."},
+        422: {"description": "The changed model block is invalid; `detail` names the field."},
+    },
+)
+def retry_job(
+    job_id: str,
+    jobs: JobServiceDep,
+    principal: PrincipalDep,
+    body: Annotated[
+        dict[str, Any] | None,
+        Body(
+            description="Optional: `model` or `models` replacing the job's model block(s), "
+            "e.g. a larger `engine.max_model_len` (the models' names stay)."
+        ),
+    ] = None,
+) -> JobPublic:
+    """The job is queued again; its run takes the rows of its output whose `error` is set
+    and runs them again, keeping every other row, so that the output ends with every input
+    row exactly once. Progress and metrics cover the whole output."""
+    return to_public(jobs.retry(job_id, body, principal))
+
+
 @router.get(
     "/{job_id}/results",
     summary="Stream a job's output rows",
