@@ -301,6 +301,11 @@ def input_dataset(
             "n": spec.sampling.n,
         },
     )
+    if task_cpus is not None:
+        # A small job (the service's engine host): its few rows are one block already, and
+        # without the cut Ray Data fuses read, render, the pool call and the write into one
+        # task (_pool_stage_resources), one scheduling round instead of one per operator.
+        return ds
     return ds.repartition(target_num_rows_per_block=rows_per_block, strict=False)
 
 
@@ -624,7 +629,6 @@ def engine_pools(
                 # second, looking for rows to fill it, which a ten-row job would pay.
                 batch_size=None,
                 zero_copy_batch=True,
-                max_retries=3,
                 **_pool_stage_resources(model.max_batches_in_flight, engines.task_cpus),
             )
             continue
@@ -662,8 +666,10 @@ def _pool_stage_resources(in_flight: int, task_cpus: float | None) -> dict[str, 
     fuses read, render, the pool call and the write into one task: under load, every
     task more is a scheduling round a ten-row job waits for."""
     if task_cpus is not None:
+        # The same remote arguments as the read's and the write's, or Ray Data fuses
+        # nothing (a task is retried on a lost worker as Ray's default does: 3 times).
         return {"num_cpus": task_cpus}
-    return {"concurrency": in_flight, "num_cpus": 0}
+    return {"concurrency": in_flight, "num_cpus": 0, "max_retries": 3}
 
 
 @contextlib.contextmanager

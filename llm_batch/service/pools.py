@@ -72,7 +72,11 @@ class EnginePools:
 
     def ensure_host(self) -> None:
         """Launch the host when Ray does not run it (first start, a cluster restarted, the
-        host ended); raises ``ServiceUnavailable`` when Ray cannot be reached."""
+        host ended); raises ``ServiceUnavailable`` when Ray cannot be reached. A host that
+        wrote its state lately runs: Ray's dashboard, seconds to answer on a loaded machine,
+        is asked only when it has not."""
+        if self.host_alive():
+            return
         state = self.host_state()
         if state in _RAY_ACTIVE:
             return
@@ -176,6 +180,10 @@ class EnginePools:
 
     def cancel(self, job_id: str) -> None:
         self.mailbox.send("cancel", {"job_id": job_id})
+
+    def host_alive(self) -> bool:
+        """The host wrote its state lately (it does every second or two while it runs)."""
+        return bool(self.state())
 
     def state(self) -> dict[str, Any]:
         """What the host last reported (``{}`` when it has not, or not lately)."""

@@ -100,6 +100,8 @@ class Scheduler:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._follower: threading.Thread | None = None
+        self._hosted_started = threading.Event()
         self._cluster_ready = cluster is None
         self._last_write: dict[str, float] = {}
         self._stop_sent: set[str] = set()
@@ -111,12 +113,19 @@ class Scheduler:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="llm-batch-scheduler", daemon=True)
         self._thread.start()
+        if self.pools is not None:
+            self._follower = threading.Thread(
+                target=self._follow_hosted_loop, name="llm-batch-hosted", daemon=True
+            )
+            self._follower.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stopping.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._hosted_started.set()
+        for thread in (self._thread, self._follower):
+            if thread is not None:
+                thread.join(timeout)
 
     def wake(self) -> None:
         """Run a pass now (a job was submitted or cancelled)."""
@@ -133,8 +142,6 @@ class Scheduler:
                 if woken or time.monotonic() - last_full >= self.settings.poll_interval:
                     last_full = time.monotonic()
                     self.run_once()
-                else:
-                    self.follow_hosted()
                 self._last_warning = ""
             except ServiceUnavailable as e:
                 self._warn_once("scheduler waits for Ray: %s", e)
@@ -143,17 +150,28 @@ class Scheduler:
             except Exception:
                 logger.exception("scheduler pass failed; retrying")
                 self._stopping.wait(2.0)
-            # Jobs of the engine host end in a second or two: their status files (a local
-            # read each) are looked at every HOSTED_POLL seconds, the rest every poll_interval.
-            wait = HOSTED_POLL if self._hosted_running else self.settings.poll_interval
-            woken = self._wake.wait(min(wait, self.settings.poll_interval))
+            woken = self._wake.wait(self.settings.poll_interval)
             self._wake.clear()
+
+    def _follow_hosted_loop(self) -> None:
+        """Jobs of the engine host end in a second or two: their status files (a local read
+        each) are looked at every HOSTED_POLL seconds, in a thread of their own. A full pass
+        asks Ray's dashboard about every other job, which takes seconds on a loaded machine:
+        a small job that ended must not wait for it to be seen."""
+        while not self._stopping.is_set():
+            self._hosted_started.wait(HOSTED_POLL if self._hosted_running else 1.0)
+            self._hosted_started.clear()
+            try:
+                self.follow_hosted()
+            except Exception:  # noqa: BLE001 - the full pass follows them too
+                logger.exception("following the engine host's jobs failed; retrying")
 
     def follow_hosted(self) -> None:
         """A quick pass: the engine host's jobs' status files only (no call to Ray)."""
-        for job in self.store.active():
-            if self._hosted(job):
-                self._follow_hosted(job, check_host=False)
+        hosted = [job for job in self.store.active() if self._hosted(job)]
+        self._hosted_running = bool(hosted)
+        for job in hosted:
+            self._follow_hosted(job, check_host=False)
 
     def _warn_once(self, fmt: str, *args: Any) -> None:
         message = fmt % args
@@ -166,6 +184,9 @@ class Scheduler:
     def run_once(self) -> None:
         if self.pools is not None:
             self.pools.ensure_host()
+        # Queued jobs first: following the running ones asks Ray's dashboard about each,
+        # seconds on a loaded machine, which a small job just submitted would wait for.
+        self._start_queued()
         active = self.store.active()
         self._hosted_running = any(self._hosted(job) for job in active)
         for job in active:
@@ -243,7 +264,11 @@ class Scheduler:
             self._end(job, JobStatus.CANCELLED, progress)
         elif state == "failed":
             self._end(job, JobStatus.FAILED, progress, error=str(status.get("error")))
-        elif check_host and self.jobs.status(job.ray_submission_id) not in _RAY_ACTIVE:
+        elif (
+            check_host
+            and not self.pools.host_alive()
+            and self.jobs.status(job.ray_submission_id) not in _RAY_ACTIVE
+        ):
             self._lost(job)
         else:
             self._write_progress(job, progress)
@@ -359,6 +384,8 @@ class Scheduler:
                 pools=pools,
                 retry_errors=bool(job.retries),
             )
+            self._hosted_running = True  # the follower looks every HOSTED_POLL now
+            self._hosted_started.set()
             logger.info("job %s: running in the engine host", job.id)
             return
         fresh = launch_driver(
