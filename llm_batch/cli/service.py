@@ -4,6 +4,7 @@
     llm-batch submit JOB.yaml [--server URL] [--wait]
     llm-batch status [ID] [--server URL]
     llm-batch cancel ID [--server URL]
+    llm-batch retry ID [--server URL]
     llm-batch demo                    the whole product in one command (`make demo`)
 
 The client commands talk to ``--server`` (default ``LLM_BATCH_SERVER`` or
@@ -218,6 +219,15 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_retry(args: argparse.Namespace) -> int:
+    from llm_batch.service.client import JobsClient
+
+    with JobsClient(args.server) as client:
+        job = client.retry(args.id)
+    print(f"{job['id']}: {job['status']} (its rows with errors run again; retry {job['retries']})")
+    return 0
+
+
 # -- demo --------------------------------------------------------------------------------
 
 
@@ -348,6 +358,11 @@ def add_commands(sub: Any) -> None:
     cancel.add_argument("id", help="the job id")
     cancel.add_argument("--server", default=_server_default(), help=server_help)
     cancel.set_defaults(func=_cmd_cancel)
+
+    retry = sub.add_parser("retry", help="run an ended job's rows with errors again")
+    retry.add_argument("id", help="the job id")
+    retry.add_argument("--server", default=_server_default(), help=server_help)
+    retry.set_defaults(func=_cmd_retry)
 
     demo = sub.add_parser(
         "demo", help="start the service, submit the example job over REST, show results, stop"

@@ -93,6 +93,9 @@ class JobsClient:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._request("POST", f"/v1/jobs/{job_id}/cancel").json()  # type: ignore[no-any-return]
 
+    def retry(self, job_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/v1/jobs/{job_id}/retry").json()  # type: ignore[no-any-return]
+
     def ready(self) -> bool:
         try:
             return self._http.get("/readyz", timeout=5).status_code == 200

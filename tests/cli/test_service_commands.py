@@ -75,6 +75,17 @@ def test_submit_status_cancel(server, job_file, reviews, capsys):
     assert capsys.readouterr().out.strip() == "no jobs"
 
 
+def test_retry_of_a_job_that_has_not_ended_prints_the_services_message(server, job_file, capsys):
+    assert main(["submit", str(job_file), "--server", server]) == 0
+    job_id = capsys.readouterr().out.split()[1]
+    assert main(["retry", job_id, "--server", server]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"llm-batch: error: job {job_id} is queued: its rows with errors can be retried once "
+        "it has ended"
+    )
+
+
 def test_submit_resolves_relative_paths_before_sending(server, job_file, reviews, capsys):
     from llm_batch.service.client import JobsClient
 
