@@ -23,6 +23,7 @@ How the folder is turned, so that a crash at any point loses and doubles nothing
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -51,26 +52,9 @@ def error_columns(model_names: list[str | None]) -> list[str]:
     return [columns.model_column(name, columns.ERROR) for name in model_names]
 
 
-def _parts(uri: str, manifest: Manifest) -> list[pafs.FileInfo]:
-    fs, path = open_filesystem(uri)
-    base = path.rstrip("/")
-    return sorted(
-        (
-            f
-            for f in fs.get_file_info(pafs.FileSelector(base, recursive=False))
-            if f.type == pafs.FileType.File
-            and f.base_name.endswith(".parquet")
-            and not f.base_name.startswith(".")
-            and manifest.owns(f.base_name)
-        ),
-        key=lambda f: f.base_name,
-    )
-
-
 def _failed_ids(table: pa.Table, errors: list[str]) -> pa.Array:
     """Row ids with an error in any model (a prompt's samples go again together)."""
-    failed = pc.or_(*[pc.is_valid(table[c]) for c in errors]) if len(errors) > 1 else None
-    mask = failed if failed is not None else pc.is_valid(table[errors[0]])
+    mask = functools.reduce(pc.or_, (pc.is_valid(table[c]) for c in errors))
     return pc.unique(table[columns.ROW_ID].filter(mask))
 
 
@@ -99,29 +83,29 @@ def failed_rows(uri: str, model_names: list[str | None]) -> int | None:
     """How many input rows of a finished job's output have an error (what a retry runs);
     None when the folder holds an interrupted run (``run_job`` resumes it, if it was of
     the same spec, or refuses)."""
-    manifest = Manifest.read(uri)
+    from llm_batch.pipeline.write import owned_parts
+
     errors = error_columns(model_names)
-    fs, base = _check(uri, manifest)
-    assert manifest is not None
+    fs, base = _check(uri, Manifest.read(uri))
     if _interrupted(fs, base):
         return None
-    total = 0
-    for info in _parts(uri, manifest):
-        table = _read(fs, info, errors)
-        total += len(_failed_ids(table, errors))
-    return total
+    return sum(len(_failed_ids(_read(fs, part, errors), errors)) for part in owned_parts(uri))
 
 
-def _read(fs: Any, info: pafs.FileInfo, errors: list[str], *, whole: bool = False) -> pa.Table:
-    with fs.open_input_file(info.path) as f:
+def _read(fs: Any, path: str, errors: list[str], *, whole: bool = False) -> pa.Table:
+    with fs.open_input_file(path) as f:
         schema = pq.read_schema(f)
         missing = [c for c in [columns.ROW_ID, *errors] if c not in schema.names]
         if missing:
             raise JobSpecError(
-                f"models: {info.base_name} has no column {missing[0]!r}: a retry keeps "
+                f"models: {_name(path)} has no column {missing[0]!r}: a retry keeps "
                 "the job's model names (models[].name), so that its rows replace the old ones"
             )
         return pq.read_table(f, columns=None if whole else [columns.ROW_ID, *errors])
+
+
+def _name(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
 
 
 def _write_ids(fs: Any, path: str, ids: pa.Array) -> None:
@@ -140,7 +124,7 @@ def prepare_retry(
     """Turn a finished job's folder into an interrupted run of the spec ``digest`` without
     its failed rows (see the module); returns the manifest, which records the run (its
     copies and ``_retry/`` are the folder's own) before anything is written."""
-    from llm_batch.pipeline.write import OWN_FILES
+    from llm_batch.pipeline.write import OWN_FILES, owned_parts
 
     errors = error_columns(model_names)
     fs, base = _check(uri, manifest)
@@ -159,15 +143,15 @@ def prepare_retry(
     fs.create_dir(checkpoint, recursive=True)
     redo = 0
     copies: list[str] = []
-    for info in _parts(uri, manifest):
-        table = _read(fs, info, errors)
+    for part in owned_parts(uri):
+        table = _read(fs, part, errors)
         failed = _failed_ids(table, errors)
-        name = info.base_name.removesuffix(".parquet")
+        name = _name(part).removesuffix(".parquet")
         if len(failed) == 0:
             _write_ids(fs, f"{checkpoint}/{name}.parquet", pc.unique(table[columns.ROW_ID]))
             continue
         redo += len(failed)
-        whole = _read(fs, info, errors, whole=True)
+        whole = _read(fs, part, errors, whole=True)
         kept = whole.filter(pc.invert(pc.is_in(whole[columns.ROW_ID], value_set=failed)))
         copy = part_name(run_id, _COPY_TASKS + len(copies))
         if kept.num_rows:

@@ -303,8 +303,8 @@ def input_dataset(
     )
     if task_cpus is not None:
         # A small job (the service's engine host): its few rows are one block already, and
-        # without the cut Ray Data fuses read, render, the pool call and the write into one
-        # task (_pool_stage_resources), one scheduling round instead of one per operator.
+        # without the cut Ray Data fuses render, the pool call and the write into one task
+        # after the read's (_pool_stage_resources): two scheduling rounds instead of four.
         return ds
     return ds.repartition(target_num_rows_per_block=rows_per_block, strict=False)
 
@@ -662,9 +662,9 @@ def engine_pools(
 def _pool_stage_resources(in_flight: int, task_cpus: float | None) -> dict[str, Any]:
     """A pool stage's tasks: ``in_flight`` at once (the job's admission limit in front of
     the pool), holding no CPU of the job's budget while they wait on the pool. A small
-    job's (``task_cpus`` set) asks what its read and write ask instead, so that Ray Data
-    fuses read, render, the pool call and the write into one task: under load, every
-    task more is a scheduling round a ten-row job waits for."""
+    job's (``task_cpus`` set) asks what its render and write ask instead, so that Ray Data
+    fuses render, the pool call and the write into one task (the read stays a task of its
+    own): under load, every task more is a scheduling round a ten-row job waits for."""
     if task_cpus is not None:
         # The same remote arguments as the read's and the write's, or Ray Data fuses
         # nothing (a task is retried on a lost worker as Ray's default does: 3 times).

@@ -138,3 +138,11 @@ def test_a_retry_needs_a_finished_output_with_the_same_model_names(tmp_path):
     manifest = Manifest.read(str(out))
     with pytest.raises(JobSpecError, match="did not finish and was of another job spec"):
         prepare_retry(str(out), manifest, new_run_id(), digest="d", model_names=[None])
+
+
+def test_a_row_any_of_three_models_failed_goes_again(tmp_path):
+    out = tmp_path / "out"
+    errors = {f"{m}__error": [None, None, None] for m in "abc"}
+    errors["c__error"] = [None, "x", None]
+    finished(out, [{"row_id": [0, 1, 2], **errors}])
+    assert failed_rows(str(out), ["a", "b", "c"]) == 1
