@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -185,7 +186,10 @@ class PoisonedGenerator(Generator):
             manager = self.engine.engine_core.resources.engine_manager
             killed = [p.pid for p in manager.processes if p.is_alive()]
             for pid in killed:
-                os.kill(pid, signal.SIGKILL)
+                # The process may have died between is_alive() and the kill (another
+                # poison row of the same engine got there first): dead is what we want.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             if self.kill_log:
                 with open(self.kill_log, "a", encoding="utf-8") as log:
                     log.write(f"{time.time():.2f} actor {os.getpid()} {text!r} killed {killed}\n")
