@@ -19,6 +19,21 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 
 
+@pytest.fixture(autouse=True)
+def response_cache_of_its_own(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Each test's jobs keep their response cache (on, as for users) in a folder of the
+    test's own: a test never takes another test's outputs for its engine's. Read when a job
+    starts, in the test's process or in a CLI it runs."""
+    folder = tmp_path_factory.mktemp("response-cache")
+    before = os.environ.get("LLM_BATCH_CACHE_DIR")
+    os.environ["LLM_BATCH_CACHE_DIR"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("LLM_BATCH_CACHE_DIR", None)
+    else:
+        os.environ["LLM_BATCH_CACHE_DIR"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from llm_batch.models.tiny import write_tiny_model

@@ -232,6 +232,8 @@ def job_dict(config: BenchConfig, workload: Workload, model: str, output: str) -
         },
         "carryover": workload.carryover,
         "output": {"path": output},
+        # The engine path is what is measured: every round generates every row.
+        "cache": {"mode": "off"},
     }
     sampling = _sampling(workload.spec)
     if sampling is not None:

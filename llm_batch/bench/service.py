@@ -182,6 +182,7 @@ def run_service_bench(config: Any, *, big_rows: int, small_every: float) -> dict
             "sampling": _sampling(config.workload),
             "carryover": big.carryover,
             "output": {"path": str(out / "outputs" / output)},
+            "cache": {"mode": "off"},  # the pool is measured: every job generates
         }
 
     shutil.rmtree(out / "outputs", ignore_errors=True)

@@ -35,6 +35,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     spec = JobSpec.from_file(args.job)
     if args.output or spec.output is None:
         spec = spec.with_output(args.output or f"out/{spec.name}")
+    if args.no_cache:
+        spec = spec.model_copy(update={"cache": spec.cache.model_copy(update={"mode": "off"})})
     plan = plan_job(spec)  # fails fast, before Ray or an engine starts
     if args.retry_errors:
         from llm_batch.pipeline.retry import failed_rows
@@ -63,8 +65,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     with ProgressView(spec.name) as view:
         result = run_job(spec, plan=plan, on_progress=view.update, retry_errors=args.retry_errors)
     snap = result.progress
+    cached = f", {snap['rows_cached']} from the cache" if snap.get("rows_cached") else ""
     terminal.say(
-        f"wrote {snap['rows_done']} rows ({snap['rows_failed']} with errors) to "
+        f"wrote {snap['rows_done']} rows ({snap['rows_failed']} with errors{cached}) to "
         f"{result.output_path} in {result.wall_seconds:.1f}s"
     )
     if args.show:
@@ -90,6 +93,65 @@ def _print_rows(path: str, n: int) -> None:
 def _short(value: Any, width: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _cache_root(args: argparse.Namespace) -> str:
+    from llm_batch.pipeline.cache import default_root
+
+    return args.path or default_root("")
+
+
+def _cmd_cache_info(args: argparse.Namespace) -> int:
+    import time
+
+    from llm_batch.pipeline.cache import info
+
+    root = _cache_root(args)
+    spaces = info(root)
+    if not spaces:
+        terminal.say(f"the response cache at {root} is empty")
+        return 0
+    terminal.say(f"response cache at {root}:")
+    terminal.say(f"  {'namespace':<34}{'entries':>9}{'files':>7}{'MiB':>9}  {'newest':<20}model")
+    for ns in spaces:
+        newest = ns["newest"]
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(newest)) if newest else "-"
+        terminal.say(
+            f"  {ns['namespace']:<34}{ns['entries']:>9}{ns['files']:>7}"
+            f"{ns['bytes'] / 2**20:>9.2f}  {when:<20}{ns['model'] or '?'}"
+        )
+    return 0
+
+
+def parse_age(text: str) -> float:
+    """``30m``, ``12h``, ``7d``, ``90s`` or plain seconds, in seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    value = text.strip().lower()
+    scale = units.get(value[-1:])
+    number = value[:-1] if scale is not None else value
+    try:
+        seconds = float(number) * (scale or 1)
+    except ValueError:
+        raise LLMBatchError(
+            f"--older-than {text!r}: expected an age such as 30m, 12h, 7d or seconds"
+        ) from None
+    if seconds < 0:
+        raise LLMBatchError(f"--older-than {text!r}: an age is not negative")
+    return seconds
+
+
+def _cmd_cache_clear(args: argparse.Namespace) -> int:
+    from llm_batch.pipeline.cache import clear
+
+    root = _cache_root(args)
+    older = parse_age(args.older_than) if args.older_than else None
+    removed = clear(root, older_than=older)
+    scope = f" written more than {args.older_than} ago" if args.older_than else ""
+    terminal.say(
+        f"removed {removed['entries']} cached responses{scope} ({removed['files']} files, "
+        f"{removed['bytes'] / 2**20:.2f} MiB) from {root}"
+    )
+    return 0
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
@@ -133,6 +195,12 @@ def add_commands(sub: Any) -> None:
         help="run again only the rows whose error is set in the job's finished output (the "
         "job file may change its model or engine block); the other rows are kept",
     )
+    run.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="neither take responses from the response cache nor store new ones "
+        "(the job's cache.mode: off)",
+    )
     run.add_argument("--show", type=int, default=0, metavar="N", help="print N output rows")
     run.add_argument(
         "--verbose",
@@ -145,6 +213,26 @@ def add_commands(sub: Any) -> None:
         help="the run's log (default: ~/.local/state/llm-batch/logs/<job>-<time>.log)",
     )
     run.set_defaults(func=_cmd_run)
+
+    cache = sub.add_parser("cache", help="the response cache: what it holds, and clearing it")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="COMMAND")
+    for name, help_text in (
+        ("info", "each model's entries, files, size and age"),
+        ("clear", "delete the cache's entries (all, or --older-than)"),
+    ):
+        cmd = cache_sub.add_parser(name, help=help_text)
+        cmd.add_argument(
+            "--path",
+            help="the cache's folder or URI (default: $LLM_BATCH_CACHE_DIR, else "
+            "~/.cache/llm_batch/responses)",
+        )
+        if name == "clear":
+            cmd.add_argument(
+                "--older-than",
+                metavar="AGE",
+                help="only entries written more than AGE ago: 30m, 12h, 7d (or seconds)",
+            )
+        cmd.set_defaults(func=_cmd_cache_info if name == "info" else _cmd_cache_clear)
 
     tiny = sub.add_parser("tiny-model", help="write a small deterministic model to DIR")
     tiny.add_argument("dir", type=Path)

@@ -17,6 +17,7 @@ from llm_batch import columns
 from llm_batch.errors import JobSpecError
 
 __all__ = [
+    "CacheSpec",
     "EngineSpec",
     "MetricsSpec",
     "NotifySpec",
@@ -468,6 +469,21 @@ class OutputSpec(_Strict):
     )
 
 
+class CacheSpec(_Strict):
+    mode: Literal["read_write", "read", "write", "off"] = Field(
+        default="read_write",
+        description="The response cache (rows with deterministic sampling only: greedy or "
+        "seeded, n 1): read_write takes stored responses and stores new ones; read only "
+        "takes; write only stores; off neither.",
+    )
+    path: str | None = Field(
+        default=None,
+        description="The cache's folder or URI; default $LLM_BATCH_CACHE_DIR, else beside an "
+        "object-storage output (.llm-batch-cache), else ~/.cache/llm_batch/responses. The "
+        "service keeps one per key and refuses this field.",
+    )
+
+
 class NotifySpec(_Strict):
     url: str = Field(
         description="Service only: the job's end is POSTed here as a signed Standard "
@@ -498,6 +514,11 @@ class JobSpec(_Strict):
     )
     notify: NotifySpec | None = Field(
         default=None, description="Service only: a webhook told when the job ends."
+    )
+    cache: CacheSpec = Field(
+        default_factory=CacheSpec,
+        description="The response cache across runs: rows generated before with the same "
+        "model, engine arguments, sampling and prompt are not generated again.",
     )
     priority: int = Field(
         default=0, description="Queue order in the service: higher runs first, then oldest first."
@@ -620,8 +641,9 @@ class JobSpec(_Strict):
         """A short digest of the whole job: equal digests run the very same job."""
         import hashlib
 
-        # Who is told, and how long the service keeps it, change nothing in the output.
-        data = self.model_dump(mode="json", exclude={"notify": True})
+        # Who is told, how long the service keeps it, and whether rows come from the
+        # response cache change nothing in the output.
+        data = self.model_dump(mode="json", exclude={"notify": True, "cache": True})
         if data.get("output"):
             data["output"].pop("retain_days", None)
         text = json.dumps(data, sort_keys=True)

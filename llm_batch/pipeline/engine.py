@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from llm_batch import columns
 from llm_batch.errors import EngineUnavailable
+from llm_batch.pipeline.cache import CacheConfig, ResponseCache
 from llm_batch.pipeline.engine_args import SamplingParamsCache
 from llm_batch.pipeline.generation import BatchInputs, Generator, RowResult, whereabouts
 from llm_batch.pipeline.progress import BatchLedger
@@ -56,6 +57,7 @@ def report_batch(
         input_tokens=report.input_tokens,
         output_tokens=report.output_tokens,
         deduplicated=report.deduplicated,
+        cached=report.cached,
         seconds=seconds,
         metrics=report.metrics,
         batch_key=key,
@@ -88,8 +90,10 @@ class EngineStage:
         progress: Any = None,
         metrics: dict[str, Any] | None = None,
         drop: list[str] | tuple[str, ...] = (),
+        cache: CacheConfig | None = None,
     ):
         self._model_name = model_name
+        self._model = model
         self._progress = progress
         self._max_retries = int(model["max_batch_retries"])
         replicas = model["replicas"]
@@ -104,12 +108,23 @@ class EngineStage:
         self._finisher = BatchFinisher(
             sampling, model_name=model_name, metrics=metrics, drop=drop, task=model["task"]
         )
-        # Ray wraps a failure here in an ActorDiedError; run_job digs the message back out.
-        self._generator = self.generator_class(model)
+        self._cache = ResponseCache(cache, sampling) if cache is not None else None
+        self._generator: Generator | None = None
         self._where = whereabouts()
         atexit.register(_closing)  # after vLLM's own exit handlers, so it runs before them
-        if self._progress is not None:
-            self._progress.engine_started.remote(model_name)
+        # A warm cache may answer every row: the engine then starts at the first miss, and
+        # a job served wholly from the cache starts none. Otherwise it starts now, while
+        # the first batches are read. Ray wraps a failure here in an ActorDiedError;
+        # run_job digs the message back out.
+        if cache is None or not (cache.warm and cache.reads):
+            self._start_engine()
+
+    def _start_engine(self) -> Generator:
+        if self._generator is None:
+            self._generator = self.generator_class(self._model)
+            if self._progress is not None:
+                self._progress.engine_started.remote(self._model_name)
+        return self._generator
 
     def __del__(self) -> None:
         # End the engine's core process with the actor instead of orphaning it.
@@ -145,8 +160,22 @@ class EngineStage:
             if key is not None:
                 self._progress.enter_batch.remote(key, alone=alone)
             inputs = BatchInputs.from_table(batch, overrides_column=self._overrides_column)
-            results = await self._generator.generate(inputs, self._params, on_dead=_engine_died)
+            results = await self._generate(inputs)
         yield self._finish(batch, results, started, key)
+
+    async def _generate(self, inputs: BatchInputs) -> list[RowResult]:
+        """The batch's results: the cache's where it has them, the engine's for the rest."""
+        if self._cache is None:
+            return await self._start_engine().generate(inputs, self._params, on_dead=_engine_died)
+        lookup = self._cache.lookup(inputs)
+        generated: list[RowResult] = []
+        if lookup.misses:
+            generated = await self._start_engine().generate(
+                inputs.take(lookup.misses), self._params, on_dead=_engine_died
+            )
+        results = lookup.merge(generated)
+        self._cache.store(lookup, results)
+        return results
 
     def _finish(
         self,
@@ -159,14 +188,17 @@ class EngineStage:
     ) -> pa.Table:
         generator = self._generator
         out, report = self._finisher.finish(
-            batch, results, dim=generator.dim, labels=generator.labels
+            batch,
+            results,
+            dim=generator.dim if generator else None,
+            labels=generator.labels if generator else None,
         )
         if self._progress is not None:
             report_batch(
                 self._progress,
                 report,
                 model_name=self._model_name,
-                engine={**self._where, **self._generator.load.take()},
+                engine={**self._where, **(generator.load.take() if generator else {})},
                 seconds=time.monotonic() - started,
                 key=key,
                 given_up=given_up,
@@ -192,7 +224,7 @@ async def _watch_engine(stage: weakref.ref[EngineStage]) -> None:
         current = stage()
         if current is None or _CLOSING:
             return
-        dead = current._generator.errored
+        dead = current._generator is not None and current._generator.errored
         del current
         if dead and not _CLOSING:
             _engine_died(RuntimeError("the engine core process is gone"))

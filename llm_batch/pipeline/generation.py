@@ -51,6 +51,7 @@ class RowResult:
     logprobs: list[dict[str, Any]] | None = None  # OpenAI's shape, when asked for
     latency: float | None = None  # seconds from submission to the last token
     deduplicated: bool = False  # another row's output: the same prompt and sampling
+    cached: bool = False  # from the response cache (cache.py), not generated in this run
     # A pooling model's output instead of text (model.task embed, classify, score).
     embedding: Any = None  # numpy float32 vector
     probs: Any = None  # numpy float32, in the order of the model's labels
@@ -96,6 +97,21 @@ class BatchInputs:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def take(self, at: list[int]) -> BatchInputs:
+        """The rows at ``at``, in that order (those a cache did not answer)."""
+
+        def pick(values: list[Any]) -> list[Any]:
+            return [values[i] for i in at]
+
+        return BatchInputs(
+            prompts=pick(self.prompts),
+            messages=pick(self.messages),
+            render_errors=pick(self.render_errors),
+            samples=pick(self.samples),
+            overrides=pick(self.overrides),
+            pairs=None if self.pairs is None else pick(self.pairs),
+        )
 
 
 def _cpu_threads(wanted: int | None) -> None:

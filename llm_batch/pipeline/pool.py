@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -40,6 +41,7 @@ from typing import Any
 import pyarrow as pa
 
 from llm_batch.errors import EngineUnavailable, LLMBatchError
+from llm_batch.pipeline.cache import CacheConfig, ResponseCache
 from llm_batch.pipeline.engine import BatchGate, given_up_results, report_batch
 from llm_batch.pipeline.engine_args import SamplingParamsCache
 from llm_batch.pipeline.generation import BatchInputs, Generator, RowResult, whereabouts
@@ -292,7 +294,7 @@ def _handle(name: str) -> Any:
 
 
 @functools.lru_cache(maxsize=32)
-def _finisher(config: str) -> tuple[BatchFinisher, int, int]:
+def _finisher(config: str) -> tuple[BatchFinisher, int, int, ResponseCache | None]:
     c = json.loads(config)
     finisher = BatchFinisher(
         c["sampling"],
@@ -301,7 +303,9 @@ def _finisher(config: str) -> tuple[BatchFinisher, int, int]:
         drop=c["drop"],
         task=c["task"],
     )
-    return finisher, int(c["max_retries"]), int(c["restart_limit"])
+    cache = c.get("cache")
+    response_cache = ResponseCache(CacheConfig(**cache), c["sampling"]) if cache else None
+    return finisher, int(c["max_retries"]), int(c["restart_limit"]), response_cache
 
 
 def pool_stage_config(
@@ -311,11 +315,13 @@ def pool_stage_config(
     model_name: str | None,
     metrics: dict[str, Any],
     drop: list[str],
+    cache: CacheConfig | None = None,
 ) -> str:
     """What ``send_to_pool`` needs of the job, as one string (cached per worker)."""
     retries = int(model["max_batch_retries"])
     return json.dumps(
         {
+            "cache": dataclasses.asdict(cache) if cache is not None else None,
             "sampling": sampling,
             "model_name": model_name,
             "metrics": metrics,
@@ -359,14 +365,20 @@ def send_to_pool(
     import ray
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-    finisher, max_retries, restart_limit = _finisher(config)
+    finisher, max_retries, restart_limit, cache = _finisher(config)
     model_name = finisher._model_name
     started = time.monotonic()
     key = batch_key(batch, model_name)
     overrides = json.loads(config)["sampling"].get("overrides_column")
     inputs = BatchInputs.from_table(batch, overrides_column=overrides)
     sampling = json.loads(config)["sampling"]
-    wait_for_pool(pool)
+    # The response cache answers what it holds; the pool gets the rest (maybe nothing).
+    lookup = cache.lookup(inputs) if cache is not None else None
+    if lookup is not None:
+        inputs = inputs.take(lookup.misses)
+    if len(inputs):
+        wait_for_pool(pool)
+    shape: dict[str, Any] = {}
     while True:
         decision: dict[str, Any] = {}
         if key is not None and progress is not None:
@@ -388,6 +400,9 @@ def send_to_pool(
         alone = bool(decision.get("alone"))
         if key is not None and progress is not None:
             progress.enter_batch.remote(key, alone=alone)
+        if not len(inputs):  # the cache answered every row
+            results, engine, given_up, shape = [], {}, False, {}
+            break
         try:
             reply = _await_reply(
                 _handle(pool).generate.remote(inputs, sampling, job, alone), progress
@@ -407,6 +422,9 @@ def send_to_pool(
         results, engine, given_up = reply["results"], reply["engine"], False
         shape = {"dim": reply.get("dim"), "labels": reply.get("labels")}
         break
+    if lookup is not None and cache is not None and not given_up:
+        results = lookup.merge(results)
+        cache.store(lookup, results)
     out, report = finisher.finish(batch, results, **shape)
     if progress is not None:
         report_batch(

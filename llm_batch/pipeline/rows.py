@@ -153,6 +153,7 @@ class BatchReport:
     output_tokens: int
     metrics: dict[str, Any]
     deduplicated: int = 0  # rows that took another row's output (the same prompt, sampling)
+    cached: int = 0  # rows answered by the response cache
 
 
 class BatchFinisher:
@@ -270,6 +271,7 @@ class BatchFinisher:
             output_tokens=sum(r.output_tokens or 0 for r in results),
             metrics=accumulators.update(BatchView(view, latencies, self._model_name)),
             deduplicated=sum(1 for r in results if r.deduplicated),
+            cached=sum(1 for r in results if r.cached),
         )
 
     def _finish_pooled(

@@ -30,7 +30,9 @@ import pyarrow.fs as pafs
 from llm_batch import columns
 from llm_batch.errors import EngineUnavailable, JobSpecError
 from llm_batch.job.spec import POOLING_TASKS, JobSpec
+from llm_batch.pipeline import cache as response_cache
 from llm_batch.pipeline.accumulators import JobContext
+from llm_batch.pipeline.cache import CacheConfig
 from llm_batch.pipeline.engine import EngineStage
 from llm_batch.pipeline.fs import open_filesystem
 from llm_batch.pipeline.limits import check_model_limits
@@ -424,11 +426,15 @@ def run_job(
         # Per dataset, not on the process's DataContext: a service's long-lived driver runs
         # several jobs at once, and each dataset keeps its own copy of the context.
         ds.context.checkpoint_config = run.checkpoint_config()
-        ds = engine_pools(ds, spec, plan, tracker, engines, job_run=run.run_id)
+        caches = cache_configs(spec, run.run_id)
+        ds = engine_pools(ds, spec, plan, tracker, engines, job_run=run.run_id, caches=caches)
         phases["plan"] = time.monotonic()
         with _following(tracker, on_progress, progress_interval, cancel):
             _write(ds, spec, run, task_cpus=engines.task_cpus)
         phases["pipeline"] = time.monotonic()
+        for config in caches.values():
+            if config is not None:
+                response_cache.merge_run(config)
         final = ray.get(tracker.snapshot.remote())
     finally:
         if own_tracker:
@@ -576,6 +582,27 @@ def _batch_rows(spec: JobSpec) -> list[int]:
     ]
 
 
+def cache_configs(spec: JobSpec, job_run: str) -> dict[str | None, CacheConfig | None]:
+    """Each model's response cache (``cache.py``), None where it has none: the job turned
+    it off, a pooling model, or n samples per prompt (never the same output twice)."""
+    out: dict[str | None, CacheConfig | None] = {}
+    mode = spec.cache.mode
+    root = spec.cache.path or response_cache.default_root(spec.output_path)
+    sampling = spec.sampling.model_dump()
+    for name, model in zip(spec.model_names, spec.model_specs, strict=True):
+        if mode == "off" or model.pools or spec.sampling.n > 1:
+            out[name] = None
+            continue
+        model_dict = model.model_dump()
+        ns = response_cache.namespace(model_dict, sampling)
+        config = CacheConfig(root=root, namespace=ns, mode=mode, run=job_run)
+        warm = config.reads and response_cache.is_warm(root, ns)
+        if config.writes:
+            response_cache.describe(config, model_dict, sampling)
+        out[name] = dataclasses.replace(config, warm=warm)
+    return out
+
+
 def engine_pools(
     ds: Any,
     spec: JobSpec,
@@ -584,10 +611,13 @@ def engine_pools(
     engines: Engines | None = None,
     *,
     job_run: str = "",
+    caches: dict[str | None, CacheConfig | None] | None = None,
 ) -> Any:
     """One engine stage per model, chained: the data is read once and every model sees
-    every row; the stages run at the same time on different batches."""
+    every row; the stages run at the same time on different batches. ``caches``: each
+    model's response cache (``cache_configs``)."""
     engines = engines or Engines()
+    caches = caches or {}
     cluster_gpus = _cluster_gpus()
     named = spec.named_models()
     block_rows = None
@@ -613,6 +643,7 @@ def engine_pools(
                         model_name=name,
                         metrics=spec.metrics.model_dump(),
                         drop=drop,
+                        cache=caches.get(name),
                     ),
                     "job": {
                         # A warm tracker serves job after job: the key is this run's.
@@ -646,6 +677,7 @@ def engine_pools(
                 "progress": tracker,
                 "metrics": spec.metrics.model_dump(),
                 "drop": drop,
+                "cache": caches.get(name),
             },
             batch_format="pyarrow",
             batch_size=rows,

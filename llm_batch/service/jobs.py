@@ -159,6 +159,17 @@ class JobService:
         given = body.get("input")
         if isinstance(given, dict) and "file_id" in given:
             body["input"] = self._dataset(given, principal)
+        cache = body.get("cache")
+        if isinstance(cache, dict):
+            if "path" in cache:
+                raise JobSpecError(
+                    "cache.path: the service keeps a response cache per API key and places "
+                    "it itself; set only cache.mode"
+                )
+            # One key's cache: no key reads another's (jobs without keys share one).
+            body["cache"] = {**cache, "path": str(self.settings.cache_dir(principal.owner))}
+        elif cache is None:
+            body["cache"] = {"path": str(self.settings.cache_dir(principal.owner))}
         output = body.get("output")
         if output is None:
             output = {}

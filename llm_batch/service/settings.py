@@ -396,6 +396,10 @@ class Settings(BaseSettings):
         """Jobs without ``output.path`` write to ``<this>/<job id>``."""
         return self.home(owner) / "outputs"
 
+    def cache_dir(self, owner: str | None = None) -> Path:
+        """The key's response cache (``pipeline/cache.py``): its jobs' stored responses."""
+        return self.home(owner) / "cache"
+
     def files_dir(self, owner: str | None = None) -> Path:
         """The bytes of the Files API's files, one file per id."""
         return self.home(owner) / "files"

@@ -148,10 +148,10 @@ def wait_job(client: httpx.Client, job_id: str, *, timeout: float = 300) -> dict
     pytest.fail(f"job {job_id} did not end: {job}")
 
 
-def upload_dataset(client: httpx.Client, rows: int = 6) -> str:
+def upload_dataset(client: httpx.Client, rows: int = 6, prefix: str = "r") -> str:
     data = io.BytesIO()
     pq.write_table(
-        pa.table({"id": list(range(rows)), "text": [f"r{i}" for i in range(rows)]}), data
+        pa.table({"id": list(range(rows)), "text": [f"{prefix}{i}" for i in range(rows)]}), data
     )
     r = client.post(
         "/v1/files",
@@ -222,6 +222,43 @@ def test_an_uploaded_dataset_runs_and_its_rows_and_files_download(tenants, recei
         assert event["type"] == "job.succeeded"
         call = event["_call"]
         verifier.verify_signature(call["body"], call["headers"], secret=SECRET)
+
+
+def test_one_keys_response_cache_is_invisible_to_another(tenants):
+    svc, folder = tenants
+    with http(svc, "key-a") as a, http(svc, "key-b") as b:
+        # The service places each key's cache itself.
+        r = a.post(
+            "/v1/jobs",
+            json=job_body(upload_dataset(a, prefix="cached "), cache={"path": str(folder)}),
+        )
+        assert r.status_code == 422 and r.json()["detail"].startswith("cache.path"), r.text
+
+        def run(client: httpx.Client) -> dict[str, Any]:
+            file_id = upload_dataset(client, prefix="cached ")
+            r = client.post("/v1/jobs", json=job_body(file_id))
+            assert r.status_code == 201, r.text
+            job = wait_job(client, r.json()["id"])
+            assert job["status"] == "succeeded", job["error"]
+            return job
+
+        first = run(a)
+        assert first["progress"]["rows_cached"] == 0
+        again = run(a)  # A's rows again: from A's cache
+        assert again["progress"]["rows_cached"] == 6
+        rows = {
+            j["id"]: sorted(
+                (r["id"], r["generated_text"])
+                for r in map(json.loads, a.get(f"/v1/jobs/{j['id']}/results").text.splitlines())
+            )
+            for j in (first, again)
+        }
+        assert rows[first["id"]] == rows[again["id"]]
+        # The same rows from key B: generated, not read from A's cache; then B's own.
+        assert run(b)["progress"]["rows_cached"] == 0
+        assert run(b)["progress"]["rows_cached"] == 6
+    caches = sorted(p.parent.name for p in (folder / "data" / "keys").glob("*/cache"))
+    assert len(caches) == 2, caches
 
 
 def test_an_output_past_its_retention_is_swept_and_answers_404(tenants):
