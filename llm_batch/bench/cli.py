@@ -123,6 +123,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         help="benchmark the job service on warm, shared engine pools instead "
         "(llm_batch/bench/service.py); --rows is then its steady job's size",
     )
+    p.add_argument(
+        "--cache",
+        action="store_true",
+        help="benchmark work avoided instead (llm_batch/bench/cache.py): --rows prompts with "
+        "a shared few-shot prefix, half repeating earlier rows; raw vLLM, llm-batch run, "
+        "and llm-batch run again from the response cache, whole commands timed",
+    )
     p.add_argument("--big-rows", type=int, default=20_000, help="--service: the large job's rows")
     p.add_argument(
         "--small-every",
@@ -155,10 +162,10 @@ def config_from_args(args: argparse.Namespace) -> Any:
     from llm_batch.bench.harness import BenchConfig
     from llm_batch.job.spec import format_validation_error
 
-    if args.service and args.task != "generate":
+    if (args.service or args.cache) and args.task != "generate":
         raise JobSpecError(
-            f"--task {args.task}: the service bench (--service) measures generation only; "
-            "drop --service or --task"
+            f"--task {args.task}: the service and cache benches (--service, --cache) measure "
+            "generation only; drop --task"
         )
     out = args.out or f"out/bench/{dt.datetime.now():%Y%m%d-%H%M%S}"
     try:
@@ -207,6 +214,15 @@ def run_command(args: argparse.Namespace) -> int:
             level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
         )
     config = config_from_args(args)
+    if args.cache:
+        from llm_batch.bench.cache import render as render_cache
+        from llm_batch.bench.cache import run_cache_bench
+
+        report = run_cache_bench(config)
+        print(render_cache(report))
+        print(f"report: {Path(config.out) / 'report.json'}")
+        checks = report["checks"]
+        return 0 if checks["first_equals_raw"] and checks["again_equals_first"] else 1
     if args.service:
         from llm_batch.bench.service import render, run_service_bench
 

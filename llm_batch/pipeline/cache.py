@@ -330,7 +330,9 @@ class ResponseCache:
         self.config = config
         self.sampling = sampling
         self._store = _open(config.root, config.namespace)
-        self._written = 0
+        # A worker serves job after job (the service's): each run looks at the folder
+        # afresh once, for what runs since its last look stored.
+        self._looked = False
 
     def lookup(self, inputs: BatchInputs) -> Lookup:
         keys = row_keys(self.config.namespace, inputs, self.sampling)
@@ -339,7 +341,8 @@ class ResponseCache:
         if self.config.reads and wanted:
             store = self._store
             with store.lock:
-                store.refresh()
+                store.refresh(force=not self._looked)
+                self._looked = True
                 found = store.get(wanted)
             for i, key in enumerate(keys):
                 entry = found.get(key) if key is not None else None

@@ -245,3 +245,15 @@ def test_a_bad_age_names_the_option():
 
     with pytest.raises(LLMBatchError, match="--older-than 'soon'"):
         parse_age("soon")
+
+
+def test_a_long_lived_worker_sees_what_earlier_runs_stored(tmp_path):
+    """The service's workers serve job after job: a new run looks at the folder afresh."""
+    first = fresh(config(tmp_path, run="run1"))
+    assert first.lookup(inputs(["a"])).hits == {}  # the folder listed: empty
+    lookup = first.lookup(inputs(["a"]))
+    first.store(lookup, [result("A")])
+    # The next run in the same worker (the same folder index), within the refresh interval.
+    second = ResponseCache(config(tmp_path, run="run2"), GREEDY)
+    assert second._store is first._store
+    assert list(second.lookup(inputs(["a"])).hits) == [0]
