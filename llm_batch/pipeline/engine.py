@@ -104,7 +104,8 @@ class EngineStage:
         self._gate = BatchGate()
         self._watchdog: asyncio.Future[None] | None = None
         self._overrides_column = sampling.get("overrides_column")
-        self._params = SamplingParamsCache(sampling)
+        self._sampling = sampling
+        self._params: SamplingParamsCache | None = None  # vLLM's, made with the engine
         self._finisher = BatchFinisher(
             sampling, model_name=model_name, metrics=metrics, drop=drop, task=model["task"]
         )
@@ -121,6 +122,8 @@ class EngineStage:
 
     def _start_engine(self) -> Generator:
         if self._generator is None:
+            # vLLM is imported here, not before: seconds a job the cache answers never pays.
+            self._params = SamplingParamsCache(self._sampling)
             self._generator = self.generator_class(self._model)
             if self._progress is not None:
                 self._progress.engine_started.remote(self._model_name)
@@ -166,11 +169,15 @@ class EngineStage:
     async def _generate(self, inputs: BatchInputs) -> list[RowResult]:
         """The batch's results: the cache's where it has them, the engine's for the rest."""
         if self._cache is None:
-            return await self._start_engine().generate(inputs, self._params, on_dead=_engine_died)
+            generator = self._start_engine()
+            assert self._params is not None
+            return await generator.generate(inputs, self._params, on_dead=_engine_died)
         lookup = self._cache.lookup(inputs)
         generated: list[RowResult] = []
         if lookup.misses:
-            generated = await self._start_engine().generate(
+            generator = self._start_engine()
+            assert self._params is not None
+            generated = await generator.generate(
                 inputs.take(lookup.misses), self._params, on_dead=_engine_died
             )
         results = lookup.merge(generated)
