@@ -116,6 +116,12 @@ class PromptSpec(_Strict):
         min_length=1,
         description="task score: a column holding the second text of each row's pair, taken as is.",
     )
+    group_by_prefix: bool = Field(
+        default=True,
+        description="Batch rows whose prompts share a prefix together (within each read block "
+        "of up to 4,096 rows), so that they reach the same engine at the same time and its "
+        "prefix cache serves them; the output's row order follows.",
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> PromptSpec:
@@ -641,9 +647,11 @@ class JobSpec(_Strict):
         """A short digest of the whole job: equal digests run the very same job."""
         import hashlib
 
-        # Who is told, how long the service keeps it, and whether rows come from the
-        # response cache change nothing in the output.
-        data = self.model_dump(mode="json", exclude={"notify": True, "cache": True})
+        # Who is told, how long the service keeps it, whether rows come from the response
+        # cache and the order rows are batched in change nothing in the output's rows.
+        data = self.model_dump(
+            mode="json", exclude={"notify": True, "cache": True, "prompt": {"group_by_prefix"}}
+        )
         if data.get("output"):
             data["output"].pop("retain_days", None)
         text = json.dumps(data, sort_keys=True)

@@ -96,6 +96,28 @@ def pool_name(model: dict[str, Any]) -> str:
     return POOL_PREFIX + pool_key(model)
 
 
+_HINT_CHARS = 2048  # of a batch's first prompt: enough to tell its prefix group
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixHint:
+    """What Serve's prefix-aware router reads of a batch (its ``prompt``): the first row's
+    prompt text, or its chat messages' contents. Rows reach the pool grouped by prefix
+    (``run.group_by_prefix``), so the first row stands for the batch."""
+
+    prompt: str
+
+    @classmethod
+    def of(cls, inputs: BatchInputs) -> PrefixHint:
+        for text, messages in zip(inputs.prompts, inputs.messages, strict=True):
+            if text is not None:
+                return cls(text[:_HINT_CHARS])
+            if messages:
+                joined = "".join(str(m.get("content") or "") for m in messages)
+                return cls(joined[:_HINT_CHARS])
+        return cls("")
+
+
 class EnginePool:
     """The Serve deployment of a pool: one ``Generator`` (vLLM engine) per replica, shared by
     the jobs that call ``generate``."""
@@ -136,9 +158,15 @@ class EnginePool:
         return -int(job.get("priority", 0)) * _PRIORITY_SPAN + had
 
     async def generate(
-        self, inputs: BatchInputs, sampling: dict[str, Any], job: dict[str, Any], alone: bool
+        self,
+        hint: PrefixHint,
+        inputs: BatchInputs,
+        sampling: dict[str, Any],
+        job: dict[str, Any],
+        alone: bool,
     ) -> dict[str, Any]:
         """One batch of one job: ``{"results": [RowResult], "engine": load, "aborted": bool}``.
+        ``hint``: for Serve's router only (``PrefixHint``).
         ``job``: ``key`` (unique per run), ``name``, ``priority``, ``tracker`` (its progress
         tracker, whose end or cancel aborts its requests). ``alone``: the batch was in an
         engine that died; it runs with nothing beside it."""
@@ -215,12 +243,33 @@ class EnginePool:
             return False
 
 
+def router_config(model: dict[str, Any]) -> dict[str, Any] | None:
+    """Serve's prefix-aware router for a generating pool of several replicas: a batch goes to
+    the replica that served its prompt's prefix last (``PrefixHint``), whose prefix cache
+    holds it, unless that replica's queue is a few batches longer than another's (then
+    Serve's power of two choices, its default). None: Serve's default router."""
+    replicas = model["replicas"]
+    most = replicas["max"] if isinstance(replicas, dict) else replicas
+    if most <= 1 or (model.get("task") or "generate") != "generate":
+        return None
+    return {
+        "request_router_class": "ray.serve.llm.request_router.PrefixCacheAffinityRouter",
+        "request_router_kwargs": {
+            "imbalanced_threshold": max(int(model["max_batches_in_flight"]), 1),
+            "do_eviction": True,  # the prefix tree keeps at most ~400k characters
+        },
+    }
+
+
 def pool_app(model: dict[str, Any], options: dict[str, Any]) -> Any:
     """The Serve application of a pool: ``options`` from ``placement.pool_options``."""
     from ray import serve
 
     options = dict(options)
     overrides = options.pop("engine_overrides", {})
+    router = router_config(model)
+    if router is not None:
+        options["request_router_config"] = router
     engine = {**model["engine"], "extra_args": {**overrides, **model["engine"]["extra_args"]}}
     deployment: Any = serve.deployment(
         EnginePool,
@@ -405,7 +454,8 @@ def send_to_pool(
             break
         try:
             reply = _await_reply(
-                _handle(pool).generate.remote(inputs, sampling, job, alone), progress
+                _handle(pool).generate.remote(PrefixHint.of(inputs), inputs, sampling, job, alone),
+                progress,
             )
         except (PoolReplicaLost, ActorDiedError, ActorUnavailableError, RayActorError) as e:
             # The replica (or its engine) died with this batch in it: Serve replaces it,

@@ -183,11 +183,16 @@ def _renderer(prompt_json: str) -> PromptRenderer:
     return PromptRenderer(json.loads(prompt_json))
 
 
-def _render_batch(batch: pa.Table, *, prompt_json: str, keep: list[str], n: int) -> pa.Table:
-    """Render prompts, keep only the columns that travel on, and repeat each row n times."""
+def _render_batch(
+    batch: pa.Table, *, prompt_json: str, keep: list[str], n: int, group: bool = False
+) -> pa.Table:
+    """Render prompts, keep only the columns that travel on, group rows by prompt prefix
+    (``group``), and repeat each row n times."""
     rendered = _renderer(prompt_json)(batch)
     internal = [c for c in rendered.column_names if c.startswith(columns.INTERNAL_PREFIX)]
     out = rendered.select(keep + internal)
+    if group:
+        out = group_by_prefix(out)
     if n > 1:
         # Sample-major within a prompt: rows i*n .. i*n+n-1 are prompt i's samples.
         rows = out.num_rows
@@ -195,6 +200,30 @@ def _render_batch(batch: pa.Table, *, prompt_json: str, keep: list[str], n: int)
         index = pa.array([k for _ in range(rows) for k in range(n)], pa.int32())
         out = out.add_column(len(keep), columns.SAMPLE_INDEX, index)
     return out
+
+
+def group_by_prefix(block: pa.Table) -> pa.Table:
+    """The block's rows in the order of their prompts (chat messages: their roles and
+    contents), so that rows sharing a prefix sit side by side and the cut into batches puts
+    them in the same batch: one engine gets them together, and its prefix cache (and the
+    duplicate and response caches) serve them. Rows that failed to render go last. The
+    window is the read block, so the dataset is never held or sorted whole."""
+    if block.num_rows < 2:
+        return block
+    if columns.PROMPT in block.column_names:
+        keys = block.column(columns.PROMPT)
+    elif columns.MESSAGES in block.column_names:
+        keys = pa.array(
+            [
+                None if m is None else "\0".join(f"{x['role']}\0{x['content']}" for x in m)
+                for m in block.column(columns.MESSAGES).to_pylist()
+            ],
+            pa.string(),
+        )
+    else:
+        return block
+    order = pa.compute.array_sort_indices(keys, null_placement="at_end")
+    return block.take(order)
 
 
 def _preload(tracker: Any, spec: JobSpec, *, rows_per_call: int = 65_536) -> int:
@@ -301,6 +330,7 @@ def input_dataset(
             "prompt_json": json.dumps(spec.prompt.model_dump()),
             "keep": plan.carried,
             "n": spec.sampling.n,
+            "group": spec.prompt.group_by_prefix,
         },
     )
     if task_cpus is not None:
