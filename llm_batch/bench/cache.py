@@ -41,29 +41,38 @@ EXAMPLES = 12
 EXAMPLE_TOKENS = 20
 
 
-def workload(tokenizer: Any, rows: int, question_tokens: int, seed: int) -> pa.Table:
-    """``rows`` prompts: the shared prefix and a question; half the rows repeat an earlier
-    row's question (the first row is new)."""
+def workload(
+    tokenizer: Any, rows: int, question_tokens: int, seed: int, *, groups: int = 1
+) -> pa.Table:
+    """``rows`` prompts: a few-shot prefix (one of ``groups``, at random) and a question;
+    half the rows repeat an earlier row (the first row is new)."""
     from llm_batch.bench.workload import make_prompts
 
     rng = random.Random(seed)
     unique = rows - rows // 2
-    examples, _ = make_prompts(tokenizer, EXAMPLES, EXAMPLE_TOKENS, seed=seed + 1)
-    prefix = "Label each text.\n" + "".join(
-        f"Text: {text}\nLabel: {rng.choice(['yes', 'no'])}\n" for text in examples
-    )
+    prefixes = []
+    for g in range(groups):
+        examples, _ = make_prompts(tokenizer, EXAMPLES, EXAMPLE_TOKENS, seed=seed + 1 + g)
+        prefixes.append(
+            (f"Task {g}. " if groups > 1 else "")
+            + "Label each text.\n"
+            + "".join(f"Text: {text}\nLabel: {rng.choice(['yes', 'no'])}\n" for text in examples)
+        )
     questions, _ = make_prompts(tokenizer, unique, question_tokens, seed=seed)
+    new = [
+        f"{prefixes[0] if groups == 1 else rng.choice(prefixes)}Text: {q}\nLabel:"
+        for q in questions
+    ]
     kinds = ["new"] * (unique - 1) + ["repeat"] * (rows - unique)
     rng.shuffle(kinds)
-    seen = [questions[0]]
-    order = [questions[0]]
-    fresh = iter(questions[1:])
+    seen = [new[0]]
+    prompts = [new[0]]
+    fresh = iter(new[1:])
     for kind in kinds:
-        question = rng.choice(seen) if kind == "repeat" else next(fresh)
+        prompt = rng.choice(seen) if kind == "repeat" else next(fresh)
         if kind == "new":
-            seen.append(question)
-        order.append(question)
-    prompts = [f"{prefix}Text: {q}\nLabel:" for q in order]
+            seen.append(prompt)
+        prompts.append(prompt)
     return pa.table({"id": list(range(rows)), "prompt": prompts})
 
 
@@ -88,8 +97,9 @@ def _texts(folder: Path) -> dict[int, str]:
     )
 
 
-def run_cache_bench(config: Any) -> dict[str, Any]:
-    """Run the three commands; the report (also ``<out>/report.json``)."""
+def run_cache_bench(config: Any, *, prefix_groups: int = 1) -> dict[str, Any]:
+    """Run the three commands; the report (also ``<out>/report.json``). With several prefix
+    groups, also ``llm-batch run --no-cache`` with rows grouped by prefix and without."""
     from transformers import AutoTokenizer
 
     from llm_batch.bench.harness import _sampling, tiny_model_dir
@@ -101,7 +111,7 @@ def run_cache_bench(config: Any) -> dict[str, Any]:
     model = str(Path(config.model).resolve()) if config.model else str(tiny_model_dir())
     spec = config.workload
     tokenizer = AutoTokenizer.from_pretrained(model)
-    table = workload(tokenizer, spec.rows, spec.prompt_tokens, spec.seed)
+    table = workload(tokenizer, spec.rows, spec.prompt_tokens, spec.seed, groups=prefix_groups)
     source = out / "input.parquet"
     pq.write_table(table, source)
     prompt_tokens = [
@@ -129,6 +139,8 @@ def run_cache_bench(config: Any) -> dict[str, Any]:
         job["model"]["batch_size"] = config.batch_size
     job_file = out / "job.yaml"
     job_file.write_text(yaml.safe_dump(job, sort_keys=False))
+    ungrouped = {**job, "prompt": {**job["prompt"], "group_by_prefix": False}}
+    (out / "job-ungrouped.yaml").write_text(yaml.safe_dump(ungrouped, sort_keys=False))
     model_spec = JobSpec.model_validate({**job, "output": {"path": str(out)}}).model
     assert model_spec is not None
 
@@ -141,7 +153,7 @@ def run_cache_bench(config: Any) -> dict[str, Any]:
             "VLLM_LOGGING_LEVEL": env.get("VLLM_LOGGING_LEVEL", "WARNING"),
         }
     )
-    for stale in ("cache", "raw", "first", "again"):
+    for stale in ("cache", "raw", "first", "again", "grouped", "ungrouped"):
         shutil.rmtree(out / stale, ignore_errors=True)
 
     raw_cfg = {
@@ -161,6 +173,8 @@ def run_cache_bench(config: Any) -> dict[str, Any]:
         "rows": spec.rows,
         "repeated_rows": spec.rows // 2,
         "prefix_examples": EXAMPLES,
+        "prefix_groups": prefix_groups,
+        "replicas": config.replicas,
         "prompt_tokens_mean": sum(prompt_tokens) / len(prompt_tokens),
         "output_tokens": spec.output_tokens,
         "commands": {},
@@ -171,6 +185,15 @@ def run_cache_bench(config: Any) -> dict[str, Any]:
         "first": [*cli, "--output", str(out / "first")],
         "again": [*cli, "--output", str(out / "again")],
     }
+    if prefix_groups > 1:
+        commands["grouped"] = [*cli, "--no-cache", "--output", str(out / "grouped")]
+        commands["ungrouped"] = [
+            *cli[:-1],
+            str(out / "job-ungrouped.yaml"),
+            "--no-cache",
+            "--output",
+            str(out / "ungrouped"),
+        ]
     for name, cmd in commands.items():
         logger.info("running %s: %s", name, " ".join(cmd[2:]))
         wall = _timed(cmd, env, out / f"{name}.log", config.timeout)
@@ -180,7 +203,7 @@ def run_cache_bench(config: Any) -> dict[str, Any]:
             "rows_per_s": round(spec.rows / wall, 1),
         }
         logger.info("%s: %.1f s", name, wall)
-    for name in ("first", "again"):
+    for name in [n for n in commands if n != "raw"]:
         metrics = json.loads((out / name / "_metrics.json").read_text())
         report["commands"][name].update(
             rows_deduplicated=metrics.get("rows_deduplicated"),
@@ -198,6 +221,12 @@ def run_cache_bench(config: Any) -> dict[str, Any]:
         "first_speedup_over_raw": round(c["raw"]["seconds"] / c["first"]["seconds"], 3),
         "again_time_over_first": round(c["again"]["seconds"] / c["first"]["seconds"], 3),
     }
+    if "grouped" in c:
+        report["ratios"]["grouped_speedup_over_ungrouped"] = round(
+            c["ungrouped"]["seconds"] / c["grouped"]["seconds"], 3
+        )
+        report["checks"]["grouped_equals_raw"] = _texts(out / "grouped") == raw
+        report["checks"]["ungrouped_equals_raw"] = _texts(out / "ungrouped") == raw
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -215,7 +244,11 @@ def render(report: dict[str, Any]) -> str:
         ("raw", "raw vLLM `LLM.generate`"),
         ("first", "`llm-batch run`"),
         ("again", "`llm-batch run`, again into a new folder"),
+        ("grouped", "`llm-batch run --no-cache`, rows grouped by prefix"),
+        ("ungrouped", "`llm-batch run --no-cache`, `prompt.group_by_prefix: false`"),
     ):
+        if name not in c:
+            continue
         x = c[name]
         lines.append(
             f"| {label} | {x['seconds']:.1f} | {x['rows_per_s']:,.1f} | "
@@ -226,6 +259,12 @@ def render(report: dict[str, Any]) -> str:
         f"llm-batch ÷ raw: {r['first_speedup_over_raw']:.2f}× faster (target ≥ 1.5); "
         f"again ÷ first: {r['again_time_over_first']:.2f} of the time (target ≤ 0.25)"
     )
+    if "grouped_speedup_over_ungrouped" in r:
+        lines.append(
+            f"{report['prefix_groups']} prefix groups, {report['replicas']} replica(s): grouped "
+            f"÷ ungrouped {r['grouped_speedup_over_ungrouped']:.2f}× faster; texts equal raw "
+            f"vLLM's: {checks['grouped_equals_raw']}, {checks['ungrouped_equals_raw']}"
+        )
     lines.append(
         f"texts equal raw vLLM's: {checks['first_equals_raw']} "
         f"({checks['rows_differing_from_raw']} rows differ); "

@@ -130,6 +130,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "a shared few-shot prefix, half repeating earlier rows; raw vLLM, llm-batch run, "
         "and llm-batch run again from the response cache, whole commands timed",
     )
+    p.add_argument(
+        "--prefix-groups",
+        type=int,
+        default=1,
+        help="--cache: few-shot prefixes the rows are spread over; above 1, also runs "
+        "llm-batch run --no-cache with rows grouped by prefix and without",
+    )
     p.add_argument("--big-rows", type=int, default=20_000, help="--service: the large job's rows")
     p.add_argument(
         "--small-every",
@@ -218,7 +225,7 @@ def run_command(args: argparse.Namespace) -> int:
         from llm_batch.bench.cache import render as render_cache
         from llm_batch.bench.cache import run_cache_bench
 
-        report = run_cache_bench(config)
+        report = run_cache_bench(config, prefix_groups=args.prefix_groups)
         print(render_cache(report))
         print(f"report: {Path(config.out) / 'report.json'}")
         checks = report["checks"]
