@@ -362,6 +362,8 @@ class ResponseCache:
                 continue
             if result.text is None:
                 continue  # a pooling model's output is not cached
+            if result.deduplicated or key in self._store.index:
+                continue  # stored by the batch of the row it copied, or before
             rows.setdefault(key, result)
         if not rows:
             return
@@ -450,6 +452,15 @@ def merge_run(config: CacheConfig) -> None:
     try:
         tables = [pq.read_table(p, filesystem=store.fs, schema=SCHEMA) for p in mine]
         table = pa.concat_tables(tables)
+        # Two batches in flight at once may both have stored a key: keep it once.
+        seen: set[bytes] = set()
+        first: list[int] = []
+        for i, key in enumerate(table.column("key").to_pylist()):
+            if key not in seen:
+                seen.add(key)
+                first.append(i)
+        if len(first) < table.num_rows:
+            table = table.take(pa.array(first, pa.int64()))
         _put(store, f"r-{config.run}-{uuid.uuid4().hex[:12]}.parquet", table)
         for p in mine:
             store.fs.delete_file(p)

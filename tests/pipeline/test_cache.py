@@ -257,3 +257,18 @@ def test_a_long_lived_worker_sees_what_earlier_runs_stored(tmp_path):
     second = ResponseCache(config(tmp_path, run="run2"), GREEDY)
     assert second._store is first._store
     assert list(second.lookup(inputs(["a"])).hits) == [0]
+
+
+def test_an_entry_is_stored_once(tmp_path):
+    """A copy of a row (deduplicated in the engine) is not stored again, nor a key the
+    cache holds; two batches that both stored a key leave it once after the merge."""
+    cfg = config(tmp_path)
+    writer = fresh(cfg)
+    lookup = writer.lookup(inputs(["a", "b"]))
+    writer.store(lookup, [result("A"), result("B", deduplicated=True)])
+    for _ in range(2):  # two batches in flight, the same new row in both
+        lookup = writer.lookup(inputs(["c"]))
+        writer.store(lookup, [result("C")])
+    cache.merge_run(cfg)
+    (space,) = cache.info(cfg.root)
+    assert space["entries"] == 2 and space["files"] == 1  # a and c: b was a copy
