@@ -170,9 +170,10 @@ def config_from_args(args: argparse.Namespace) -> Any:
     from llm_batch.job.spec import format_validation_error
 
     if (args.service or args.cache) and args.task != "generate":
+        flag = "service" if args.service else "cache"
         raise JobSpecError(
-            f"--task {args.task}: the service and cache benches (--service, --cache) measure "
-            "generation only; drop --task"
+            f"--task {args.task}: the {flag} bench (--{flag}) measures generation only; "
+            f"drop --{flag} or --task"
         )
     out = args.out or f"out/bench/{dt.datetime.now():%Y%m%d-%H%M%S}"
     try:

@@ -70,6 +70,8 @@ def test_task_options_that_cannot_run_are_refused(tmp_path, capsys):
     capsys.readouterr()
     with pytest.raises(JobSpecError, match="--task embed: the service bench"):
         config_from_args(_args("--task", "embed", "--service", "--out", str(tmp_path)))
+    with pytest.raises(JobSpecError, match="--task embed: the cache bench"):
+        config_from_args(_args("--task", "embed", "--cache", "--out", str(tmp_path)))
     # A carried `embedding` column would collide with the embeddings written.
     assert main(["--task", "embed", "--embedding-dim", "8", "--out", str(tmp_path)]) == 2
     assert "task embed writes its own 'embedding' column" in capsys.readouterr().err
