@@ -59,7 +59,11 @@ def build_engine_args(
     if shared:
         args["scheduling_policy"] = "priority"
     task = model.get("task") or "generate"
-    if task != "generate":
+    if task == "generate":
+        # vLLM's default for generation, said here: rows grouped by prompt prefix
+        # (run.group_by_prefix) reach the engine together for its prefix cache to serve.
+        args["enable_prefix_caching"] = True
+    else:
         # vLLM's pooling runner; a causal LM is converted into an embedder or a classifier
         # (a checkpoint that is one already is taken as it is: convert "auto").
         args["runner"] = "pooling"
