@@ -7,9 +7,9 @@ one: greedy (temperature 0) or seeded sampling, one sample per prompt. The rende
 stands for its tokens: the tokenizer and chat template are files of the model, part of
 its identity, so equal texts are equal tokens.
 
-The model's identity is its ``config.json`` and, for every other file of its folder,
-the file's name and size and a digest of its first bytes (a safetensors file's header,
-which lists every tensor's name, shape and offsets), not a hash of gigabytes.
+The model's identity is every file of its folder by name, size, first bytes (a
+safetensors file's header, which lists every tensor's name, shape and offsets) and slices
+spread over the rest (``model_identity``), not a hash of gigabytes.
 
 Layout, under the cache's root (a local folder or an object-storage URI)::
 
@@ -72,7 +72,8 @@ _ROW_GROUP = 1024
 _REFRESH_S = 10.0  # how often a worker looks for files other workers added
 _NAMESPACE = re.compile(r"^[0-9a-f]{32}$")
 _OWN_FILE = re.compile(r"^[br]-[\w.-]+\.parquet$")
-_HEADER_BYTES = 1 << 20  # at most this much of a file is read for the model's identity
+_HEADER_BYTES = 1 << 20  # the start of a file read for the model's identity
+_SAMPLES, _SAMPLE_BYTES = 16, 64 << 10  # and slices of the rest: 1 MiB more per file
 
 SCHEMA = pa.schema(
     [
@@ -104,28 +105,34 @@ def default_root(output_uri: str) -> str:
 
 @functools.lru_cache(maxsize=64)
 def model_identity(path: str) -> str:
-    """A digest of a model: its ``config.json`` and, for each other file of its folder, the
-    name, size and first bytes (a safetensors header in full). A model that is not a local
-    folder (a hub id) is its name."""
+    """A digest of a model: each file of its folder by name, size and content, where a
+    large file's content is its first bytes (a safetensors header in full) and
+    ``_SAMPLES`` slices spread over the rest. Headers and sizes alone would take a
+    fine-tuned checkpoint for its base (the same tensors, shapes and offsets); any change of
+    the weights shows in every slice. A model that is not a local folder (a hub id) is its
+    name."""
     root = Path(path)
     if not root.is_dir():
         return hashlib.sha256(f"name:{path}".encode()).hexdigest()
     digest = hashlib.sha256()
     for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = file.relative_to(root).as_posix()
-        if any(part.startswith(".") for part in file.relative_to(root).parts):
+        parts = file.relative_to(root).parts
+        if any(part.startswith(".") for part in parts):
             continue  # .cache/, .git/: not the model
         size = file.stat().st_size
-        digest.update(f"{rel}\0{size}\0".encode())
+        digest.update(f"{'/'.join(parts)}\0{size}\0".encode())
         with file.open("rb") as f:
             head = f.read(8)
             if file.suffix == ".safetensors" and len(head) == 8:
                 # The header: every tensor's name, dtype, shape and offsets.
-                length = min(int.from_bytes(head, "little"), _HEADER_BYTES)
-                head += f.read(length)
-            else:
-                head += f.read(_HEADER_BYTES - 8)
-        digest.update(hashlib.sha256(head).digest())
+                head += f.read(min(int.from_bytes(head, "little"), _HEADER_BYTES))
+            head += f.read(_HEADER_BYTES)
+            digest.update(hashlib.sha256(head).digest())
+            base = f.tell()
+            if size > base:
+                for k in range(_SAMPLES):
+                    f.seek(base + k * (size - base) // _SAMPLES)
+                    digest.update(hashlib.sha256(f.read(_SAMPLE_BYTES)).digest())
     return digest.hexdigest()
 
 

@@ -272,3 +272,18 @@ def test_an_entry_is_stored_once(tmp_path):
     cache.merge_run(cfg)
     (space,) = cache.info(cfg.root)
     assert space["entries"] == 2 and space["files"] == 1  # a and c: b was a copy
+
+
+def test_a_fine_tuned_checkpoint_is_another_model(tmp_path):
+    """The same tensors, shapes and offsets (the same header, the same size), other values:
+    a fine-tune of a base model, whose training moves weights all over the file (here one
+    value in every 4 KiB past the sampled start). Its identity differs."""
+    header = b'{"w":{"dtype":"F32","shape":[1048576],"data_offsets":[0,4194304]}}'
+    weights = bytearray(4 << 20)
+    cache.model_identity.cache_clear()
+    base = model_folder(tmp_path, "base", header=header)
+    (base / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + weights)
+    tuned = model_folder(tmp_path, "tuned", header=header)
+    weights[(1 << 20) + 64 :: 4096] = b"\x01" * len(weights[(1 << 20) + 64 :: 4096])
+    (tuned / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + weights)
+    assert cache.model_identity(str(base)) != cache.model_identity(str(tuned))
