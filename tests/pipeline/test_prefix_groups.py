@@ -65,3 +65,48 @@ def test_only_a_generating_pool_of_several_replicas_routes_by_prefix():
     assert routed["request_router_class"].endswith("PrefixCacheAffinityRouter")
     assert routed["request_router_kwargs"]["imbalanced_threshold"] == 4
     assert router_config({**model, "replicas": 2, "task": "embed"}) is None
+
+
+class _Replica:
+    """A stand-in for ``EnginePool`` with its call's signature: says which replica answered."""
+
+    def __init__(self) -> None:
+        import os
+
+        self.pid = os.getpid()
+
+    async def generate(self, hint, inputs, sampling, job, alone):  # noqa: ANN001, ANN201
+        return self.pid
+
+
+def test_serves_router_keeps_a_prefix_on_one_replica(ray_local):
+    """Ray Serve's real prefix-aware router, given our ``PrefixHint``, over two replicas:
+    every batch of a prefix group goes to the same replica, and the groups spread over
+    both. (The replicas are stand-ins: the routing is what is tested.)"""
+    from ray import serve
+
+    config = router_config({"task": "generate", "replicas": 2, "max_batches_in_flight": 4})
+    app = serve.deployment(
+        _Replica,
+        name="EnginePool",
+        num_replicas=2,
+        ray_actor_options={"num_cpus": 0},
+        request_router_config=config,
+    ).bind()
+    serve.run(app, name="prefix-router-test", route_prefix=None)
+    try:
+        handle = serve.get_deployment_handle("EnginePool", app_name="prefix-router-test")
+        seen: dict[str, set[int]] = {}
+        for i in range(24):
+            group = "ABCD"[i % 4]
+            inputs = BatchInputs(
+                [f"Examples {group}: " * 40 + f"question {i}"], [None], [None], [0], [None]
+            )
+            replica = handle.generate.remote(
+                PrefixHint.of(inputs), inputs, {}, {"key": "job"}, False
+            ).result(timeout_s=60)
+            seen.setdefault(group, set()).add(replica)
+        assert all(len(replicas) == 1 for replicas in seen.values()), seen
+        assert len(set().union(*seen.values())) == 2, seen
+    finally:
+        serve.shutdown()  # the session's Ray as it was: no Serve controller left behind
