@@ -103,27 +103,51 @@ def default_root(output_uri: str) -> str:
     return str(Path(base) / "llm_batch" / "responses")
 
 
-@functools.lru_cache(maxsize=64)
-def model_identity(path: str) -> str:
+def model_identity(path: str) -> str | None:
     """A digest of a model: each file of its folder by name, size and content, where a
     large file's content is its first bytes (a safetensors header in full) and
     ``_SAMPLES`` slices spread over the rest. Headers and sizes alone would take a
-    fine-tuned checkpoint for its base (the same tensors, shapes and offsets); any change of
-    the weights shows in every slice. A model that is not a local folder (a hub id) is its
-    name."""
-    root = Path(path)
-    if not root.is_dir():
-        return hashlib.sha256(f"name:{path}".encode()).hexdigest()
-    digest = hashlib.sha256()
+    fine-tuned checkpoint for its base (the same tensors, shapes and offsets); training
+    moves weights all over a file, which the slices see. A hub id is its snapshot in the
+    local Hugging Face cache. None when the files cannot be read here (a model on object
+    storage, or only on other nodes): such a model has no identity to key a cache on.
+    Computed again when a file's size or modification time changes (a model retrained in
+    place, seen by a long-lived process), though neither is part of the identity."""
+    root = _local_folder(path)
+    if root is None:
+        return None
+    files = []
     for file in sorted(p for p in root.rglob("*") if p.is_file()):
         parts = file.relative_to(root).parts
         if any(part.startswith(".") for part in parts):
             continue  # .cache/, .git/: not the model
-        size = file.stat().st_size
-        digest.update(f"{'/'.join(parts)}\0{size}\0".encode())
-        with file.open("rb") as f:
+        stat = file.stat()
+        files.append(("/".join(parts), stat.st_size, stat.st_mtime_ns))
+    return _identity(str(root), tuple(files))
+
+
+def _local_folder(path: str) -> Path | None:
+    root = Path(path).expanduser()
+    if root.is_dir():
+        return root
+    if "://" in path:
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(path, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not in the local cache, or not a hub id
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def _identity(root: str, files: tuple[tuple[str, int, int], ...]) -> str:
+    digest = hashlib.sha256()
+    for rel, size, _ in files:
+        digest.update(f"{rel}\0{size}\0".encode())
+        with (Path(root) / rel).open("rb") as f:
             head = f.read(8)
-            if file.suffix == ".safetensors" and len(head) == 8:
+            if rel.endswith(".safetensors") and len(head) == 8:
                 # The header: every tensor's name, dtype, shape and offsets.
                 head += f.read(min(int.from_bytes(head, "little"), _HEADER_BYTES))
             head += f.read(_HEADER_BYTES)
@@ -136,14 +160,22 @@ def model_identity(path: str) -> str:
     return digest.hexdigest()
 
 
-def namespace(model: dict[str, Any], sampling: dict[str, Any]) -> str:
+def namespace(model: dict[str, Any], sampling: dict[str, Any], *, device: str) -> str | None:
     """The part of every row's key a job's model and sampling make: equal namespaces give
-    equal outputs for equal rows. Engine arguments that change outputs are in it (dtype,
-    ``max_model_len``, every extra argument: quantization, ...); those that only change
-    speed (batch sizes, memory, replicas, parallelism) are not."""
+    equal outputs for equal rows. In it: the model's identity, the device kind its engines
+    run on (``gpu`` or ``cpu``: kernels differ) and the engine arguments that change
+    outputs (dtype, ``max_model_len``, tensor and pipeline parallelism, every extra
+    argument: quantization, ...); not those that only change speed (batch sizes, memory,
+    replicas). None when the model has no identity (``model_identity``)."""
     engine = model.get("engine") or {}
+    identity = model_identity(str(model["path"]))
+    if identity is None:
+        return None
     parts = {
-        "model": model_identity(str(model["path"])),
+        "model": identity,
+        "device": device,
+        "tensor_parallel_size": engine.get("tensor_parallel_size", 1),
+        "pipeline_parallel_size": engine.get("pipeline_parallel_size", 1),
         "task": model.get("task") or "generate",
         "dtype": engine.get("dtype"),
         "max_model_len": engine.get("max_model_len"),
@@ -301,8 +333,9 @@ class _Namespace:
         return out
 
 
-_OPEN: dict[tuple[str, str], _Namespace] = {}
+_OPEN: collections.OrderedDict[tuple[str, str], _Namespace] = collections.OrderedDict()
 _OPEN_LOCK = threading.Lock()
+_OPEN_KEPT = 16  # namespaces a long-lived worker keeps indexed
 
 
 def _open(root: str, ns: str) -> _Namespace:
@@ -310,6 +343,10 @@ def _open(root: str, ns: str) -> _Namespace:
         found = _OPEN.get((root, ns))
         if found is None:
             found = _OPEN[(root, ns)] = _Namespace(root, ns)
+            while len(_OPEN) > _OPEN_KEPT:
+                _OPEN.popitem(last=False)
+        else:
+            _OPEN.move_to_end((root, ns))
         return found
 
 
@@ -471,7 +508,7 @@ def merge_run(config: CacheConfig) -> None:
         _put(store, f"r-{config.run}-{uuid.uuid4().hex[:12]}.parquet", table)
         for p in mine:
             store.fs.delete_file(p)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - the cache is an aid: the job has succeeded
         logger.warning("response cache %s: batch files not merged (%s)", store.dir, e)
 
 

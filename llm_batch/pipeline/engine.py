@@ -112,7 +112,6 @@ class EngineStage:
         self._cache = ResponseCache(cache, sampling) if cache is not None else None
         self._generator: Generator | None = None
         self._where = whereabouts()
-        atexit.register(_closing)  # after vLLM's own exit handlers, so it runs before them
         # A warm cache may answer every row: the engine then starts at the first miss, and
         # a job served wholly from the cache starts none. Otherwise it starts now, while
         # the first batches are read. Ray wraps a failure here in an ActorDiedError;
@@ -125,6 +124,7 @@ class EngineStage:
             # vLLM is imported here, not before: seconds a job the cache answers never pays.
             self._params = SamplingParamsCache(self._sampling)
             self._generator = self.generator_class(self._model)
+            atexit.register(_closing)  # after vLLM's own exit handlers: runs before them
             if self._progress is not None:
                 self._progress.engine_started.remote(self._model_name)
         return self._generator

@@ -93,14 +93,18 @@ class BatchLedger:
         counts = self._entered.setdefault(key, [0, 0])
         counts[1 if alone else 0] += 1
 
-    def finish(self, key: str, *, model: str | None, given_up: bool) -> bool:
-        """A batch reported; False when it had reported before (count it once)."""
+    def finish(
+        self, key: str, *, model: str | None, given_up: bool, engine_used: bool = True
+    ) -> bool:
+        """A batch reported; False when it had reported before (count it once). Only a
+        batch the engine generated shows the engine works: one given up, or answered wholly
+        by the response cache, leaves the count of starts as it was."""
         self._entered.pop(key, None)
         digest = bytes.fromhex(key)
         if digest in self._done:
             return False
         self._done.add(digest)
-        if not given_up:
+        if not given_up and engine_used:
             self._starts[model] = 0
         return True
 
@@ -182,7 +186,7 @@ class ProgressTracker:
         given_up: bool = False,
     ) -> None:
         if batch_key is not None and not self._ledger.finish(
-            batch_key, model=model, given_up=given_up
+            batch_key, model=model, given_up=given_up, engine_used=cached < rows
         ):
             return  # a re-run of a batch already counted
         if engine is not None:

@@ -44,7 +44,7 @@ from llm_batch.pipeline.manifest import (
     is_part_file,
     new_run_id,
 )
-from llm_batch.pipeline.placement import engine_batch_size, engine_map_kwargs
+from llm_batch.pipeline.placement import engine_batch_size, engine_map_kwargs, on_gpu
 from llm_batch.pipeline.pool import JobCancelled, pool_stage_config, send_to_pool
 from llm_batch.pipeline.progress import ProgressTracker, Snapshot
 from llm_batch.pipeline.prompts import PromptRenderer
@@ -618,13 +618,24 @@ def cache_configs(spec: JobSpec, job_run: str) -> dict[str | None, CacheConfig |
     out: dict[str | None, CacheConfig | None] = {}
     mode = spec.cache.mode
     root = spec.cache.path or response_cache.default_root(spec.output_path)
+    if "://" not in root:  # every worker must mean the driver's folder
+        root = os.path.abspath(os.path.expanduser(root))
     sampling = spec.sampling.model_dump()
+    gpus = _cluster_gpus()
     for name, model in zip(spec.model_names, spec.model_specs, strict=True):
+        out[name] = None
         if mode == "off" or model.pools or spec.sampling.n > 1:
-            out[name] = None
             continue
         model_dict = model.model_dump()
-        ns = response_cache.namespace(model_dict, sampling)
+        device = "gpu" if on_gpu(model_dict, cluster_gpus=gpus) else "cpu"
+        try:
+            ns = response_cache.namespace(model_dict, sampling, device=device)
+        except Exception as e:  # noqa: BLE001 - the cache is an aid: the job runs without it
+            logger.warning("response cache off for %s: %s", model.path, e)
+            continue
+        if ns is None:
+            logger.info("response cache off for %s: its files are not readable here", model.path)
+            continue
         config = CacheConfig(root=root, namespace=ns, mode=mode, run=job_run)
         warm = config.reads and response_cache.is_warm(root, ns)
         if config.writes:

@@ -93,29 +93,38 @@ def test_chat_messages_are_keyed_by_their_content():
     assert keys[0] == keys[1] != keys[2]
 
 
+def ns(model_block: dict, sampling: dict = GREEDY, device: str = "cpu") -> str | None:
+    return cache.namespace(model_block, sampling, device=device)
+
+
 def test_the_namespace_follows_what_changes_outputs(tmp_path):
     folder = model_folder(tmp_path)
-    base = cache.namespace(model(folder), GREEDY)
-    assert base == cache.namespace(model(folder), GREEDY)
+    base = ns(model(folder))
+    assert base == ns(model(folder))
     # Engine arguments that change outputs, and the sampling block: another namespace.
-    assert cache.namespace(model(folder, max_model_len=256), GREEDY) != base
-    assert cache.namespace(model(folder, dtype="float32"), GREEDY) != base
-    assert cache.namespace(model(folder, extra_args={"quantization": "fp8"}), GREEDY) != base
-    assert cache.namespace(model(folder), {**GREEDY, "max_tokens": 9}) != base
+    assert ns(model(folder, max_model_len=256), GREEDY) != base
+    assert ns(model(folder, dtype="float32"), GREEDY) != base
+    assert ns(model(folder, extra_args={"quantization": "fp8"}), GREEDY) != base
+    assert ns(model(folder), {**GREEDY, "max_tokens": 9}) != base
     # Only speed: the same namespace. The overrides column's name is not the overrides.
-    assert cache.namespace(model(folder, max_num_seqs=8, enforce_eager=True), GREEDY) == base
-    assert cache.namespace(model(folder), {**GREEDY, "overrides_column": "o"}) == base
+    assert ns(model(folder, max_num_seqs=8, enforce_eager=True), GREEDY) == base
+    assert ns(model(folder), {**GREEDY, "overrides_column": "o"}) == base
+    # Other kernels, other parallelism: another namespace.
+    assert ns(model(folder), device="gpu") != base
+    assert ns(model(folder, tensor_parallel_size=2), GREEDY) != base
+    # A model whose files are not here has no identity, so no cache.
+    assert ns(model(tmp_path / "absent"), GREEDY) is None
+    assert cache.model_identity("s3://bucket/models/m") is None
 
 
 def test_the_model_identity_is_its_files_not_its_path(tmp_path):
     a = model_folder(tmp_path, "a")
     b = model_folder(tmp_path, "b")  # a copy elsewhere
     c = model_folder(tmp_path, "c", header=b'{"w":[2]}')  # other weights
-    cache.model_identity.cache_clear()
     assert cache.model_identity(str(a)) == cache.model_identity(str(b))
     assert cache.model_identity(str(a)) != cache.model_identity(str(c))
     (b / "tokenizer.json").write_text('{"vocab": 2}')  # another tokenizer (or chat template)
-    cache.model_identity.cache_clear()
+    # (seen by the same process: the file's size or time changed, so it is read again)
     assert cache.model_identity(str(a)) != cache.model_identity(str(b))
 
 
@@ -280,7 +289,6 @@ def test_a_fine_tuned_checkpoint_is_another_model(tmp_path):
     value in every 4 KiB past the sampled start). Its identity differs."""
     header = b'{"w":{"dtype":"F32","shape":[1048576],"data_offsets":[0,4194304]}}'
     weights = bytearray(4 << 20)
-    cache.model_identity.cache_clear()
     base = model_folder(tmp_path, "base", header=header)
     (base / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + weights)
     tuned = model_folder(tmp_path, "tuned", header=header)

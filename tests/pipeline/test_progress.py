@@ -74,6 +74,9 @@ def test_engines_restarting_without_progress_break_the_job():
         ledger.engine_started(None)
     ledger.finish("22" * 12, model=None, given_up=True)
     assert "broken" in begin(ledger, limit=4)
+    # Nor one the response cache answered wholly: it shows nothing of the engine.
+    ledger.finish("33" * 12, model=None, given_up=False, engine_used=False)
+    assert "broken" in begin(ledger, limit=4)
 
 
 def test_two_poison_batches_back_to_back_do_not_break_the_job():
