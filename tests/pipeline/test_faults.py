@@ -225,6 +225,9 @@ def test_batch_that_keeps_killing_its_engine_becomes_error_rows(tmp_path, tiny_m
     pq.write_table(table, tmp_path / "poisoned.parquet")
     job["input"]["path"] = str(tmp_path / "poisoned.parquet")
     job["model"]["max_batch_retries"] = 1  # each retry restarts an engine (~25 s)
+    # Batches cut in input order, so that the test knows which rows share a batch with a
+    # poisoned one (grouped by prompt, "row 100" would sit beside "row 10").
+    job["prompt"]["group_by_prefix"] = False
     spec = JobSpec.from_dict(job)
 
     kills = tmp_path / "kills.log"
