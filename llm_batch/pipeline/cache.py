@@ -53,7 +53,6 @@ from llm_batch.pipeline.generation import BatchInputs, RowResult
 
 __all__ = [
     "CACHE_DIR_ENV",
-    "CACHE_MODES",
     "CacheConfig",
     "ResponseCache",
     "clear",
@@ -65,7 +64,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CACHE_MODES = ("read_write", "read", "write", "off")
 CACHE_DIR_ENV = "LLM_BATCH_CACHE_DIR"
 ABOUT = "_about.json"
 _ROW_GROUP = 1024
