@@ -8,6 +8,8 @@ from __future__ import annotations
 
 __all__ = [
     "EMBEDDING",
+    "DROPPED",
+    "DROPPED_BY",
     "ERROR",
     "FINISH_REASON",
     "GENERATED_TEXT",
@@ -61,6 +63,10 @@ PARSED = "parsed"
 # Present only when a job asks for `sampling.logprobs`.
 LOGPROBS = "logprobs"
 
+# Present only in a job with stages: the stage where the row stopped (its keep_if said
+# no, or a model of it failed the row); null for a row that went through every stage.
+DROPPED_BY = "dropped_by"
+
 INTERNAL_PREFIX = "__llm_batch_"
 # The rendered prompt (completion jobs) or rendered messages (chat jobs).
 PROMPT = INTERNAL_PREFIX + "prompt"
@@ -69,6 +75,8 @@ MESSAGES = INTERNAL_PREFIX + "messages"
 PAIR = INTERNAL_PREFIX + "pair"
 # Why a row's prompt could not be rendered; the engine skips such rows.
 RENDER_ERROR = INTERNAL_PREFIX + "render_error"
+# DROPPED_BY on its way through the stages (the engines skip rows that have one).
+DROPPED = INTERNAL_PREFIX + "dropped_by"
 # Why an input line could not be read (bad JSON, not UTF-8, wrong field count).
 INPUT_ERROR = INTERNAL_PREFIX + "input_error"
 

@@ -6,6 +6,7 @@ into Ray actors is its plain ``model_dump()``, never the model object itself.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -32,6 +33,8 @@ __all__ = [
     "OutputSpec",
     "PromptSpec",
     "SamplingSpec",
+    "StageSpec",
+    "Step",
     "format_of",
     "format_validation_error",
 ]
@@ -54,6 +57,10 @@ def format_of(name: str) -> InputFormat | None:
         if name.endswith(ext) or name.endswith(ext + ".gz"):
             return fmt
     return None
+
+
+# A name that prefixes output columns (a model's, a stage's).
+_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
 
 
 class _Strict(BaseModel):
@@ -304,7 +311,7 @@ class ModelSpec(_Strict):
 
 class NamedModelSpec(ModelSpec):
     name: str = Field(
-        pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$",
+        pattern=_NAME_PATTERN,
         description="Prefix of this model's output columns (<name>__generated_text ...).",
     )
 
@@ -439,6 +446,60 @@ class SamplingSpec(_Strict):
         return self
 
 
+class StageSpec(_Strict):
+    name: str = Field(
+        pattern=_NAME_PATTERN,
+        description="Prefix of this stage's output columns (<stage>__generated_text; with "
+        "several models <stage>__<model>__generated_text).",
+    )
+    prompt: PromptSpec = Field(
+        description="As the job's prompt; its templates see the row's input columns and every "
+        "earlier stage's output columns, by their names in the output file."
+    )
+    model: ModelSpec | None = Field(default=None, description="The stage's model.")
+    models: list[NamedModelSpec] | None = Field(
+        default=None, description="Several models side by side in this stage (instead of model)."
+    )
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="Sampling params.")
+    keep_if: str | None = Field(
+        default=None,
+        min_length=1,
+        description="A Jinja expression over the row's columns after this stage (e.g. "
+        "\"judge__generated_text == 'yes'\"): a row for which it is false skips the later "
+        "stages and is still written, with `dropped_by` naming this stage.",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One stage as the pipeline runs it. A job without ``stages`` is one step of no name
+    whose fields are the job's own ``prompt``, ``sampling`` and ``model(s)``."""
+
+    name: str | None
+    field: str  # the spec path of its fields: "" or "stages[i]."
+    prompt: PromptSpec
+    sampling: SamplingSpec
+    models: list[tuple[str, str | None, ModelSpec]]  # (spec path, column prefix, spec)
+    keep_if: str | None = None
+
+    def output_columns(self) -> list[str]:
+        """The columns this step's models append, in order."""
+        extra = []
+        if self.sampling.structured is not None and self.sampling.structured.parse:
+            extra.append(columns.PARSED)
+        if self.sampling.logprobs is not None:
+            extra.append(columns.LOGPROBS)
+        out = []
+        for _, name, model in self.models:
+            own = (
+                columns.TASK_COLUMNS[model.task]
+                if model.pools
+                else (*columns.OUTPUT_COLUMNS, *extra)
+            )
+            out += [columns.model_column(name, c) for c in own]
+        return out
+
+
 class MetricsSpec(_Strict):
     label_column: str | None = Field(
         default=None,
@@ -501,7 +562,9 @@ class NotifySpec(_Strict):
 class JobSpec(_Strict):
     name: str = Field(default="job", min_length=1, max_length=200, description="A label.")
     input: InputSpec = Field(description="The prompt dataset.")
-    prompt: PromptSpec = Field(description="How a row becomes a prompt.")
+    prompt: PromptSpec | None = Field(
+        default=None, description="How a row becomes a prompt (a job without stages)."
+    )
     model: ModelSpec | None = Field(default=None, description="The model and its engine.")
     models: list[NamedModelSpec] | None = Field(
         default=None,
@@ -509,6 +572,12 @@ class JobSpec(_Strict):
         "columns are prefixed with each model's name.",
     )
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="Sampling params.")
+    stages: list[StageSpec] | None = Field(
+        default=None,
+        description="A chain run in one pass over the data (instead of prompt, model(s) and "
+        "sampling): each stage's prompt sees the earlier stages' outputs, and its keep_if "
+        "decides whether a row goes on.",
+    )
     carryover: list[str] = Field(
         default_factory=list, description="Input columns copied unchanged into the output."
     )
@@ -546,15 +615,12 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _models(self) -> JobSpec:
-        if (self.model is None) == (self.models is None):
-            raise ValueError("set exactly one of `model` (one model) or `models` (a list)")
-        if self.models is not None:
-            if not self.models:
-                raise ValueError("models: list at least one model")
-            names = [m.name for m in self.models]
-            dupes = sorted({n for n in names if names.count(n) > 1})
-            if dupes:
-                raise ValueError(f"models: names must be unique, {', '.join(dupes)} repeats")
+        if self.stages is not None:
+            self._check_stages()
+        else:
+            if self.prompt is None:
+                raise ValueError("prompt: required field is missing (or give `stages`)")
+            _check_model_choice(self.model, self.models, "")
         written = [columns.ROW_ID, *self.output_columns()]
         label = self.metrics.label_column
         kept = [("carryover", c) for c in self.carryover]
@@ -566,65 +632,133 @@ class JobSpec(_Strict):
                     f"({', '.join(written)}); rename it in the input, or name the model "
                     "(models: [{name: ...}]) to prefix its columns"
                 )
-        self._check_tasks()
-        for field, model in self.named_models():
-            mml = model.engine.max_model_len
-            if model.pools:
-                continue  # nothing generated: the whole length is the prompt's
-            if mml is not None and self.sampling.max_tokens >= mml:
-                raise ValueError(
-                    f"sampling.max_tokens={self.sampling.max_tokens} must be below "
-                    f"{field}.engine.max_model_len={mml}, leaving room for the prompt"
-                )
+        for step in self.steps:
+            self._check_tasks(step)
+            for field, _, model in step.models:
+                mml = model.engine.max_model_len
+                if model.pools:
+                    continue  # nothing generated: the whole length is the prompt's
+                if mml is not None and step.sampling.max_tokens >= mml:
+                    raise ValueError(
+                        f"{step.field}sampling.max_tokens={step.sampling.max_tokens} must be "
+                        f"below {field}.engine.max_model_len={mml}, leaving room for the prompt"
+                    )
         return self
 
-    def _check_tasks(self) -> None:
-        """What pooling models (embed, classify, score) take and refuse."""
-        models = self.named_models()
-        pooling = [(f, m) for f, m in models if m.pools]
-        # Refused when it says anything: a stored spec spells out the default block.
-        if pooling and len(pooling) == len(models) and self.sampling != SamplingSpec():
-            field, model = pooling[0]
+    def _check_stages(self) -> None:
+        assert self.stages is not None
+        given = [f for f in ("prompt", "model", "models") if getattr(self, f) is not None]
+        if self.sampling != SamplingSpec():
+            given.append("sampling")
+        if given:
             raise ValueError(
-                f"sampling: does not apply to pooling models ({field}.task is {model.task}); "
-                "remove the sampling block"
+                f"{given[0]}: a job with stages sets it in each stage (stages[i].{given[0]})"
             )
-        if pooling and self.sampling.n > 1:
+        if not self.stages:
+            raise ValueError("stages: list at least one stage")
+        names = [s.name for s in self.stages]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"stages: names must be unique, {', '.join(dupes)} repeats")
+        for i, stage in enumerate(self.stages):
+            _check_model_choice(stage.model, stage.models, f"stages[{i}].")
+            if i and stage.sampling.n > 1:
+                raise ValueError(
+                    f"stages[{i}].sampling.n: only the first stage may ask for several "
+                    "samples per row (each then goes through the later stages)"
+                )
+            if stage.keep_if is not None:
+                from llm_batch.pipeline.prompts import expression_variables
+
+                expression_variables(stage.keep_if, field=f"stages[{i}].keep_if")
+        with_choices = [
+            f"stages[{i}]"
+            for i, s in enumerate(self.stages)
+            if s.sampling.structured is not None and s.sampling.structured.choice
+        ]
+        if self.metrics.label_column and len(with_choices) > 1:
+            raise ValueError(
+                f"metrics.label_column: {with_choices[0]} and {with_choices[1]} both choose "
+                "labels; the label metrics of a staged job read one stage's choices"
+            )
+
+    def _check_tasks(self, step: Step) -> None:
+        """What pooling models (embed, classify, score) take and refuse."""
+        models = [(f, m) for f, _, m in step.models]
+        pooling = [(f, m) for f, m in models if m.pools]
+        sampling, prompt, at = step.sampling, step.prompt, step.field
+        # Refused when it says anything: a stored spec spells out the default block.
+        if pooling and len(pooling) == len(models) and sampling != SamplingSpec():
             field, model = pooling[0]
             raise ValueError(
-                f"sampling.n: {field} (task {model.task}) writes one output per row; "
+                f"{at}sampling: does not apply to pooling models ({field}.task is "
+                f"{model.task}); remove the sampling block"
+            )
+        if pooling and sampling.n > 1:
+            field, model = pooling[0]
+            raise ValueError(
+                f"{at}sampling.n: {field} (task {model.task}) writes one output per row; "
                 "sampling.n must be 1 in a job with a pooling model"
             )
-        if pooling and self.prompt.template is None:
+        if pooling and prompt.template is None:
             field, model = pooling[0]
             raise ValueError(
-                f"{self.prompt.field}: {field} (task {model.task}) takes text; use prompt.template"
+                f"{at}{prompt.field}: {field} (task {model.task}) takes text; "
+                f"use {at}prompt.template"
             )
         scorers = [f for f, m in models if m.task == "score"]
-        if scorers and not self.prompt.paired:
+        if scorers and not prompt.paired:
             raise ValueError(
-                f"prompt.template_pair: {scorers[0]} (task score) scores pairs of texts; "
-                "set prompt.template_pair or prompt.pair_column for the second text"
+                f"{at}prompt.template_pair: {scorers[0]} (task score) scores pairs of texts; "
+                f"set {at}prompt.template_pair or {at}prompt.pair_column for the second text"
             )
-        if self.prompt.paired and not scorers:
-            field = "prompt.template_pair" if self.prompt.template_pair else "prompt.pair_column"
-            raise ValueError(f"{field}: only a model with task score reads a pair")
+        if prompt.paired and not scorers:
+            field = "prompt.template_pair" if prompt.template_pair else "prompt.pair_column"
+            raise ValueError(f"{at}{field}: only a model with task score reads a pair")
+
+    @property
+    def steps(self) -> list[Step]:
+        """The stages as the pipeline runs them (a job without ``stages`` is one)."""
+        if self.stages is None:
+            assert self.prompt is not None
+            named: list[tuple[str, str | None, ModelSpec]] = []
+            if self.models is not None:
+                named = [(f"models[{i}]", m.name, m) for i, m in enumerate(self.models)]
+            elif self.model is not None:
+                named = [("model", None, self.model)]
+            return [Step(None, "", self.prompt, self.sampling, named)]
+        steps = []
+        for i, stage in enumerate(self.stages):
+            at = f"stages[{i}]."
+            if stage.models is not None:
+                models: list[tuple[str, str | None, ModelSpec]] = [
+                    (f"{at}models[{j}]", f"{stage.name}__{m.name}", m)
+                    for j, m in enumerate(stage.models)
+                ]
+            else:
+                models = [(f"{at}model", stage.name, stage.model)] if stage.model else []
+            steps.append(Step(stage.name, at, stage.prompt, stage.sampling, models, stage.keep_if))
+        return steps
+
+    @property
+    def samples_per_row(self) -> int:
+        """Output rows per input row: the (first) stage's sampling.n."""
+        return self.steps[0].sampling.n
+
+    def sampling_of(self, model_name: str | None) -> SamplingSpec:
+        """The sampling block that applies to a model (by its column prefix)."""
+        for step in self.steps:
+            if any(prefix == model_name for _, prefix, _ in step.models):
+                return step.sampling
+        raise KeyError(model_name)
 
     def output_columns(self) -> list[str]:
         """The columns the job appends after the carryover columns, in order."""
-        out = [columns.SAMPLE_INDEX] if self.sampling.n > 1 else []
-        extra = []
-        if self.sampling.structured is not None and self.sampling.structured.parse:
-            extra.append(columns.PARSED)
-        if self.sampling.logprobs is not None:
-            extra.append(columns.LOGPROBS)
-        for name, model in zip(self.model_names, self.model_specs, strict=True):
-            own = (
-                columns.TASK_COLUMNS[model.task]
-                if model.pools
-                else (*columns.OUTPUT_COLUMNS, *extra)
-            )
-            out += [columns.model_column(name, c) for c in own]
+        out = [columns.SAMPLE_INDEX] if self.samples_per_row > 1 else []
+        for step in self.steps:
+            out += step.output_columns()
+        if self.stages is not None:
+            out.append(columns.DROPPED_BY)
         return out
 
     @property
@@ -633,15 +767,15 @@ class JobSpec(_Strict):
         return [m for _, m in self.named_models()]
 
     def named_models(self) -> list[tuple[str, ModelSpec]]:
-        """(field path, spec) of each model: ``model`` or ``models[i]``."""
-        if self.models is not None:
-            return [(f"models[{i}]", m) for i, m in enumerate(self.models)]
-        return [("model", self.model)] if self.model is not None else []
+        """(field path, spec) of each model of each stage: ``model``, ``models[i]``,
+        ``stages[i].model``, ``stages[i].models[j]``."""
+        return [(field, m) for step in self.steps for field, _, m in step.models]
 
     @property
     def model_names(self) -> list[str | None]:
-        """Column prefixes: None for a single-model job, else each model's name."""
-        return [m.name for m in self.models] if self.models is not None else [None]
+        """Column prefixes: None for a single-model job, else each model's name (in a
+        staged job, its stage's name, or ``<stage>__<model>``)."""
+        return [name for step in self.steps for _, name, _ in step.models]
 
     def digest(self) -> str:
         """A short digest of the whole job: equal digests run the very same job."""
@@ -650,7 +784,13 @@ class JobSpec(_Strict):
         # Who is told, how long the service keeps it, whether rows come from the response
         # cache and the order rows are batched in change nothing in the output's rows.
         data = self.model_dump(
-            mode="json", exclude={"notify": True, "cache": True, "prompt": {"group_by_prefix"}}
+            mode="json",
+            exclude={
+                "notify": True,
+                "cache": True,
+                "prompt": {"group_by_prefix"},
+                "stages": {"__all__": {"prompt": {"group_by_prefix"}}},
+            },
         )
         if data.get("output"):
             data["output"].pop("retain_days", None)
@@ -694,6 +834,20 @@ class JobSpec(_Strict):
         except (yaml.YAMLError, json.JSONDecodeError) as e:
             raise JobSpecError(f"job file {str(p)!r} does not parse: {e}") from None
         return cls.from_dict(data, source=f"job file {str(p)!r}")
+
+
+def _check_model_choice(
+    model: ModelSpec | None, models: list[NamedModelSpec] | None, at: str
+) -> None:
+    if (model is None) == (models is None):
+        raise ValueError(f"set exactly one of `{at}model` (one model) or `{at}models` (a list)")
+    if models is not None:
+        if not models:
+            raise ValueError(f"{at}models: list at least one model")
+        names = [m.name for m in models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"{at}models: names must be unique, {', '.join(dupes)} repeats")
 
 
 def format_validation_error(error: ValidationError, *, source: str = "job") -> str:

@@ -29,7 +29,13 @@ from llm_batch import columns
 from llm_batch.errors import EngineUnavailable
 from llm_batch.pipeline.cache import CacheConfig, ResponseCache
 from llm_batch.pipeline.engine_args import SamplingParamsCache
-from llm_batch.pipeline.generation import BatchInputs, Generator, RowResult, whereabouts
+from llm_batch.pipeline.generation import (
+    BatchInputs,
+    Generator,
+    RowResult,
+    whereabouts,
+    with_skipped,
+)
 from llm_batch.pipeline.progress import BatchLedger
 from llm_batch.pipeline.rows import BatchFinisher, BatchReport, batch_key
 
@@ -58,6 +64,7 @@ def report_batch(
         output_tokens=report.output_tokens,
         deduplicated=report.deduplicated,
         cached=report.cached,
+        skipped=report.skipped,
         seconds=seconds,
         metrics=report.metrics,
         batch_key=key,
@@ -66,8 +73,17 @@ def report_batch(
 
 
 def given_up_results(batch: pa.Table, reason: str) -> list[RowResult]:
-    """Error rows for a batch given up; rows that never reached the engine keep their own."""
-    return [RowResult.failed(e or reason) for e in batch.column(columns.RENDER_ERROR).to_pylist()]
+    """Error rows for a batch given up; rows that never reached the engine keep their own,
+    and rows stopped at an earlier stage stay skipped."""
+    stopped = (
+        batch.column(columns.DROPPED).is_valid().to_pylist()
+        if columns.DROPPED in batch.column_names
+        else [False] * batch.num_rows
+    )
+    return [
+        RowResult(skipped=True) if s else RowResult.failed(e or reason)
+        for e, s in zip(batch.column(columns.RENDER_ERROR).to_pylist(), stopped, strict=True)
+    ]
 
 
 class EngineStage:
@@ -163,7 +179,12 @@ class EngineStage:
             if key is not None:
                 self._progress.enter_batch.remote(key, alone=alone)
             inputs = BatchInputs.from_table(batch, overrides_column=self._overrides_column)
-            results = await self._generate(inputs)
+            live = inputs.live()
+            if live is None:
+                results = await self._generate(inputs)
+            else:  # rows stopped at an earlier stage are not sent
+                generated = await self._generate(inputs.take(live)) if live else []
+                results = with_skipped(len(inputs), live, generated)
         yield self._finish(batch, results, started, key)
 
     async def _generate(self, inputs: BatchInputs) -> list[RowResult]:

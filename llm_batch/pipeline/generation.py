@@ -52,6 +52,7 @@ class RowResult:
     latency: float | None = None  # seconds from submission to the last token
     deduplicated: bool = False  # another row's output: the same prompt and sampling
     cached: bool = False  # from the response cache (cache.py), not generated in this run
+    skipped: bool = False  # stopped at an earlier stage of the job: never sent (all None)
     # A pooling model's output instead of text (model.task embed, classify, score).
     embedding: Any = None  # numpy float32 vector
     probs: Any = None  # numpy float32, in the order of the model's labels
@@ -75,6 +76,7 @@ class BatchInputs:
     samples: list[int]
     overrides: list[Any]
     pairs: list[str | None] | None = None  # a score job's second texts
+    stopped: list[bool] | None = None  # rows stopped at an earlier stage (a staged job's)
 
     @classmethod
     def from_table(cls, batch: pa.Table, *, overrides_column: str | None) -> BatchInputs:
@@ -93,6 +95,11 @@ class BatchInputs:
             samples=column(columns.SAMPLE_INDEX, 0),
             overrides=column(overrides_column, None),
             pairs=column(columns.PAIR, None) if columns.PAIR in names else None,
+            stopped=(
+                batch.column(columns.DROPPED).is_valid().to_pylist()
+                if columns.DROPPED in names
+                else None
+            ),
         )
 
     def __len__(self) -> int:
@@ -111,7 +118,23 @@ class BatchInputs:
             samples=pick(self.samples),
             overrides=pick(self.overrides),
             pairs=None if self.pairs is None else pick(self.pairs),
+            stopped=None if self.stopped is None else pick(self.stopped),
         )
+
+    def live(self) -> list[int] | None:
+        """The rows to send to the engine, when some stopped at an earlier stage (else None:
+        all of them)."""
+        if self.stopped is None or not any(self.stopped):
+            return None
+        return [i for i, stopped in enumerate(self.stopped) if not stopped]
+
+
+def with_skipped(rows: int, live: list[int], results: list[RowResult]) -> list[RowResult]:
+    """A batch's results: ``results`` for the ``live`` rows, skipped ones for the rest."""
+    out = [RowResult(skipped=True)] * rows
+    for i, result in zip(live, results, strict=True):
+        out[i] = result
+    return out
 
 
 def _cpu_threads(wanted: int | None) -> None:

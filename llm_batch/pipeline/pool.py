@@ -44,7 +44,13 @@ from llm_batch.errors import EngineUnavailable, LLMBatchError
 from llm_batch.pipeline.cache import CacheConfig, ResponseCache
 from llm_batch.pipeline.engine import BatchGate, given_up_results, report_batch
 from llm_batch.pipeline.engine_args import SamplingParamsCache
-from llm_batch.pipeline.generation import BatchInputs, Generator, RowResult, whereabouts
+from llm_batch.pipeline.generation import (
+    BatchInputs,
+    Generator,
+    RowResult,
+    whereabouts,
+    with_skipped,
+)
 from llm_batch.pipeline.progress import BatchLedger
 from llm_batch.pipeline.rows import BatchFinisher, batch_key
 
@@ -420,6 +426,9 @@ def send_to_pool(
     key = batch_key(batch, model_name)
     overrides = json.loads(config)["sampling"].get("overrides_column")
     inputs = BatchInputs.from_table(batch, overrides_column=overrides)
+    live = inputs.live()  # rows stopped at an earlier stage are not sent
+    if live is not None:
+        inputs = inputs.take(live)
     sampling = json.loads(config)["sampling"]
     # The response cache answers what it holds; the pool gets the rest (maybe nothing).
     lookup = cache.lookup(inputs) if cache is not None else None
@@ -475,6 +484,8 @@ def send_to_pool(
     if lookup is not None and cache is not None and not given_up:
         results = lookup.merge(results)
         cache.store(lookup, results)
+    if live is not None and not given_up:
+        results = with_skipped(batch.num_rows, live, results)
     out, report = finisher.finish(batch, results, **shape)
     if progress is not None:
         report_batch(

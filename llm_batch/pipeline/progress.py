@@ -145,6 +145,7 @@ class ProgressTracker:
             "rows_failed": 0,
             "rows_deduplicated": 0,
             "rows_cached": 0,
+            "rows_skipped": 0,
             "input_tokens": 0,
             "output_tokens": 0,
         }
@@ -180,13 +181,14 @@ class ProgressTracker:
         seconds: float,
         deduplicated: int = 0,
         cached: int = 0,
+        skipped: int = 0,
         metrics: dict[str, Any] | None = None,
         engine: dict[str, Any] | None = None,
         batch_key: str | None = None,
         given_up: bool = False,
     ) -> None:
         if batch_key is not None and not self._ledger.finish(
-            batch_key, model=model, given_up=given_up, engine_used=cached < rows
+            batch_key, model=model, given_up=given_up, engine_used=cached + skipped < rows
         ):
             return  # a re-run of a batch already counted
         if engine is not None:
@@ -209,6 +211,7 @@ class ProgressTracker:
         self._add(model, rows, failed, input_tokens, output_tokens)
         self._models[model]["rows_deduplicated"] += deduplicated
         self._models[model]["rows_cached"] += cached
+        self._models[model]["rows_skipped"] += skipped
         self._record()
 
     def preload(

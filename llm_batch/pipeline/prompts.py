@@ -19,7 +19,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from llm_batch import columns
 from llm_batch.errors import JobSpecError
 
-__all__ = ["PromptRenderer", "conversation", "template_variables"]
+__all__ = ["KeepIf", "PromptRenderer", "conversation", "expression_variables", "template_variables"]
 
 _MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 _ROLES = ("system", "user", "assistant")
@@ -42,6 +42,43 @@ def template_variables(source: str, *, field: str = "prompt.template") -> set[st
             f"{field}: template syntax error on line {e.lineno}: {e.message}"
         ) from None
     return set(meta.find_undeclared_variables(ast)) - set(env.globals)
+
+
+def expression_variables(source: str, *, field: str) -> set[str]:
+    """The columns a ``keep_if`` expression reads; raises on a syntax error."""
+    env = _environment()
+    try:
+        env.compile_expression(source)
+        ast = env.parse("{{ (" + source + ") }}")
+    except TemplateSyntaxError as e:
+        raise JobSpecError(f"{field}: expression syntax error: {e.message}") from None
+    return set(meta.find_undeclared_variables(ast)) - set(env.globals)
+
+
+class KeepIf:
+    """A stage's ``keep_if``: a Jinja expression over each row's columns, in the same
+    sandbox as the templates. A row is kept when the expression is truthy."""
+
+    def __init__(self, source: str, *, field: str):
+        self.source = source
+        self.variables = expression_variables(source, field=field)
+        self._expression = _environment().compile_expression(source, undefined_to_none=False)
+
+    def __call__(self, batch: pa.Table, live: list[bool]) -> list[bool | str]:
+        """Per row: True (kept), False (not kept), or why it could not be evaluated.
+        Rows not ``live`` (stopped earlier) are not evaluated (False)."""
+        names = sorted(self.variables & set(batch.column_names))
+        values = {name: batch.column(name).to_pylist() for name in names}
+        out: list[bool | str] = []
+        for i, alive in enumerate(live):
+            if not alive:
+                out.append(False)
+                continue
+            try:
+                out.append(bool(self._expression(**{n: values[n][i] for n in names})))
+            except Exception as e:  # noqa: BLE001 - this row's problem, said in its row
+                out.append(f"keep_if {self.source!r} failed: {type(e).__name__}: {e}")
+        return out
 
 
 def conversation(value: Any) -> list[dict[str, str]]:
@@ -78,17 +115,18 @@ class PromptRenderer:
     it is: no template runs over it (its text is data, not a template).
     """
 
-    def __init__(self, prompt: dict[str, Any]):
+    def __init__(self, prompt: dict[str, Any], *, field: str = "prompt"):
+        """``field``: the spec path of ``prompt``, for errors (``stages[1].prompt``)."""
         self._prompt = prompt
         env = _environment()
         self._messages_column: str | None = prompt.get("messages_column")
         if prompt.get("template") is not None:
-            self._fields = {"prompt.template": prompt["template"]}
+            self._fields = {f"{field}.template": prompt["template"]}
         elif self._messages_column is not None:
             self._fields = {}
         else:
             self._fields = {
-                f"prompt.messages[{i}].content": m["content"]
+                f"{field}.messages[{i}].content": m["content"]
                 for i, m in enumerate(prompt["messages"])
             }
         self.variables: set[str] = set()
@@ -105,7 +143,7 @@ class PromptRenderer:
         self.pair_variables: set[str] = set()
         if prompt.get("template_pair") is not None:
             self.pair_variables = template_variables(
-                prompt["template_pair"], field="prompt.template_pair"
+                prompt["template_pair"], field=f"{field}.template_pair"
             )
             self._pair = env.from_string(prompt["template_pair"])
         elif self._pair_column is not None:
@@ -120,9 +158,19 @@ class PromptRenderer:
             if columns.INPUT_ERROR in batch.column_names
             else None
         )
+        # Rows stopped at an earlier stage get no prompt: the engines skip them.
+        stopped = (
+            batch.column(columns.DROPPED).is_valid().to_pylist()
+            if columns.DROPPED in batch.column_names
+            else None
+        )
         rendered: list[Any] = []
         errors: list[str | None] = []
         for i in range(batch.num_rows):
+            if stopped is not None and stopped[i]:
+                rendered.append(None)
+                errors.append(None)
+                continue
             if input_errors is not None and input_errors[i] is not None:
                 rendered.append(None)
                 errors.append(input_errors[i])
@@ -150,18 +198,20 @@ class PromptRenderer:
             else:
                 rendered.append(texts[0])
         if self._pair is not None or self._pair_column is not None:
-            batch = batch.append_column(columns.PAIR, self._pairs(values, errors))
+            batch = batch.append_column(columns.PAIR, self._pairs(values, errors, stopped))
         column = columns.MESSAGES if self._chat else columns.PROMPT
         arr = pa.array(rendered, type=_MESSAGE_TYPE if self._chat else pa.string())
         batch = batch.append_column(column, arr)
         return batch.append_column(columns.RENDER_ERROR, pa.array(errors, type=pa.string()))
 
-    def _pairs(self, values: dict[str, list[Any]], errors: list[str | None]) -> pa.Array:
+    def _pairs(
+        self, values: dict[str, list[Any]], errors: list[str | None], stopped: list[bool] | None
+    ) -> pa.Array:
         """Each row's second text (a row whose pair fails gets its render error)."""
         pairs: list[str | None] = []
         names = sorted(self.pair_variables & set(values))
         for i, error in enumerate(errors):
-            if error is not None:
+            if error is not None or (stopped is not None and stopped[i]):
                 pairs.append(None)
                 continue
             if self._pair_column is not None:

@@ -154,6 +154,7 @@ class BatchReport:
     metrics: dict[str, Any]
     deduplicated: int = 0  # rows that took another row's output (the same prompt, sampling)
     cached: int = 0  # rows answered by the response cache
+    skipped: int = 0  # rows stopped at an earlier stage: passed through, not generated
 
 
 class BatchFinisher:
@@ -259,11 +260,15 @@ class BatchFinisher:
         results: list[RowResult],
         accumulators: AccumulatorSet,
     ) -> BatchReport:
-        # The error column as written: it holds errors found here too (a cut structured output).
-        failed = view.num_rows - view.column(columns.ERROR).null_count
         if self._label_column is not None:
             view = view.append_column(self._label_column, batch.column(self._label_column))
         latencies = pa.array([r.latency for r in results], pa.float64())
+        skipped = sum(1 for r in results if r.skipped)
+        if skipped:  # rows stopped at an earlier stage: not this model's outputs
+            ran = pa.array([not r.skipped for r in results])
+            view, latencies = view.filter(ran), latencies.filter(ran)
+        # The error column as written: it holds errors found here too (a cut structured output).
+        failed = view.num_rows - view.column(columns.ERROR).null_count
         return BatchReport(
             rows=batch.num_rows,
             failed=failed,
@@ -272,6 +277,7 @@ class BatchFinisher:
             metrics=accumulators.update(BatchView(view, latencies, self._model_name)),
             deduplicated=sum(1 for r in results if r.deduplicated),
             cached=sum(1 for r in results if r.cached),
+            skipped=skipped,
         )
 
     def _finish_pooled(

@@ -47,7 +47,7 @@ from llm_batch.pipeline.manifest import (
 from llm_batch.pipeline.placement import engine_batch_size, engine_map_kwargs, on_gpu
 from llm_batch.pipeline.pool import JobCancelled, pool_stage_config, send_to_pool
 from llm_batch.pipeline.progress import ProgressTracker, Snapshot
-from llm_batch.pipeline.prompts import PromptRenderer
+from llm_batch.pipeline.prompts import KeepIf, PromptRenderer
 from llm_batch.pipeline.read import InputDatasource, InputInfo, check_columns, inspect_input
 from llm_batch.pipeline.retry import finish_moves, prepare_retry
 from llm_batch.pipeline.rows import accumulator_view
@@ -83,7 +83,9 @@ class JobPlan:
     input_format: str
     input_info: InputInfo
     read_columns: list[str]  # template columns ∪ carryover ∪ label/overrides, in input order
-    carried: list[str]  # columns that travel to the engines: carryover + label/overrides
+    # Columns that travel to the engines: carryover, label, overrides, and the input
+    # columns later stages' templates and keep_if read.
+    carried: list[str]
 
     @property
     def drop_before_write(self) -> list[str]:
@@ -94,6 +96,7 @@ class JobPlan:
             columns.PAIR,
             columns.RENDER_ERROR,
             columns.INPUT_ERROR,
+            columns.DROPPED,
         ]
         return internal + [c for c in self.carried if c not in self.written]
 
@@ -116,24 +119,38 @@ class JobResult:
 def plan_job(spec: JobSpec) -> JobPlan:
     """All checks that need no engine; raises ``JobSpecError`` or ``InputError``."""
     fmt = spec.input.resolved_format
-    renderer = PromptRenderer(spec.prompt.model_dump())
     info = inspect_input(spec.input.model_dump(), fmt)
-    check_columns(
-        info.schema,
-        {
-            spec.prompt.field: renderer.variables - renderer.pair_variables,
-            ("prompt.template_pair" if spec.prompt.template_pair else "prompt.pair_column"): (
-                renderer.pair_variables
-            ),
-            "carryover": set(spec.carryover),
-            "input.columns": set(spec.input.columns or []),
-            "metrics.label_column": {c for c in [spec.metrics.label_column] if c},
-            "sampling.overrides_column": {c for c in [spec.sampling.overrides_column] if c},
-        },
-    )
+    needed: dict[str, set[str]] = {
+        "carryover": set(spec.carryover),
+        "input.columns": set(spec.input.columns or []),
+        "metrics.label_column": {c for c in [spec.metrics.label_column] if c},
+    }
+    # Each stage reads input columns and the columns earlier stages wrote (keep_if: its own
+    # stage's too); the input columns read after the first render travel with the rows.
+    written: set[str] = set()
+    later: list[str] = []
+    first = PromptRenderer(spec.steps[0].prompt.model_dump())
+    for i, step in enumerate(spec.steps):
+        at, prompt = step.field, step.prompt
+        renderer = first if i == 0 else PromptRenderer(prompt.model_dump(), field=at + "prompt")
+        pair = "prompt.template_pair" if prompt.template_pair else "prompt.pair_column"
+        reads = {
+            at + prompt.field: renderer.variables - renderer.pair_variables - written,
+            at + pair: renderer.pair_variables - written,
+            at + "sampling.overrides_column": {c for c in [step.sampling.overrides_column] if c},
+        }
+        written |= set(step.output_columns())
+        if step.keep_if is not None:
+            keep = KeepIf(step.keep_if, field=at + "keep_if")
+            reads[at + "keep_if"] = keep.variables - written
+        for field, names in reads.items():
+            needed[field] = needed.get(field, set()) | names
+            if i or field.endswith(("keep_if", "overrides_column")):
+                later += sorted(names)
+    check_columns(info.schema, needed)
     for field, model in spec.named_models():
         _check_model_path(field, model.path)
-        check_model_limits(field, model, spec.sampling)
+        check_model_limits(field, model, spec.sampling_of(_prefix(spec, field)))
     if spec.output is not None:
         check_apart(spec.input.path, spec.output.path)
         _check_output_folder(spec)
@@ -141,13 +158,18 @@ def plan_job(spec: JobSpec) -> JobPlan:
         from llm_batch.pipeline.accumulators import AccumulatorSet, JobContext
 
         AccumulatorSet(JobContext(), spec.metrics.accumulators)
-    extra = [c for c in (spec.metrics.label_column, spec.sampling.overrides_column) if c]
+    extra = [c for c in (spec.metrics.label_column, *later) if c]
     carried = [columns.ROW_ID, *spec.carryover] + [
         c for c in dict.fromkeys(extra) if c not in spec.carryover
     ]
-    wanted = renderer.variables | set(carried[1:]) | set(spec.input.columns or [])
+    wanted = first.variables | set(carried[1:]) | set(spec.input.columns or [])
     read_columns = [n for n in info.schema.names if n in wanted]
     return JobPlan(spec, fmt, info, read_columns, carried)
+
+
+def _prefix(spec: JobSpec, field: str) -> str | None:
+    """The column prefix of the model at spec path ``field``."""
+    return next(name for step in spec.steps for f, name, _ in step.models if f == field)
 
 
 def _check_output_folder(spec: JobSpec) -> None:
@@ -184,13 +206,22 @@ def _renderer(prompt_json: str) -> PromptRenderer:
 
 
 def _render_batch(
-    batch: pa.Table, *, prompt_json: str, keep: list[str], n: int, group: bool = False
+    batch: pa.Table,
+    *,
+    prompt_json: str,
+    keep: list[str],
+    n: int,
+    group: bool = False,
+    staged: bool = False,
 ) -> pa.Table:
     """Render prompts, keep only the columns that travel on, group rows by prompt prefix
-    (``group``), and repeat each row n times."""
+    (``group``), and repeat each row n times. A staged job's rows get their ``dropped_by``
+    (null: none has stopped yet)."""
     rendered = _renderer(prompt_json)(batch)
     internal = [c for c in rendered.column_names if c.startswith(columns.INTERNAL_PREFIX)]
     out = rendered.select(keep + internal)
+    if staged:
+        out = out.append_column(columns.DROPPED, pa.nulls(out.num_rows, pa.string()))
     if group:
         out = group_by_prefix(out)
     if n > 1:
@@ -243,28 +274,32 @@ def _preload(tracker: Any, spec: JobSpec, *, rows_per_call: int = 65_536) -> int
     fs, _ = open_filesystem(spec.output_path)
     dataset = pads.dataset(files, filesystem=fs, format="parquet")
     label = spec.metrics.label_column
-    structured = spec.sampling.structured
-    # The label's probability is scored from the logprobs (choice jobs with a label only).
-    scored = (
-        label is not None
-        and spec.sampling.logprobs is not None
-        and structured is not None
-        and bool(structured.choice)
-    )
-    outputs = list(columns.OUTPUT_COLUMNS) + ([columns.LOGPROBS] if scored else [])
-    tasks = {
-        name: model.task for name, model in zip(spec.model_names, spec.model_specs, strict=True)
-    }
     # A pooling model's own columns but its vectors (an embedder's are not read).
     own = {
         task: [c for c in columns.TASK_COLUMNS[task] if c != columns.EMBEDDING]
         for task in POOLING_TASKS
     }
-    plain = {
-        name: {columns.model_column(name, c): c for c in own.get(task, outputs)}
-        for name, task in tasks.items()
-    }
+    tasks: dict[str | None, str] = {}
+    plain: dict[str | None, dict[str, str]] = {}
+    # A staged job's model ran on the rows that had not stopped before its stage.
+    ran_after: dict[str | None, list[str]] = {}
+    staged = spec.stages is not None
+    for k, step in enumerate(spec.steps):
+        structured = step.sampling.structured
+        # The label's probability is scored from the logprobs (choice jobs with a label only).
+        scored = (
+            label is not None
+            and step.sampling.logprobs is not None
+            and structured is not None
+            and bool(structured.choice)
+        )
+        outputs = list(columns.OUTPUT_COLUMNS) + ([columns.LOGPROBS] if scored else [])
+        for _, name, model in step.models:
+            tasks[name] = model.task
+            plain[name] = {columns.model_column(name, c): c for c in own.get(model.task, outputs)}
+            ran_after[name] = [str(s.name) for s in spec.steps[k:]]
     wanted = [c for names in plain.values() for c in names] + ([label] if label else [])
+    wanted += [columns.DROPPED_BY] if staged else []
     done = 0
     for batch in dataset.to_batches(columns=list(dict.fromkeys(wanted)), batch_size=rows_per_call):
         table = pa.Table.from_batches([batch])
@@ -274,10 +309,16 @@ def _preload(tracker: Any, spec: JobSpec, *, rows_per_call: int = 65_536) -> int
             view = accumulator_view(view, tasks[name])
             if label and tasks[name] in ("generate", "classify"):
                 view = view.append_column(label, table.column(label))
+            if staged:
+                stopped = table.column(columns.DROPPED_BY)
+                ran = pa.compute.or_kleene(
+                    stopped.is_null(), pa.compute.is_in(stopped, pa.array(ran_after[name]))
+                )
+                view = view.filter(ran)
             ray.get(
                 tracker.preload.remote(
                     model=name,
-                    rows=view.num_rows,
+                    rows=table.num_rows,
                     failed=view.num_rows - view.column(columns.ERROR).null_count,
                     input_tokens=int(
                         pa.compute.sum(view.column(columns.NUM_INPUT_TOKENS)).as_py() or 0
@@ -327,10 +368,11 @@ def input_dataset(
         batch_size=None,
         zero_copy_batch=True,
         fn_kwargs={
-            "prompt_json": json.dumps(spec.prompt.model_dump()),
+            "prompt_json": json.dumps(spec.steps[0].prompt.model_dump()),
             "keep": plan.carried,
-            "n": spec.sampling.n,
-            "group": spec.prompt.group_by_prefix,
+            "n": spec.samples_per_row,
+            "group": spec.steps[0].prompt.group_by_prefix,
+            "staged": spec.stages is not None,
         },
     )
     if task_cpus is not None:
@@ -576,12 +618,17 @@ def new_tracker(tracker_class: type = ProgressTracker, *args: Any, **kwargs: Any
 def _tracker_args(spec: JobSpec, plan: JobPlan) -> tuple[tuple[Any, ...], dict[str, Any]]:
     rows_total = plan.input_info.rows_total
     if rows_total is not None:
-        rows_total *= spec.sampling.n
-    structured = spec.sampling.structured
-    job = JobContext(
-        label_column=spec.metrics.label_column,
-        choices=tuple(structured.choice) if structured and structured.choice else None,
+        rows_total *= spec.samples_per_row
+    # Label metrics read a choice stage's choices (a staged job has at most one with a label).
+    choices = next(
+        (
+            tuple(s.sampling.structured.choice)
+            for s in spec.steps
+            if s.sampling.structured and s.sampling.structured.choice
+        ),
+        None,
     )
+    job = JobContext(label_column=spec.metrics.label_column, choices=choices)
     return (rows_total, spec.model_names), {
         "job": job,
         "accumulators": spec.metrics.accumulators,
@@ -604,7 +651,7 @@ def _cluster_gpus(ttl: float = 30.0) -> float:
 def _batch_rows(spec: JobSpec) -> list[int]:
     """Rows per engine batch of each model: whole prompts (a prompt's n samples are
     written, and checkpointed, together)."""
-    n = spec.sampling.n
+    n = spec.samples_per_row
     gpus = _cluster_gpus()
     return [
         -(-engine_batch_size(model.model_dump(), cluster_gpus=gpus) // n) * n
@@ -620,11 +667,11 @@ def cache_configs(spec: JobSpec, job_run: str) -> dict[str | None, CacheConfig |
     root = spec.cache.path or response_cache.default_root(spec.output_path)
     if "://" not in root:  # every worker must mean the driver's folder
         root = os.path.abspath(os.path.expanduser(root))
-    sampling = spec.sampling.model_dump()
     gpus = _cluster_gpus()
     for name, model in zip(spec.model_names, spec.model_specs, strict=True):
         out[name] = None
-        if mode == "off" or model.pools or spec.sampling.n > 1:
+        sampling = spec.sampling_of(name).model_dump()
+        if mode == "off" or model.pools or spec.samples_per_row > 1:
             continue
         model_dict = model.model_dump()
         device = "gpu" if on_gpu(model_dict, cluster_gpus=gpus) else "cpu"
@@ -660,18 +707,24 @@ def engine_pools(
     engines = engines or Engines()
     caches = caches or {}
     cluster_gpus = _cluster_gpus()
-    named = spec.named_models()
+    staged = spec.stages is not None
+    steps = spec.steps
+    models = [(step, name, model) for step in steps for _, name, model in step.models]
     block_rows = None
-    for i, ((_, model), rows, name) in enumerate(
-        zip(named, _batch_rows(spec), spec.model_names, strict=True)
-    ):
+    for i, ((step, name, model), rows) in enumerate(zip(models, _batch_rows(spec), strict=True)):
+        if staged and step is not steps[0] and step.models[0][1] == name:
+            # A later stage's first model: the rows before it stop or go on, and its
+            # prompts are rendered from what the earlier stages wrote.
+            ds = _between_stages(ds, spec, steps.index(step), engines.task_cpus)
         if block_rows is not None and rows != block_rows:
             # A model with another batch size: cut again (see input_dataset), strictly,
             # across blocks; an operator of its own. On multiples of n, as rows is one.
             ds = ds.repartition(target_num_rows_per_block=rows, strict=True)
         block_rows = rows
         model_dict = model.model_dump()
-        drop = plan.drop_before_write if i == len(named) - 1 else []
+        sampling = step.sampling.model_dump()
+        # The last stage drops what is not written (a staged job's final step does).
+        drop = plan.drop_before_write if i == len(models) - 1 and not staged else []
         pool = engines.pools.get(name)
         if pool is not None:
             ds = ds.map_batches(
@@ -680,7 +733,7 @@ def engine_pools(
                     "pool": pool,
                     "config": pool_stage_config(
                         model_dict,
-                        spec.sampling.model_dump(),
+                        sampling,
                         model_name=name,
                         metrics=spec.metrics.model_dump(),
                         drop=drop,
@@ -713,7 +766,7 @@ def engine_pools(
             engines.stage,
             fn_constructor_kwargs={
                 "model": model_dict,
-                "sampling": spec.sampling.model_dump(),
+                "sampling": sampling,
                 "model_name": name,
                 "progress": tracker,
                 "metrics": spec.metrics.model_dump(),
@@ -729,7 +782,94 @@ def engine_pools(
             # ledger (progress.py), since a re-run of a task repeats all its batches.
             **placed,
         )
+    if staged:
+        ds = _between_stages(ds, spec, len(steps), engines.task_cpus, drop=plan.drop_before_write)
     return ds
+
+
+def _between_stages(
+    ds: Any, spec: JobSpec, index: int, task_cpus: float | None, *, drop: list[str] | None = None
+) -> Any:
+    """The step after stage ``index - 1`` of a staged job: its rows stop or go on
+    (``next_stage``), then stage ``index``'s prompts are rendered; after the last stage,
+    ``dropped_by`` is written and the columns that are not output dropped."""
+    done = spec.steps[index - 1]
+    following = spec.steps[index] if index < len(spec.steps) else None
+    return ds.map_batches(
+        next_stage,
+        **_cpus(task_cpus),
+        batch_format="pyarrow",
+        batch_size=None,
+        zero_copy_batch=True,
+        fn_kwargs={
+            "stage": done.name,
+            "models": [name for _, name, _ in done.models],
+            "keep_if": done.keep_if,
+            "field": done.field + "keep_if",
+            "prompt_json": (
+                None if following is None else json.dumps(following.prompt.model_dump())
+            ),
+            "prompt_field": None if following is None else following.field + "prompt",
+            "drop": list(drop or []),
+        },
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _keep_if(source: str, field: str) -> KeepIf:
+    return KeepIf(source, field=field)
+
+
+def next_stage(
+    batch: pa.Table,
+    *,
+    stage: str,
+    models: list[str | None],
+    keep_if: str | None,
+    field: str,
+    prompt_json: str | None,
+    prompt_field: str | None,
+    drop: list[str],
+) -> pa.Table:
+    """After a stage: a row that a model of the stage failed, or whose ``keep_if`` is false,
+    stops here (its ``dropped_by`` names the stage; the later stages skip it). Then the
+    next stage's prompts are rendered over the row's columns (``prompt_json``), or, after
+    the last stage, ``dropped_by`` takes its output name and ``drop`` goes."""
+    dropped = batch.column(columns.DROPPED).to_pylist()
+    failed = [False] * batch.num_rows
+    for name in models:
+        error = batch.column(columns.model_column(name, columns.ERROR)).is_valid().to_pylist()
+        failed = [f or e for f, e in zip(failed, error, strict=True)]
+    live = [d is None and not f for d, f in zip(dropped, failed, strict=True)]
+    kept: list[bool | str] = list(live)
+    if keep_if is not None:
+        kept = _keep_if(keep_if, field)(batch, live)
+    problems = {i: k for i, k in enumerate(kept) if isinstance(k, str)}
+    if problems:
+        # Said in the stage's (first model's) error column: the row is an error row there.
+        name = columns.model_column(models[0], columns.ERROR)
+        errors = batch.column(name).to_pylist()
+        for i, problem in problems.items():
+            errors[i] = problem
+        at = batch.column_names.index(name)
+        batch = batch.set_column(at, name, pa.array(errors, pa.string()))
+    stopped = [
+        d if d is not None else (None if k is True else stage)
+        for d, k in zip(dropped, kept, strict=True)
+    ]
+    at = batch.column_names.index(columns.DROPPED)
+    batch = batch.set_column(at, columns.DROPPED, pa.array(stopped, pa.string()))
+    if prompt_json is None:
+        batch = batch.drop_columns([c for c in drop if c in batch.column_names])
+        return batch.append_column(columns.DROPPED_BY, pa.array(stopped, pa.string()))
+    rendered = [columns.PROMPT, columns.MESSAGES, columns.PAIR, columns.RENDER_ERROR]
+    batch = batch.drop_columns([c for c in rendered if c in batch.column_names])
+    return _stage_renderer(prompt_json, prompt_field or "prompt")(batch)
+
+
+@functools.lru_cache(maxsize=8)
+def _stage_renderer(prompt_json: str, field: str) -> PromptRenderer:
+    return PromptRenderer(json.loads(prompt_json), field=field)
 
 
 def _pool_stage_resources(in_flight: int, task_cpus: float | None) -> dict[str, Any]:

@@ -355,7 +355,7 @@ class Scheduler:
         spec = self._spec(job)
         rows = (job.progress or {}).get("rows_total")
         if rows is not None:
-            return int(rows) * spec.sampling.n <= self.settings.small_job_rows
+            return int(rows) * spec.samples_per_row <= self.settings.small_job_rows
         path = Path(spec.input.path.removeprefix("file://"))
         if "://" in spec.input.path.removeprefix("file://") or not path.exists():
             return False

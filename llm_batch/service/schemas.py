@@ -36,6 +36,11 @@ class ModelProgress(BaseModel):
 
     rows_done: int = Field(default=0, description="Rows this model has answered.")
     rows_failed: int = Field(default=0, description="Of them, rows with an error.")
+    rows_skipped: int = Field(
+        default=0,
+        description="Of them, rows that stopped at an earlier stage of a staged job (sent "
+        "to no engine; this model's columns null).",
+    )
     input_tokens: int = Field(default=0, description="Prompt tokens.")
     output_tokens: int = Field(default=0, description="Generated tokens.")
 
