@@ -8,16 +8,39 @@ The CLI (``run --address``, ``submit``) and the service make them absolute first
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from llm_batch.errors import JobSpecError
 
-__all__ = ["absolute_paths", "load_job_mapping"]
+__all__ = ["absolute_paths", "load_job_mapping", "map_models"]
 
 
 def _is_local(path: str) -> bool:
     return "://" not in path
+
+
+def map_models(data: dict[str, Any], fix: Callable[[Any, str], Any]) -> dict[str, Any]:
+    """A copy of a raw job mapping with ``fix(entry, field)`` applied to each model entry
+    (a block, or a catalog model's name) wherever a job names one: ``model``,
+    ``models[i]``, ``stages[i].model``, ``stages[i].models[j]``."""
+
+    def scope(block: dict[str, Any], at: str) -> dict[str, Any]:
+        out = dict(block)
+        if out.get("model") is not None:
+            out["model"] = fix(out["model"], f"{at}model")
+        if isinstance(out.get("models"), list):
+            out["models"] = [fix(m, f"{at}models[{i}]") for i, m in enumerate(out["models"])]
+        return out
+
+    out = scope(data, "")
+    if isinstance(out.get("stages"), list):
+        out["stages"] = [
+            scope(s, f"stages[{i}].") if isinstance(s, dict) else s
+            for i, s in enumerate(out["stages"])
+        ]
+    return out
 
 
 def absolute_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -40,10 +63,7 @@ def absolute_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     out["input"] = fix(out.get("input"), must_exist=False)
     if out.get("output") is not None:
         out["output"] = fix(out["output"], must_exist=False)
-    if "model" in out:
-        out["model"] = fix(out["model"], must_exist=True)
-    if isinstance(out.get("models"), list):
-        out["models"] = [fix(m, must_exist=True) for m in out["models"]]
+    out = map_models(out, lambda block, _: fix(block, must_exist=True))
     return {k: v for k, v in out.items() if k in data}
 
 

@@ -21,6 +21,7 @@ import yaml
 from pydantic import ValidationError
 
 from llm_batch.errors import JobSpecError
+from llm_batch.job.paths import map_models
 from llm_batch.job.spec import ModelSpec, format_validation_error
 
 __all__ = ["ModelCatalog"]
@@ -81,13 +82,13 @@ class ModelCatalog:
         return dict(self._models[name])
 
     def resolve(self, data: dict[str, Any]) -> dict[str, Any]:
-        """``data`` with every model given by name replaced by its block."""
-        out = dict(data)
-        if isinstance(out.get("model"), str):
-            out["model"] = self.block(out["model"], field="model")
-        if isinstance(out.get("models"), list):
-            out["models"] = [
-                {"name": m, **self.block(m, field=f"models[{i}]")} if isinstance(m, str) else m
-                for i, m in enumerate(out["models"])
-            ]
-        return out
+        """``data`` with every model given by name replaced by its block (an entry of a
+        ``models`` list keeps the name as its own)."""
+
+        def block(entry: Any, field: str) -> Any:
+            if not isinstance(entry, str):
+                return entry
+            found = self.block(entry, field=field)
+            return {"name": entry, **found} if field.endswith("]") else found
+
+        return map_models(data, block)

@@ -40,6 +40,7 @@ from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from llm_batch.errors import JobSpecError
+from llm_batch.job.paths import map_models
 
 __all__ = ["SharedStorage", "StorageRoots", "is_hub_id", "parse_local_roots", "parse_roots"]
 
@@ -236,13 +237,7 @@ class StorageRoots:
             out["input"] = fix(out["input"], "input")
         if out.get("output") is not None:
             out["output"] = fix(out["output"], "output")
-        if "model" in out:
-            out["model"] = fix(out["model"], "model", model=True)
-        if isinstance(out.get("models"), list):
-            out["models"] = [
-                fix(m, f"models[{i}]", model=True) for i, m in enumerate(out["models"])
-            ]
-        return out
+        return map_models(out, lambda block, field: fix(block, field, model=True))
 
 
 _NODES_CANNOT = {"read": "read it", "write": "write there", "load": "load it"}

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from llm_batch.errors import InputError, JobSpecError
-from llm_batch.job.paths import absolute_paths
+from llm_batch.job.paths import absolute_paths, map_models
 from llm_batch.job.spec import EngineSpec, JobSpec, ReplicaRange
 from llm_batch.service.catalog import ModelCatalog
 from llm_batch.service.engine_args import SAFE_ENGINE_ARGS
@@ -178,11 +178,16 @@ def prepare_submission(body: Any, admission: Admission) -> Submission:
 
 
 def _written_models(body: dict[str, Any]) -> set[str]:
-    """The fields (``model``, ``models[i]``) of the model blocks the job writes itself,
-    rather than naming one of the catalog's."""
-    fields = {"model"} if isinstance(body.get("model"), dict) else set()
-    if isinstance(body.get("models"), list):
-        fields |= {f"models[{i}]" for i, m in enumerate(body["models"]) if isinstance(m, dict)}
+    """The fields (``model``, ``models[i]``, ``stages[i].model`` ...) of the model blocks
+    the job writes itself, rather than naming one of the catalog's."""
+    fields: set[str] = set()
+
+    def note(entry: Any, field: str) -> Any:
+        if isinstance(entry, dict):
+            fields.add(field)
+        return entry
+
+    map_models(body, note)
     return fields
 
 

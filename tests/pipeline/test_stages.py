@@ -163,7 +163,13 @@ def test_rows_stop_where_keep_if_says_no_or_a_model_failed_them():
     out = _after_judge()
     # 1 kept; 2 judged no; 3 stopped earlier (stays "draft"); 4 kept; 5 failed in judge.
     assert out.column(columns.DROPPED).to_pylist() == [None, "judge", "draft", None, "judge"]
-    assert out.column(columns.PROMPT).to_pylist() == ["For kids: d1", None, None, "For cooks: d4", None]
+    assert out.column(columns.PROMPT).to_pylist() == [
+        "For kids: d1",
+        None,
+        None,
+        "For cooks: d4",
+        None,
+    ]
     assert out.column(columns.RENDER_ERROR).null_count == 5
 
 

@@ -17,7 +17,7 @@ from llm_batch.job.spec import JobSpec
 pytestmark = pytest.mark.e2e
 
 ENGINE = {"max_model_len": 512, "dtype": "bfloat16", "enforce_eager": True}
-CHOICES = ["yes", "no"]
+CHOICES = ["good", "bad"]
 ROWS = 24
 NULL_TOPIC = 5  # this row's draft prompt cannot render: it stops at the first stage
 
@@ -50,10 +50,10 @@ def chain(tmp_path_factory, tiny_model, ray_local):
                 },
                 {
                     "name": "judge",
-                    "prompt": {"template": "Text: {{ draft__generated_text }}\nGood?"},
+                    "prompt": {"template": "Judge: {{ draft__generated_text }}"},
                     "model": model,
                     "sampling": {"max_tokens": 4, "structured": {"choice": CHOICES}},
-                    "keep_if": "judge__generated_text == 'yes'",
+                    "keep_if": "judge__generated_text == 'good'",
                 },
                 {
                     "name": "rewrite",
@@ -89,14 +89,14 @@ def test_every_row_is_written_once_with_where_it_stopped(chain):
     for row in rows:
         if row["id"] == NULL_TOPIC:
             continue
-        kept = row["judge__generated_text"] == "yes"
+        kept = row["judge__generated_text"] == "good"
         assert row["dropped_by"] == (None if kept else "judge"), row
         # A row not kept skips the rewrite: its columns are null, with no error.
         assert (row["rewrite__generated_text"] is not None) == kept, row
         assert row["rewrite__error"] is None
     judged = [r["judge__generated_text"] for r in rows if r["id"] != NULL_TOPIC]
     # The job means something only if the judge both kept and dropped rows.
-    assert "yes" in judged and "no" in judged, judged
+    assert "good" in judged and "bad" in judged, judged
 
 
 def test_each_stage_equals_raw_vllm_on_prompts_from_the_stage_before(
@@ -117,12 +117,12 @@ def test_each_stage_equals_raw_vllm_on_prompts_from_the_stage_before(
     drafts = generate([f"Write about {topics[r['id']]}:" for r in rows], max_tokens=8)
     assert [r["draft__generated_text"] for r in rows] == drafts
     judged = generate(
-        [f"Text: {d}\nGood?" for d in drafts],
+        [f"Judge: {d}" for d in drafts],
         max_tokens=4,
         structured_outputs=StructuredOutputsParams(choice=CHOICES),
     )
     assert [r["judge__generated_text"] for r in rows] == judged
-    kept = [(r, d) for r, d, j in zip(rows, drafts, judged, strict=True) if j == "yes"]
+    kept = [(r, d) for r, d, j in zip(rows, drafts, judged, strict=True) if j == "good"]
     rewrites = generate([f"For {audiences[r['id']]}: {d}" for r, d in kept], max_tokens=8)
     assert [r["rewrite__generated_text"] for r, _ in kept] == rewrites
 

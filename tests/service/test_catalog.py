@@ -52,3 +52,14 @@ def test_bad_models_files_name_the_problem(tmp_path, text, needle):
 def test_missing_models_file(tmp_path):
     with pytest.raises(JobSpecError, match="does not exist"):
         ModelCatalog.from_file(tmp_path / "nope.yaml")
+
+
+def test_names_resolve_inside_stages(tmp_path):
+    catalog = ModelCatalog.from_file(write(tmp_path, "a: {path: org/a}\nb: {path: org/b}\n"))
+    job = catalog.resolve(
+        {"stages": [{"name": "s", "model": "a"}, {"name": "t", "models": ["b", {"path": "p"}]}]}
+    )
+    assert job["stages"][0]["model"] == {"path": "org/a"}
+    assert job["stages"][1]["models"] == [{"name": "b", "path": "org/b"}, {"path": "p"}]
+    with pytest.raises(JobSpecError, match=r"^stages\[1\]\.models\[0\]: 'c' is not a model"):
+        catalog.resolve({"stages": [{"model": "a"}, {"models": ["c"]}]})

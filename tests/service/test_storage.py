@@ -150,3 +150,17 @@ def test_realpath_of_roots(tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
     assert parse_roots(str(tmp_path / "link")) == [os.path.realpath(tmp_path / "real")]
+
+
+def test_a_stages_model_paths_are_confined_too(roots, root, tmp_path):
+    outside = tmp_path / "elsewhere" / "m"
+    outside.mkdir(parents=True)
+    data = {
+        "input": {"path": "in/a.parquet"},
+        "stages": [
+            {"name": "a", "model": {"path": "org/hub-model"}},
+            {"name": "b", "models": [{"name": "x", "path": str(outside)}]},
+        ],
+    }
+    with pytest.raises(JobSpecError, match=r"^stages\[1\]\.models\[0\]\.path: .* outside"):
+        roots.confine_job(data, base=str(root))

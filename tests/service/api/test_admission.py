@@ -150,3 +150,26 @@ def test_safe_engine_args_are_vllm_engine_args_that_run_no_code():
         "structured_outputs_config", "structured_outputs_config.reasoning_parser_plugin",
     }  # fmt: skip
     assert not code_or_paths & SAFE_ENGINE_ARGS
+
+
+def test_a_stages_model_blocks_are_checked_as_the_jobs_own(client, job_body):
+    """A staged job's model blocks get the same admission as a one-model job's: its
+    engine arguments and replicas, named by their place in the stages."""
+    model = job_body["model"]
+    stages = [
+        {"name": "draft", "prompt": job_body["prompt"], "model": model},
+        {
+            "name": "judge",
+            "prompt": {"template": "Good? {{ draft__generated_text }}"},
+            "models": [{"name": "a", **model}, {"name": "b", **model, "replicas": 5}],
+            "keep_if": "judge__a__generated_text == 'yes'",
+        },
+    ]
+    body = {k: v for k, v in job_body.items() if k not in ("prompt", "model", "sampling")}
+    r = client.post("/v1/jobs", json={**body, "stages": stages})
+    assert r.status_code == 422
+    assert r.json()["detail"].startswith("stages[1].models[1].replicas: 5 engine replicas")
+    del stages[1]["models"][1]["replicas"]
+    r = client.post("/v1/jobs", json={**body, "stages": stages})
+    assert r.status_code == 201, r.text
+    assert r.json()["spec"]["stages"][1]["keep_if"] == "judge__a__generated_text == 'yes'"
