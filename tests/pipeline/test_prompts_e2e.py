@@ -59,7 +59,20 @@ def test_library_has_the_common_cases():
         "review-records.yaml",
         "reviews-classify.yaml",
         "reviews-embed.yaml",
+        "synthetic-reviews-judged.yaml",
     } <= names
+
+
+def test_the_judged_synthetic_reviews_keep_what_the_judge_agrees_with(results):
+    """prompts/synthetic-reviews-judged.yaml: generate, judge, filter; no row lost."""
+    _, table, metrics = results["synthetic-reviews-judged.yaml"]
+    rows = table.to_pylist()
+    for row in rows:
+        agrees = row["judge__generated_text"] == row["label"]
+        assert row["dropped_by"] == (None if agrees else "judge"), row
+    kept = sum(r["dropped_by"] is None for r in rows)
+    assert 0 < kept < len(rows)
+    assert metrics["models"]["judge"]["rows_done"] == len(rows)
 
 
 @pytest.mark.parametrize("path", JOB_FILES, ids=[p.name for p in JOB_FILES])
@@ -69,7 +82,7 @@ def test_every_job_file_runs_one_row_per_input_row_and_sample(results, path):
         str(ROOT / spec.input.path),
         format=("json" if spec.input.resolved_format == "jsonl" else spec.input.resolved_format),
     ).count_rows()
-    assert table.num_rows == inputs * spec.sampling.n
+    assert table.num_rows == inputs * spec.samples_per_row
     assert metrics["rows_done"] == table.num_rows
     errors = [c for c in table.column_names if c.endswith("error")]
     for column in errors:
