@@ -173,3 +173,39 @@ def test_a_killed_replica_is_replaced_and_both_jobs_finish_exactly_once(service,
     assert new_replica.pid != replica.pid
     # The dead replica's engine processes went with it.
     assert not [p for p in engine if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_a_staged_job_runs_its_stages_on_one_shared_pool(service, tmp_path):
+    """Two stages naming the same catalog model go through its one pool; every row is
+    written once, and a row the judge did not keep says so in ``dropped_by``."""
+    source = write_input(tmp_path / "staged.parquet", SMALL)
+    body = {
+        "name": "staged",
+        "input": {"path": str(source)},
+        "stages": [
+            {
+                "name": "draft",
+                "prompt": {"template": "{{ text }}\nWrite:"},
+                "model": "tiny",
+                "sampling": {"max_tokens": 8},
+            },
+            {
+                "name": "judge",
+                "prompt": {"template": "Judge: {{ draft__generated_text }}"},
+                "model": "tiny",
+                "sampling": {"max_tokens": 4, "structured": {"choice": ["good", "bad"]}},
+                "keep_if": "judge__generated_text == 'good'",
+            },
+        ],
+        "carryover": ["id"],
+        "output": {"path": str(tmp_path / "out-staged")},
+    }
+    done = wait(service, submit(service, body), ended("succeeded"), timeout=300)
+    assert set(done["progress"]["models"]) == {"draft", "judge"}
+    rows = rows_of(service, done["id"])
+    assert sorted(r["id"] for r in rows) == list(range(SMALL))
+    for row in rows:
+        assert row["draft__error"] is None and row["judge__error"] is None, row
+        assert row["judge__generated_text"] in ("good", "bad")
+        assert row["dropped_by"] == (None if row["judge__generated_text"] == "good" else "judge")
+    tiny_pool(service)  # one pool of the tiny model, not one per stage
