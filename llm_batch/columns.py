@@ -25,6 +25,7 @@ __all__ = [
     "PARSED",
     "PROBS",
     "PROMPT",
+    "REASONING_TEXT",
     "RENDER_ERROR",
     "ROW_ID",
     "SAMPLE_INDEX",
@@ -58,6 +59,8 @@ TASK_COLUMNS: dict[str, tuple[str, ...]] = {
 
 # Present only when a job asks for n > 1 samples per prompt.
 SAMPLE_INDEX = "sample_index"
+# Present only for a model with a `reasoning_parser`: its reasoning, apart from the answer.
+REASONING_TEXT = "reasoning_text"
 # Present only when a JSON-schema job asks for `structured.parse`.
 PARSED = "parsed"
 # Present only when a job asks for `sampling.logprobs`.

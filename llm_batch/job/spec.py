@@ -123,6 +123,11 @@ class PromptSpec(_Strict):
         min_length=1,
         description="task score: a column holding the second text of each row's pair, taken as is.",
     )
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        default=None,
+        description="Chat prompts: keyword arguments for the model's chat template, e.g. "
+        "{enable_thinking: false} for a reasoning model.",
+    )
     group_by_prefix: bool = Field(
         default=True,
         description="Batch rows whose prompts share a prefix together (within each read block "
@@ -141,6 +146,11 @@ class PromptSpec(_Strict):
             raise ValueError("prompt.messages must hold at least one message")
         if self.template_pair is not None and self.pair_column is not None:
             raise ValueError("set one of prompt.template_pair or prompt.pair_column, not both")
+        if self.chat_template_kwargs is not None and self.template is not None:
+            raise ValueError(
+                "prompt.chat_template_kwargs: applies to chat prompts (prompt.messages or "
+                "prompt.messages_column), not to prompt.template"
+            )
         if self.paired and self.template is None:
             raise ValueError(
                 "prompt.template_pair and prompt.pair_column pair with prompt.template "
@@ -244,6 +254,13 @@ class ModelSpec(_Strict):
         default=None, description="embed, classify and score: vLLM's pooling options."
     )
     engine: EngineSpec = Field(default_factory=EngineSpec, description="vLLM engine arguments.")
+    reasoning_parser: str | None = Field(
+        default=None,
+        min_length=1,
+        description="A reasoning model's vLLM reasoning parser (deepseek_r1, qwen3, ...): the "
+        "output is split into `reasoning_text` and the answer, `generated_text`; structured "
+        "outputs and label metrics apply to the answer.",
+    )
     replicas: Annotated[int, Field(ge=1)] | ReplicaRange = Field(
         default=1,
         description="Engine actors (each owns one engine): a number, or {min, max} to "
@@ -287,6 +304,10 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _pooling_for_pooling_tasks(self) -> ModelSpec:
+        if self.reasoning_parser is not None and self.task != "generate":
+            raise ValueError(
+                f"reasoning_parser: applies to task generate, not {self.task}; remove it"
+            )
         if self.pooling is not None and self.task == "generate":
             raise ValueError(
                 "pooling: applies to task embed, classify or score, not generate; "
@@ -491,10 +512,11 @@ class Step:
             extra.append(columns.LOGPROBS)
         out = []
         for _, name, model in self.models:
+            reasoning = [columns.REASONING_TEXT] if model.reasoning_parser else []
             own = (
                 columns.TASK_COLUMNS[model.task]
                 if model.pools
-                else (*columns.OUTPUT_COLUMNS, *extra)
+                else (*columns.OUTPUT_COLUMNS, *reasoning, *extra)
             )
             out += [columns.model_column(name, c) for c in own]
         return out

@@ -24,7 +24,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CHAT_TEMPLATE", "TASKS", "build_tokenizer", "check_labels", "write_tiny_model"]
+__all__ = [
+    "CHAT_TEMPLATE",
+    "TASKS",
+    "THINKING_CHAT_TEMPLATE",
+    "THINK_TOKENS",
+    "build_tokenizer",
+    "check_labels",
+    "write_tiny_model",
+]
 
 # What a tiny model can be written for (a job's ``model.task`` also has ``score``,
 # which vLLM serves from a classify model).
@@ -35,6 +43,16 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
+
+# A reasoning model's format (``write_tiny_model(thinking=True)``), as Qwen3's: the
+# assistant turn opens a think block, or, with ``enable_thinking: false``, an empty one.
+THINKING_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
+    "{% else %}<think>\n{% endif %}{% endif %}"
+)
+THINK_TOKENS = ("<think>", "</think>")
 
 _SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]
 
@@ -51,8 +69,12 @@ _CORPUS = [
 ]
 
 
-def build_tokenizer(vocab_size: int = 512, corpus: list[str] | None = None):  # noqa: ANN201
-    """A byte-level BPE ``PreTrainedTokenizerFast`` with bos/eos/pad/unk and a chat template."""
+def build_tokenizer(  # noqa: ANN201
+    vocab_size: int = 512, corpus: list[str] | None = None, *, thinking: bool = False
+):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` with bos/eos/pad/unk and a chat template;
+    ``thinking``: with ``<think>`` and ``</think>`` tokens (text, not special: they stay in
+    the decoded output, for a reasoning parser) and the thinking chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -74,6 +96,11 @@ def build_tokenizer(vocab_size: int = 512, corpus: list[str] | None = None):  # 
         unk_token="<unk>",
     )
     fast.chat_template = CHAT_TEMPLATE
+    if thinking:
+        from tokenizers import AddedToken
+
+        fast.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+        fast.chat_template = THINKING_CHAT_TEMPLATE
     return fast
 
 
@@ -106,12 +133,14 @@ def write_tiny_model(
     intermediate_size: int = 256,
     num_layers: int = 2,
     max_position_embeddings: int = 2048,
+    thinking: bool = False,
 ) -> Path:
     """Write the tokenizer and a seeded random Llama to ``directory``; returns it.
 
     ``task``: ``generate`` (default) or ``embed``, a ``LlamaForCausalLM``; ``classify``,
     a ``LlamaForSequenceClassification`` over ``labels`` (required then, at least two,
     distinct; ``id2label`` keeps their order). ``labels`` with another task is an error.
+    ``thinking``: a reasoning model's tokenizer and chat template (``build_tokenizer``).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
@@ -123,7 +152,7 @@ def write_tiny_model(
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(thinking=thinking)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

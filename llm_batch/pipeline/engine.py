@@ -107,8 +107,10 @@ class EngineStage:
         metrics: dict[str, Any] | None = None,
         drop: list[str] | tuple[str, ...] = (),
         cache: CacheConfig | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ):
         self._model_name = model_name
+        self._chat_template_kwargs = chat_template_kwargs
         self._model = model
         self._progress = progress
         self._max_retries = int(model["max_batch_retries"])
@@ -123,7 +125,12 @@ class EngineStage:
         self._sampling = sampling
         self._params: SamplingParamsCache | None = None  # vLLM's, made with the engine
         self._finisher = BatchFinisher(
-            sampling, model_name=model_name, metrics=metrics, drop=drop, task=model["task"]
+            sampling,
+            model_name=model_name,
+            metrics=metrics,
+            drop=drop,
+            task=model["task"],
+            reasoning=bool(model.get("reasoning_parser")),
         )
         self._cache = ResponseCache(cache, sampling) if cache is not None else None
         self._generator: Generator | None = None
@@ -178,7 +185,11 @@ class EngineStage:
         async with self._gate.hold(exclusive=alone):
             if key is not None:
                 self._progress.enter_batch.remote(key, alone=alone)
-            inputs = BatchInputs.from_table(batch, overrides_column=self._overrides_column)
+            inputs = BatchInputs.from_table(
+                batch,
+                overrides_column=self._overrides_column,
+                chat_template_kwargs=self._chat_template_kwargs,
+            )
             live = inputs.live()
             if live is None:
                 results = await self._generate(inputs)

@@ -73,6 +73,9 @@ def build_engine_args(
         pooling = model.get("pooling") or {}
         if pooling.get("pooling_type"):
             args["pooler_config"] = {"pooling_type": pooling["pooling_type"]}
+    if model.get("reasoning_parser"):
+        # Structured outputs then constrain the answer, after the reasoning ends.
+        args["reasoning_parser"] = model["reasoning_parser"]
     for key in ("max_model_len", "max_num_seqs", "gpu_memory_utilization"):
         if engine.get(key) is not None:
             args[key] = engine[key]

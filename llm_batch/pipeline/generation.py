@@ -53,6 +53,7 @@ class RowResult:
     deduplicated: bool = False  # another row's output: the same prompt and sampling
     cached: bool = False  # from the response cache (cache.py), not generated in this run
     skipped: bool = False  # stopped at an earlier stage of the job: never sent (all None)
+    reasoning: str | None = None  # a reasoning model's reasoning, split from ``text``
     # A pooling model's output instead of text (model.task embed, classify, score).
     embedding: Any = None  # numpy float32 vector
     probs: Any = None  # numpy float32, in the order of the model's labels
@@ -77,9 +78,17 @@ class BatchInputs:
     overrides: list[Any]
     pairs: list[str | None] | None = None  # a score job's second texts
     stopped: list[bool] | None = None  # rows stopped at an earlier stage (a staged job's)
+    # The job's prompt.chat_template_kwargs: per batch, since a pool serves many jobs.
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @classmethod
-    def from_table(cls, batch: pa.Table, *, overrides_column: str | None) -> BatchInputs:
+    def from_table(
+        cls,
+        batch: pa.Table,
+        *,
+        overrides_column: str | None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> BatchInputs:
         n = batch.num_rows
         names = batch.column_names
 
@@ -100,6 +109,7 @@ class BatchInputs:
                 if columns.DROPPED in names
                 else None
             ),
+            chat_template_kwargs=chat_template_kwargs,
         )
 
     def __len__(self) -> int:
@@ -119,6 +129,7 @@ class BatchInputs:
             overrides=pick(self.overrides),
             pairs=None if self.pairs is None else pick(self.pairs),
             stopped=None if self.stopped is None else pick(self.stopped),
+            chat_template_kwargs=self.chat_template_kwargs,
         )
 
     def live(self) -> list[int] | None:
@@ -356,7 +367,23 @@ class Generator:
         self.dim: int | None = None  # an embedder's vector size
         self.cross_encoder = False
         self._pooling = self._pooling_setup(model) if self.task != "generate" else None
+        self._reasoning = self._reasoning_parser(model.get("reasoning_parser"))
         logger.info("engine for %s ready in %.1fs", model["path"], time.monotonic() - started)
+
+    def _reasoning_parser(self, name: str | None) -> Any:
+        """vLLM's reasoning parser of that name over the engine's tokenizer (None: none)."""
+        if not name:
+            return None
+        from vllm.reasoning import ReasoningParserManager
+
+        try:
+            return ReasoningParserManager.get_reasoning_parser(name)(self._tokenizer)
+        except Exception as e:
+            self.shutdown()
+            raise EngineUnavailable(
+                f"model.reasoning_parser: {name!r} cannot parse this model's output "
+                f"({type(e).__name__}: {e})"
+            ) from e
 
     def _pooling_setup(self, model: dict[str, Any]) -> Any:
         """A pooling model's request params, labels and embedding size. A score over a
@@ -430,7 +457,12 @@ class Generator:
                 column = params.sampling.get("overrides_column")
                 return RowResult.failed(f"sampling override ({column}): {msg}")
             try:
-                prompt = self._engine_prompt(token_ids[i], inputs.prompts[i], inputs.messages[i])
+                prompt = self._engine_prompt(
+                    token_ids[i],
+                    inputs.prompts[i],
+                    inputs.messages[i],
+                    chat_template_kwargs=inputs.chat_template_kwargs,
+                )
             except Exception as e:  # noqa: BLE001 - the engine's own words, as from generate
                 return RowResult.failed(
                     str(e) if isinstance(e, _RowError) else f"{type(e).__name__}: {e}"
@@ -494,8 +526,18 @@ class Generator:
     ) -> RowResult:
         final = None
         started = time.monotonic()
+        extra: dict[str, Any] = {}
+        ended = False
+        if self._reasoning is not None:
+            # A prompt that closed the think block itself (a chat template told
+            # enable_thinking: false) is answered at once: structured outputs constrain
+            # from the first token and the whole output is the answer, as vLLM's server does.
+            ended = bool(self._reasoning.is_reasoning_end(_prompt_token_ids(prompt)))
+            extra["reasoning_ended"] = ended
         try:
-            async for out in self.engine.generate(prompt, params, request_id, priority=priority):
+            async for out in self.engine.generate(
+                prompt, params, request_id, priority=priority, **extra
+            ):
                 final = out
         except Exception as e:  # noqa: BLE001 - a row's failure is data, not a crash
             if self.engine.errored and on_dead is not None:
@@ -504,8 +546,12 @@ class Generator:
             return RowResult.failed(f"{type(cause).__name__}: {cause}")
         assert final is not None
         completion = final.outputs[0]
+        text, reasoning = completion.text, None
+        if self._reasoning is not None and not ended:  # as vLLM's server splits it
+            reasoning, text = self._reasoning.extract_reasoning(text, None)
         return RowResult(
-            text=completion.text,
+            text=text,
+            reasoning=reasoning,
             input_tokens=len(final.prompt_token_ids or ()),
             output_tokens=len(completion.token_ids),
             finish_reason=completion.finish_reason,
@@ -677,7 +723,12 @@ class Generator:
         return out
 
     def _engine_prompt(
-        self, ids: Any, text: str | None, messages: list[dict[str, str]] | None
+        self,
+        ids: Any,
+        text: str | None,
+        messages: list[dict[str, str]] | None,
+        *,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> Any:
         """The engine's input for a row's token ids (or chat messages), checked as the engine
         checks it (a prompt longer than max_model_len raises here, for this row alone).
@@ -693,6 +744,7 @@ class Generator:
                     tokenize=True,
                     add_generation_prompt=True,
                     return_dict=False,
+                    **(chat_template_kwargs or {}),
                 )
             except Exception as e:
                 raise _RowError(f"chat template failed: {type(e).__name__}: {e}") from e
@@ -703,6 +755,12 @@ class Generator:
         parsed = self._parse_prompt(self.engine.model_config, prompt)
         (engine_input,) = self.engine.renderer.render_cmpl([parsed], self._tok_params)
         return engine_input
+
+
+def _prompt_token_ids(prompt: Any) -> list[int]:
+    """An engine input's prompt token ids."""
+    ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
+    return list(ids or getattr(prompt, "prompt_token_ids", None) or [])
 
 
 def _logprobs(completion: Any, k: int) -> list[dict[str, Any]] | None:

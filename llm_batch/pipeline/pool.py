@@ -90,6 +90,8 @@ _ENGINE_FIELDS = ("path", "engine", "device", "accelerator_type", "placement_str
 def pool_key(model: dict[str, Any]) -> str:
     """The identity of the engine a model block asks for (equal keys share a pool)."""
     identity = {k: model.get(k) for k in _ENGINE_FIELDS}
+    if model.get("reasoning_parser"):  # the engine's structured outputs wait for the answer
+        identity["reasoning_parser"] = model["reasoning_parser"]
     if (model.get("task") or "generate") != "generate":
         # A pooling engine is another engine (vLLM's pooling runner, its pooling options).
         identity.update(task=model["task"], pooling=model.get("pooling"))
@@ -357,6 +359,7 @@ def _finisher(config: str) -> tuple[BatchFinisher, int, int, ResponseCache | Non
         metrics=c["metrics"],
         drop=c["drop"],
         task=c["task"],
+        reasoning=bool(c.get("reasoning")),
     )
     cache = c.get("cache")
     response_cache = ResponseCache(CacheConfig(**cache), c["sampling"]) if cache else None
@@ -371,6 +374,7 @@ def pool_stage_config(
     metrics: dict[str, Any],
     drop: list[str],
     cache: CacheConfig | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> str:
     """What ``send_to_pool`` needs of the job, as one string (cached per worker)."""
     retries = int(model["max_batch_retries"])
@@ -382,6 +386,8 @@ def pool_stage_config(
             "metrics": metrics,
             "drop": drop,
             "task": model["task"],
+            "reasoning": bool(model.get("reasoning_parser")),
+            "chat_template_kwargs": chat_template_kwargs,
             "max_retries": retries,
             # A pool restarts one replica at a time: as a job-local pool of one.
             "restart_limit": BatchLedger.restart_limit(1, retries, model["max_batches_in_flight"]),
@@ -424,12 +430,16 @@ def send_to_pool(
     model_name = finisher._model_name
     started = time.monotonic()
     key = batch_key(batch, model_name)
-    overrides = json.loads(config)["sampling"].get("overrides_column")
-    inputs = BatchInputs.from_table(batch, overrides_column=overrides)
+    settings = json.loads(config)
+    inputs = BatchInputs.from_table(
+        batch,
+        overrides_column=settings["sampling"].get("overrides_column"),
+        chat_template_kwargs=settings.get("chat_template_kwargs"),
+    )
     live = inputs.live()  # rows stopped at an earlier stage are not sent
     if live is not None:
         inputs = inputs.take(live)
-    sampling = json.loads(config)["sampling"]
+    sampling = settings["sampling"]
     # The response cache answers what it holds; the pool gets the rest (maybe nothing).
     lookup = cache.lookup(inputs) if cache is not None else None
     if lookup is not None:

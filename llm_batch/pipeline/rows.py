@@ -46,8 +46,10 @@ def output_schema(
     *,
     task: str = "generate",
     dim: int | None = None,
+    reasoning: bool = False,
 ) -> list[tuple[str, pa.DataType]]:
-    """The columns one model appends, in order (``dim``: an embedder's vector size)."""
+    """The columns one model appends, in order (``dim``: an embedder's vector size;
+    ``reasoning``: the model has a reasoning parser)."""
     if task != "generate":
         pooled: dict[str, pa.DataType] = {
             columns.EMBEDDING: pa.list_(pa.float32(), dim) if dim else pa.list_(pa.float32()),
@@ -67,6 +69,8 @@ def output_schema(
         columns.FINISH_REASON: pa.string(),
         columns.ERROR: pa.string(),
     }
+    if reasoning:
+        types[columns.REASONING_TEXT] = pa.string()
     structured = sampling.get("structured") or {}
     if structured.get("parse"):
         types[columns.PARSED] = arrow_type_for_schema(structured["json_schema"])
@@ -169,8 +173,10 @@ class BatchFinisher:
         metrics: dict[str, Any] | None = None,
         drop: list[str] | tuple[str, ...] = (),
         task: str = "generate",
+        reasoning: bool = False,
     ):
         metrics = metrics or {}
+        self._reasoning = reasoning
         self._task = task
         self._sampling = sampling
         self._structured = (sampling.get("structured") or None) if task == "generate" else None
@@ -185,9 +191,9 @@ class BatchFinisher:
         self._accumulators: AccumulatorSet | None = None
         if task != "classify":  # a classifier's choices are its labels, known once it runs
             self._accumulators = self._accumulator_set(tuple(choices) if choices else None)
-        self._schema = output_schema(model_name, sampling)
+        self._schema = output_schema(model_name, sampling, reasoning=reasoning)
         # The same columns without the model prefix: what accumulators read.
-        self._plain_names = [c for c, _ in output_schema(None, sampling)]
+        self._plain_names = [c for c, _ in output_schema(None, sampling, reasoning=reasoning)]
         structured = self._structured or {}
         self._parsed_type = (
             arrow_type_for_schema(structured["json_schema"]) if structured.get("parse") else None
@@ -233,6 +239,8 @@ class BatchFinisher:
             finishes,
             errors,
         ]
+        if self._reasoning:
+            values.append([r.reasoning for r in results])
         if self._parsed_type is not None:
             parsed = []
             for i in range(n):

@@ -167,6 +167,11 @@ def plan_job(spec: JobSpec) -> JobPlan:
     return JobPlan(spec, fmt, info, read_columns, carried)
 
 
+def _prompt_of(spec: JobSpec, model_name: str | None) -> Any:
+    """The prompt block of the stage a model (by its column prefix) is in."""
+    return next(s.prompt for s in spec.steps if any(n == model_name for _, n, _ in s.models))
+
+
 def _prefix(spec: JobSpec, field: str) -> str | None:
     """The column prefix of the model at spec path ``field``."""
     return next(name for step in spec.steps for f, name, _ in step.models if f == field)
@@ -671,12 +676,15 @@ def cache_configs(spec: JobSpec, job_run: str) -> dict[str | None, CacheConfig |
     for name, model in zip(spec.model_names, spec.model_specs, strict=True):
         out[name] = None
         sampling = spec.sampling_of(name).model_dump()
-        if mode == "off" or model.pools or spec.samples_per_row > 1:
-            continue
+        if mode == "off" or model.pools or spec.samples_per_row > 1 or model.reasoning_parser:
+            continue  # (a reasoning model's split is not cached)
         model_dict = model.model_dump()
         device = "gpu" if on_gpu(model_dict, cluster_gpus=gpus) else "cpu"
         try:
-            ns = response_cache.namespace(model_dict, sampling, device=device)
+            # A chat template's arguments change the prompt the engine sees.
+            chat = _prompt_of(spec, name).chat_template_kwargs
+            keyed = sampling if chat is None else {**sampling, "chat_template_kwargs": chat}
+            ns = response_cache.namespace(model_dict, keyed, device=device)
         except Exception as e:  # noqa: BLE001 - the cache is an aid: the job runs without it
             logger.warning("response cache off for %s: %s", model.path, e)
             continue
@@ -738,6 +746,7 @@ def engine_pools(
                         metrics=spec.metrics.model_dump(),
                         drop=drop,
                         cache=caches.get(name),
+                        chat_template_kwargs=step.prompt.chat_template_kwargs,
                     ),
                     "job": {
                         # A warm tracker serves job after job: the key is this run's.
@@ -772,6 +781,7 @@ def engine_pools(
                 "metrics": spec.metrics.model_dump(),
                 "drop": drop,
                 "cache": caches.get(name),
+                "chat_template_kwargs": step.prompt.chat_template_kwargs,
             },
             batch_format="pyarrow",
             batch_size=rows,

@@ -172,6 +172,7 @@ _WANTED = (
     "custom_id",
     columns.SAMPLE_INDEX,
     columns.GENERATED_TEXT,
+    columns.REASONING_TEXT,
     columns.NUM_INPUT_TOKENS,
     columns.NUM_OUTPUT_TOKENS,
     columns.FINISH_REASON,
@@ -275,14 +276,13 @@ def _body(
         index = s.get(columns.SAMPLE_INDEX) or 0
         reason = _finish_reason(s[columns.FINISH_REASON])
         if endpoint == CHAT:
+            message = {"role": "assistant", "content": s[columns.GENERATED_TEXT], "refusal": None}
+            if columns.REASONING_TEXT in s:  # a reasoning model's, as vLLM's server says it
+                message["reasoning_content"] = s[columns.REASONING_TEXT]
             choices.append(
                 {
                     "index": index,
-                    "message": {
-                        "role": "assistant",
-                        "content": s[columns.GENERATED_TEXT],
-                        "refusal": None,
-                    },
+                    "message": message,
                     "logprobs": _chat_logprobs(s.get(columns.LOGPROBS)),
                     "finish_reason": reason,
                 }
