@@ -85,6 +85,14 @@ output:
             "sampling.max_tokens=64 must be below model.engine.max_model_len=64",
         ),
         (with_(input__format="xml"), "input.format"),
+        (
+            with_(prompt={"template": "a", "chat_template_kwargs": {"enable_thinking": False}}),
+            "prompt.chat_template_kwargs: applies to chat prompts",
+        ),
+        (
+            with_(model__task="embed", model__reasoning_parser="qwen3", sampling={}),
+            "reasoning_parser: applies to task generate, not embed",
+        ),
     ],
 )
 def test_invalid_jobs_name_the_field(data, needle):
@@ -143,3 +151,15 @@ def test_messages_column_names_its_field():
     assert spec.prompt.messages_column == "conversation"
     assert spec.prompt.field == "prompt.messages_column"
     assert JobSpec.from_dict(BASE).prompt.field == "prompt.template"
+
+
+def test_a_reasoning_models_columns_include_its_reasoning():
+    spec = JobSpec.from_dict(with_(model__reasoning_parser="deepseek_r1"))
+    assert spec.output_columns()[:6] == [
+        "generated_text",
+        "num_input_tokens",
+        "num_output_tokens",
+        "finish_reason",
+        "error",
+        "reasoning_text",
+    ]

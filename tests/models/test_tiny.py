@@ -108,3 +108,20 @@ def test_labels_only_with_classify_and_tasks_checked(tmp_path: Path) -> None:
 
 def test_check_labels_returns_them_in_order() -> None:
     assert check_labels(("b", "a")) == ["b", "a"]
+
+
+def test_a_thinking_model_opens_a_think_block_unless_told_not_to(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(write_tiny_model(tmp_path / "think", thinking=True))
+    ends = [tok.convert_tokens_to_ids(t) for t in ("<think>", "</think>")]
+    assert ends == [512, 513] and len(tok) == 514  # two tokens after the trained vocabulary
+    chat = [{"role": "user", "content": "hi"}]
+    opened = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert opened.endswith("<|assistant|>\n<think>\n")
+    closed = tok.apply_chat_template(
+        chat, tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
+    assert closed.endswith("<think>\n\n</think>\n\n")
+    # Text tokens, not special ones: decoded output keeps them for a reasoning parser.
+    assert tok.decode([ends[1]], skip_special_tokens=True) == "</think>"
