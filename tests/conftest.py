@@ -19,11 +19,7 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 
 
-@pytest.fixture(autouse=True)
-def response_cache_of_its_own(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Each test's jobs keep their response cache (on, as for users) in a folder of the
-    test's own: a test never takes another test's outputs for its engine's. Read when a job
-    starts, in the test's process or in a CLI it runs."""
+def _own_response_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     folder = tmp_path_factory.mktemp("response-cache")
     before = os.environ.get("LLM_BATCH_CACHE_DIR")
     os.environ["LLM_BATCH_CACHE_DIR"] = str(folder)
@@ -32,6 +28,21 @@ def response_cache_of_its_own(tmp_path_factory: pytest.TempPathFactory) -> Itera
         os.environ.pop("LLM_BATCH_CACHE_DIR", None)
     else:
         os.environ["LLM_BATCH_CACHE_DIR"] = before
+
+
+@pytest.fixture(autouse=True)
+def response_cache_of_its_own(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Each test's jobs keep their response cache (on, as for users) in a folder of the
+    test's own: a test never takes another test's outputs for its engine's. Read when a job
+    starts, in the test's process or in a CLI it runs."""
+    yield from _own_response_cache(tmp_path_factory)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def module_response_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The same for a module's shared fixtures (a job run once for its tests), which run
+    before any test's own: never the user's cache folder, never another module's."""
+    yield from _own_response_cache(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -63,7 +63,14 @@ def absolute_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     out["input"] = fix(out.get("input"), must_exist=False)
     if out.get("output") is not None:
         out["output"] = fix(out["output"], must_exist=False)
-    out = map_models(out, lambda block, _: fix(block, must_exist=True))
+
+    def fix_model(block: Any, _: str) -> Any:
+        block = fix(block, must_exist=True)
+        if isinstance(block, dict) and isinstance(block.get("lora"), str):
+            block = {**block, "lora": fix({"path": block["lora"]}, must_exist=True)["path"]}
+        return block
+
+    out = map_models(out, fix_model)
     return {k: v for k, v in out.items() if k in data}
 
 

@@ -254,6 +254,13 @@ class ModelSpec(_Strict):
         default=None, description="embed, classify and score: vLLM's pooling options."
     )
     engine: EngineSpec = Field(default_factory=EngineSpec, description="vLLM engine arguments.")
+    lora: str | None = Field(
+        default=None,
+        min_length=1,
+        description="A LoRA adapter of this model (a PEFT folder or hub id): the entries of a "
+        "job's models (or of a stage's) that share the base model and engine arguments share "
+        "one engine, each request carrying its adapter.",
+    )
     reasoning_parser: str | None = Field(
         default=None,
         min_length=1,
@@ -304,6 +311,8 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _pooling_for_pooling_tasks(self) -> ModelSpec:
+        if self.lora is not None and self.task != "generate":
+            raise ValueError(f"lora: applies to task generate, not {self.task}; remove it")
         if self.reasoning_parser is not None and self.task != "generate":
             raise ValueError(
                 f"reasoning_parser: applies to task generate, not {self.task}; remove it"

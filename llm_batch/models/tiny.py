@@ -20,6 +20,7 @@ Tasks (``write_tiny_model(.., task=...)``, the job's ``model.task``):
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ __all__ = [
     "THINK_TOKENS",
     "build_tokenizer",
     "check_labels",
+    "write_tiny_adapter",
     "write_tiny_model",
 ]
 
@@ -184,3 +186,43 @@ def write_tiny_model(
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def write_tiny_adapter(
+    model: str | Path, directory: str | Path, *, rank: int = 8, seed: int = 1, scale: float = 1.0
+) -> Path:
+    """Write a LoRA adapter of a tiny model (``write_tiny_model``) to ``directory``, as PEFT
+    writes one (no ``peft`` needed): seeded random ``lora_A`` and ``lora_B`` of rank ``rank``
+    on every layer's ``q_proj`` and ``v_proj``, so that its outputs differ from the base's
+    and from another seed's. Returns the folder."""
+    import torch
+    from safetensors.torch import save_file
+
+    config = json.loads((Path(model) / "config.json").read_text())
+    hidden, heads = config["hidden_size"], config["head_dim"]
+    outputs = {
+        "q_proj": config["num_attention_heads"] * heads,
+        "v_proj": config["num_key_value_heads"] * heads,
+    }
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        for module, out in outputs.items():
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, hidden, generator=generator)
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out, rank, generator=generator) * scale
+    out_dir = Path(directory)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"))
+    adapter = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(model),
+        "r": rank,
+        "lora_alpha": rank,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": list(outputs),
+    }
+    (out_dir / "adapter_config.json").write_text(json.dumps(adapter, indent=2))
+    return out_dir

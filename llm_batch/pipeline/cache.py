@@ -167,7 +167,8 @@ def namespace(model: dict[str, Any], sampling: dict[str, Any], *, device: str) -
     replicas). None when the model has no identity (``model_identity``)."""
     engine = model.get("engine") or {}
     identity = model_identity(str(model["path"]))
-    if identity is None:
+    adapter = model_identity(str(model["lora"])) if model.get("lora") else None
+    if identity is None or (model.get("lora") and adapter is None):
         return None
     parts = {
         "model": identity,
@@ -178,7 +179,7 @@ def namespace(model: dict[str, Any], sampling: dict[str, Any], *, device: str) -
         "dtype": engine.get("dtype"),
         "max_model_len": engine.get("max_model_len"),
         "extra_args": engine.get("extra_args") or {},
-        "lora": model.get("lora"),
+        "lora": adapter,  # the adapter's files, as the model's
         "sampling": {k: v for k, v in sampling.items() if k != "overrides_column"},
     }
     text = json.dumps(parts, sort_keys=True, default=str)

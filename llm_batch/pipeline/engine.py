@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -86,6 +87,17 @@ def given_up_results(batch: pa.Table, reason: str) -> list[RowResult]:
     ]
 
 
+@dataclasses.dataclass
+class _Member:
+    """One model an engine stage serves: its column prefix, its LoRA adapter and what
+    appends its columns. Several share the engine when they are adapters of one base."""
+
+    name: str | None
+    lora: dict[str, str] | None
+    finisher: BatchFinisher
+    cache: ResponseCache | None
+
+
 class EngineStage:
     """``map_batches`` callable class: one vLLM engine per actor.
 
@@ -93,6 +105,9 @@ class EngineStage:
     ``metrics`` blocks), so they pickle cheaply into the actor. In a
     multi-model job each model's stage appends its own prefixed columns; the
     last one drops the internal columns (``drop``) before the rows are written.
+    ``members``: the models this one engine serves, when several LoRA adapters of one
+    base share it (``{name, lora, cache}`` each, in column order); by default the one
+    model ``model_name``.
     """
 
     generator_class: type[Generator] = Generator
@@ -108,8 +123,8 @@ class EngineStage:
         drop: list[str] | tuple[str, ...] = (),
         cache: CacheConfig | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
+        members: list[dict[str, Any]] | None = None,
     ):
-        self._model_name = model_name
         self._chat_template_kwargs = chat_template_kwargs
         self._model = model
         self._progress = progress
@@ -124,22 +139,32 @@ class EngineStage:
         self._overrides_column = sampling.get("overrides_column")
         self._sampling = sampling
         self._params: SamplingParamsCache | None = None  # vLLM's, made with the engine
-        self._finisher = BatchFinisher(
-            sampling,
-            model_name=model_name,
-            metrics=metrics,
-            drop=drop,
-            task=model["task"],
-            reasoning=bool(model.get("reasoning_parser")),
-        )
-        self._cache = ResponseCache(cache, sampling) if cache is not None else None
+        given = members or [{"name": model_name, "lora": model.get("lora"), "cache": cache}]
+        self._members = [
+            _Member(
+                name=m["name"],
+                lora=None if not m["lora"] else {"name": str(m["name"]), "path": m["lora"]},
+                finisher=BatchFinisher(
+                    sampling,
+                    model_name=m["name"],
+                    metrics=metrics,
+                    drop=drop if i == len(given) - 1 else (),
+                    task=model["task"],
+                    reasoning=bool(model.get("reasoning_parser")),
+                ),
+                cache=ResponseCache(m["cache"], sampling) if m["cache"] is not None else None,
+            )
+            for i, m in enumerate(given)
+        ]
+        self._model_name = self._members[0].name  # in the engine's error messages
         self._generator: Generator | None = None
         self._where = whereabouts()
         # A warm cache may answer every row: the engine then starts at the first miss, and
         # a job served wholly from the cache starts none. Otherwise it starts now, while
         # the first batches are read. Ray wraps a failure here in an ActorDiedError;
         # run_job digs the message back out.
-        if cache is None or not (cache.warm and cache.reads):
+        caches = [m["cache"] for m in given]
+        if not all(c is not None and c.warm and c.reads for c in caches):
             self._start_engine()
 
     def _start_engine(self) -> Generator:
@@ -149,7 +174,8 @@ class EngineStage:
             self._generator = self.generator_class(self._model)
             atexit.register(_closing)  # after vLLM's own exit handlers: runs before them
             if self._progress is not None:
-                self._progress.engine_started.remote(self._model_name)
+                for i, member in enumerate(self._members):
+                    self._progress.engine_started.remote(member.name, count=i == 0)
         return self._generator
 
     def __del__(self) -> None:
@@ -163,22 +189,31 @@ class EngineStage:
         started = time.monotonic()
         if self._watchdog is None:
             self._watchdog = asyncio.ensure_future(_watch_engine(weakref.ref(self)))
-        key = batch_key(batch, self._model_name) if self._progress is not None else None
+        # Each model served here runs the batch at once, on the one engine.
+        done = await asyncio.gather(*(self._run(m, batch) for m in self._members))
+        out = batch
+        for member, (results, key, given_up) in zip(self._members, done, strict=True):
+            out = self._finish(member, batch, out, results, started, key, given_up=given_up)
+        yield out
+
+    async def _run(
+        self, member: _Member, batch: pa.Table
+    ) -> tuple[list[RowResult], str | None, bool]:
+        """One model's results for a batch, its ledger key, and whether it was given up."""
+        key = batch_key(batch, member.name) if self._progress is not None else None
         decision: dict[str, Any] = {}
         if key is not None:
             decision = await self._progress.begin_batch.remote(
                 key,
-                model=self._model_name,
+                model=member.name,
                 max_retries=self._max_retries,
                 restart_limit=self._restart_limit,
             )
         if decision.get("broken"):
-            raise EngineUnavailable(f"model {self._model_name or 'default'}: {decision['broken']}")
+            raise EngineUnavailable(f"model {member.name or 'default'}: {decision['broken']}")
         if decision.get("give_up"):
             logger.warning("%s: %d rows", decision["give_up"], batch.num_rows)
-            results = given_up_results(batch, decision["give_up"])
-            yield self._finish(batch, results, started, key, given_up=True)
-            return
+            return given_up_results(batch, decision["give_up"]), key, True
         # A batch that was in the engine when it died may be what killed it: its retry runs
         # with nothing beside it, so another death is charged to it alone.
         alone = bool(decision.get("alone"))
@@ -189,22 +224,24 @@ class EngineStage:
                 batch,
                 overrides_column=self._overrides_column,
                 chat_template_kwargs=self._chat_template_kwargs,
+                lora=member.lora,
             )
             live = inputs.live()
             if live is None:
-                results = await self._generate(inputs)
+                results = await self._generate(member, inputs)
             else:  # rows stopped at an earlier stage are not sent
-                generated = await self._generate(inputs.take(live)) if live else []
+                generated = await self._generate(member, inputs.take(live)) if live else []
                 results = with_skipped(len(inputs), live, generated)
-        yield self._finish(batch, results, started, key)
+        return results, key, False
 
-    async def _generate(self, inputs: BatchInputs) -> list[RowResult]:
+    async def _generate(self, member: _Member, inputs: BatchInputs) -> list[RowResult]:
         """The batch's results: the cache's where it has them, the engine's for the rest."""
-        if self._cache is None:
+        cache = member.cache
+        if cache is None:
             generator = self._start_engine()
             assert self._params is not None
             return await generator.generate(inputs, self._params, on_dead=_engine_died)
-        lookup = self._cache.lookup(inputs)
+        lookup = cache.lookup(inputs)
         generated: list[RowResult] = []
         if lookup.misses:
             generator = self._start_engine()
@@ -213,21 +250,25 @@ class EngineStage:
                 inputs.take(lookup.misses), self._params, on_dead=_engine_died
             )
         results = lookup.merge(generated)
-        self._cache.store(lookup, results)
+        cache.store(lookup, results)
         return results
 
     def _finish(
         self,
+        member: _Member,
         batch: pa.Table,
+        out: pa.Table,
         results: list[RowResult],
         started: float,
         key: str | None,
         *,
         given_up: bool = False,
     ) -> pa.Table:
+        """``out`` (``batch`` with the columns of the models before ``member``) with
+        ``member``'s columns appended, and the batch reported to the tracker."""
         generator = self._generator
-        out, report = self._finisher.finish(
-            batch,
+        appended, report = member.finisher.finish(
+            out,
             results,
             dim=generator.dim if generator else None,
             labels=generator.labels if generator else None,
@@ -236,13 +277,13 @@ class EngineStage:
             report_batch(
                 self._progress,
                 report,
-                model_name=self._model_name,
+                model_name=member.name,
                 engine={**self._where, **(generator.load.take() if generator else {})},
                 seconds=time.monotonic() - started,
                 key=key,
                 given_up=given_up,
             )
-        return out
+        return appended
 
 
 _CLOSING = False

@@ -73,6 +73,11 @@ def build_engine_args(
         pooling = model.get("pooling") or {}
         if pooling.get("pooling_type"):
             args["pooler_config"] = {"pooling_type": pooling["pooling_type"]}
+    if model.get("lora"):
+        # A pool of the service serves whichever adapters of its base its jobs bring: room
+        # for several, of up to rank 64 (a job-local engine is sized to its job's adapters,
+        # run.lora_limits, through extra_args).
+        args.update(enable_lora=True, max_loras=4, max_lora_rank=lora_rank_limit(model["lora"]))
     if model.get("reasoning_parser"):
         # Structured outputs then constrain the answer, after the reasoning ends.
         args["reasoning_parser"] = model["reasoning_parser"]
@@ -87,6 +92,29 @@ def build_engine_args(
         args.setdefault("kv_cache_memory_bytes", int(space * _GIB))
     args.update(engine.get("extra_args") or {})
     return args
+
+
+# The ranks vLLM's max_lora_rank takes.
+_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def adapter_rank(path: str) -> int | None:
+    """A local LoRA adapter's rank (its adapter_config.json's ``r``), None if unreadable."""
+    import os
+
+    try:
+        with open(os.path.join(os.path.expanduser(path), "adapter_config.json")) as f:
+            return int(json.load(f)["r"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def lora_rank_limit(*paths: str, floor: int = 64) -> int:
+    """The ``max_lora_rank`` that holds these adapters: their largest rank (at least
+    ``floor``; an adapter whose rank cannot be read counts as ``floor``), rounded up to a
+    rank vLLM takes."""
+    wanted = max([floor, *(adapter_rank(p) or floor for p in paths)])
+    return next((r for r in _LORA_RANKS if r >= wanted), _LORA_RANKS[-1])
 
 
 def is_classifier(path: str) -> bool:

@@ -80,6 +80,8 @@ class BatchInputs:
     stopped: list[bool] | None = None  # rows stopped at an earlier stage (a staged job's)
     # The job's prompt.chat_template_kwargs: per batch, since a pool serves many jobs.
     chat_template_kwargs: dict[str, Any] | None = None
+    # The LoRA adapter the batch's requests carry ({name, path}), when its model has one.
+    lora: dict[str, str] | None = None
 
     @classmethod
     def from_table(
@@ -88,6 +90,7 @@ class BatchInputs:
         *,
         overrides_column: str | None,
         chat_template_kwargs: dict[str, Any] | None = None,
+        lora: dict[str, str] | None = None,
     ) -> BatchInputs:
         n = batch.num_rows
         names = batch.column_names
@@ -110,6 +113,7 @@ class BatchInputs:
                 else None
             ),
             chat_template_kwargs=chat_template_kwargs,
+            lora=lora,
         )
 
     def __len__(self) -> int:
@@ -130,6 +134,7 @@ class BatchInputs:
             pairs=None if self.pairs is None else pick(self.pairs),
             stopped=None if self.stopped is None else pick(self.stopped),
             chat_template_kwargs=self.chat_template_kwargs,
+            lora=self.lora,
         )
 
     def live(self) -> list[int] | None:
@@ -368,6 +373,7 @@ class Generator:
         self.cross_encoder = False
         self._pooling = self._pooling_setup(model) if self.task != "generate" else None
         self._reasoning = self._reasoning_parser(model.get("reasoning_parser"))
+        self._loras: dict[str, Any] = {}  # adapter path -> its LoRARequest
         logger.info("engine for %s ready in %.1fs", model["path"], time.monotonic() - started)
 
     def _reasoning_parser(self, name: str | None) -> Any:
@@ -440,6 +446,7 @@ class Generator:
         )
         k = params.sampling.get("logprobs")
         ids = self._requests.setdefault(job, set())
+        adapter = self._lora_request(inputs.lora)
 
         async def row(i: int) -> RowResult:
             render_error = inputs.render_errors[i]
@@ -468,6 +475,8 @@ class Generator:
                     str(e) if isinstance(e, _RowError) else f"{type(e).__name__}: {e}"
                 )
             key = self._same_output_key(job, prompt, sampling, inputs, i, deterministic)
+            if key is not None and adapter is not None:  # each adapter its own outputs
+                key = (*key, adapter.lora_path)
             earlier = self._outputs.get(key) if key is not None else None
             if key is not None and earlier is not None:  # the same output, generated once
                 self._outputs.move_to_end(key)
@@ -482,7 +491,7 @@ class Generator:
             result = RowResult.failed("the request was cancelled")
             try:
                 result = await self._generate_one(
-                    prompt, sampling, request_id, priority, k, on_dead
+                    prompt, sampling, request_id, priority, k, on_dead, lora=adapter
                 )
                 return result
             finally:
@@ -521,12 +530,31 @@ class Generator:
             inputs.samples[i],
         )
 
+    def _lora_request(self, lora: dict[str, str] | None) -> Any:
+        """vLLM's LoRARequest for an adapter, one id per adapter path for the engine's life."""
+        if lora is None:
+            return None
+        if lora["path"] not in self._loras:
+            from vllm.lora.request import LoRARequest
+
+            n = len(self._loras) + 1  # (names may repeat across a pool's jobs: ids not)
+            self._loras[lora["path"]] = LoRARequest(f"{lora['name']}-{n}", n, lora["path"])
+        return self._loras[lora["path"]]
+
     async def _generate_one(
-        self, prompt: Any, params: Any, request_id: str, priority: int, k: int | None, on_dead: Any
+        self,
+        prompt: Any,
+        params: Any,
+        request_id: str,
+        priority: int,
+        k: int | None,
+        on_dead: Any,
+        *,
+        lora: Any = None,
     ) -> RowResult:
         final = None
         started = time.monotonic()
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {} if lora is None else {"lora_request": lora}
         ended = False
         if self._reasoning is not None:
             # A prompt that closed the think block itself (a chat template told

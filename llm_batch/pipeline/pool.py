@@ -92,6 +92,8 @@ def pool_key(model: dict[str, Any]) -> str:
     identity = {k: model.get(k) for k in _ENGINE_FIELDS}
     if model.get("reasoning_parser"):  # the engine's structured outputs wait for the answer
         identity["reasoning_parser"] = model["reasoning_parser"]
+    if model.get("lora"):  # one engine with LoRA on serves every adapter of its base
+        identity["lora"] = True
     if (model.get("task") or "generate") != "generate":
         # A pooling engine is another engine (vLLM's pooling runner, its pooling options).
         identity.update(task=model["task"], pooling=model.get("pooling"))
@@ -388,6 +390,8 @@ def pool_stage_config(
             "task": model["task"],
             "reasoning": bool(model.get("reasoning_parser")),
             "chat_template_kwargs": chat_template_kwargs,
+            # The adapter each request carries: the pool's engine serves all of its base's.
+            "lora": {"name": str(model_name), "path": model["lora"]} if model.get("lora") else None,
             "max_retries": retries,
             # A pool restarts one replica at a time: as a job-local pool of one.
             "restart_limit": BatchLedger.restart_limit(1, retries, model["max_batches_in_flight"]),
@@ -435,6 +439,7 @@ def send_to_pool(
         batch,
         overrides_column=settings["sampling"].get("overrides_column"),
         chat_template_kwargs=settings.get("chat_template_kwargs"),
+        lora=settings.get("lora"),
     )
     live = inputs.live()  # rows stopped at an earlier stage are not sent
     if live is not None:

@@ -62,9 +62,11 @@ class BatchLedger:
         self._starts: dict[str | None, int] = {}  # engine starts since a batch completed
         self.starts = 0  # every engine started for the job, all models
 
-    def engine_started(self, model: str | None) -> None:
+    def engine_started(self, model: str | None, *, count: bool = True) -> None:
+        """An engine started for ``model``; ``count``: a new engine (not one more model
+        of an engine several share, each of which is told)."""
         self._starts[model] = self._starts.get(model, 0) + 1
-        self.starts += 1
+        self.starts += int(count)
 
     def begin(
         self, key: str, *, model: str | None, max_retries: int, restart_limit: int
@@ -151,8 +153,8 @@ class ProgressTracker:
         }
 
     # The engine stages' side of the BatchLedger (see there).
-    def engine_started(self, model: str | None) -> None:
-        self._ledger.engine_started(model)
+    def engine_started(self, model: str | None, *, count: bool = True) -> None:
+        self._ledger.engine_started(model, count=count)
 
     def begin_batch(self, key: str, **kwargs: Any) -> BatchDecision:
         if self._cancelled:

@@ -29,11 +29,12 @@ import pyarrow.fs as pafs
 
 from llm_batch import columns
 from llm_batch.errors import EngineUnavailable, JobSpecError
-from llm_batch.job.spec import POOLING_TASKS, JobSpec
+from llm_batch.job.spec import POOLING_TASKS, JobSpec, Step
 from llm_batch.pipeline import cache as response_cache
 from llm_batch.pipeline.accumulators import JobContext
 from llm_batch.pipeline.cache import CacheConfig
 from llm_batch.pipeline.engine import EngineStage
+from llm_batch.pipeline.engine_args import lora_rank_limit
 from llm_batch.pipeline.fs import open_filesystem
 from llm_batch.pipeline.limits import check_model_limits
 from llm_batch.pipeline.manifest import (
@@ -150,6 +151,8 @@ def plan_job(spec: JobSpec) -> JobPlan:
     check_columns(info.schema, needed)
     for field, model in spec.named_models():
         _check_model_path(field, model.path)
+        if model.lora is not None:
+            _check_adapter(field, model.lora)
         check_model_limits(field, model, spec.sampling_of(_prefix(spec, field)))
     if spec.output is not None:
         check_apart(spec.input.path, spec.output.path)
@@ -190,6 +193,18 @@ def _check_output_folder(spec: JobSpec) -> None:
         logger.warning("output.path %s not checked before the run: %s", spec.output.path, e)
         return
     folder.check(mode=spec.output.mode, will_write=[*OWN_FILES, MANIFEST_NAME])
+
+
+def _check_adapter(field: str, path: str) -> None:
+    """A local LoRA adapter folder must hold an adapter_config.json (PEFT's)."""
+    if not (path.startswith(("/", ".", "~")) or os.path.exists(path)):
+        return  # a hub id: the engine downloads it
+    folder = os.path.expanduser(path)
+    if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        raise JobSpecError(
+            f"{field}.lora: {path!r} holds no adapter_config.json (a PEFT LoRA adapter "
+            "folder is needed)"
+        )
 
 
 def _check_model_path(field: str, path: str) -> None:
@@ -717,13 +732,18 @@ def engine_pools(
     cluster_gpus = _cluster_gpus()
     staged = spec.stages is not None
     steps = spec.steps
-    models = [(step, name, model) for step in steps for _, name, model in step.models]
+    units = engine_units(spec, engines)
+    rows_of = dict(zip(spec.model_names, _batch_rows(spec), strict=True))
     block_rows = None
-    for i, ((step, name, model), rows) in enumerate(zip(models, _batch_rows(spec), strict=True)):
+    for i, (step, members) in enumerate(units):
+        name, model = members[0]
+        if i and units[i - 1][0] is not step:
+            ds = _in_model_order(ds, units, units[i - 1][0])
         if staged and step is not steps[0] and step.models[0][1] == name:
             # A later stage's first model: the rows before it stop or go on, and its
             # prompts are rendered from what the earlier stages wrote.
             ds = _between_stages(ds, spec, steps.index(step), engines.task_cpus)
+        rows = rows_of[name]
         if block_rows is not None and rows != block_rows:
             # A model with another batch size: cut again (see input_dataset), strictly,
             # across blocks; an operator of its own. On multiples of n, as rows is one.
@@ -732,7 +752,7 @@ def engine_pools(
         model_dict = model.model_dump()
         sampling = step.sampling.model_dump()
         # The last stage drops what is not written (a staged job's final step does).
-        drop = plan.drop_before_write if i == len(models) - 1 and not staged else []
+        drop = plan.drop_before_write if i == len(units) - 1 and not staged else []
         pool = engines.pools.get(name)
         if pool is not None:
             ds = ds.map_batches(
@@ -767,8 +787,24 @@ def engine_pools(
             )
             continue
         placed = engine_map_kwargs(model_dict, cluster_gpus=cluster_gpus)
+        adapters = [m.lora for _, m in members if m.lora]
+        model_dict["lora"] = None  # each member's requests carry their own adapter
         model_dict["engine"]["extra_args"] = {
             **placed.pop("engine_overrides"),
+            # One engine for all the adapters, its LoRA limits theirs.
+            **(
+                {
+                    "enable_lora": True,
+                    # A slot more when the base model's rows share the engine: on vLLM's
+                    # CPU engine, rows without an adapter in a step that fills every slot
+                    # were served with the last slot's adapter (seen with LLM.generate,
+                    # 2 adapters, max_loras 2; right with 3).
+                    "max_loras": len(set(adapters)) + int(len(adapters) < len(members)),
+                    "max_lora_rank": lora_rank_limit(*adapters, floor=8),
+                }
+                if adapters
+                else {}
+            ),
             **model_dict["engine"]["extra_args"],
         }
         ds = ds.map_batches(
@@ -782,6 +818,9 @@ def engine_pools(
                 "drop": drop,
                 "cache": caches.get(name),
                 "chat_template_kwargs": step.prompt.chat_template_kwargs,
+                "members": [
+                    {"name": n, "lora": m.lora, "cache": caches.get(n)} for n, m in members
+                ],
             },
             batch_format="pyarrow",
             batch_size=rows,
@@ -792,9 +831,54 @@ def engine_pools(
             # ledger (progress.py), since a re-run of a task repeats all its batches.
             **placed,
         )
+    ds = _in_model_order(ds, units, steps[-1])
     if staged:
         ds = _between_stages(ds, spec, len(steps), engines.task_cpus, drop=plan.drop_before_write)
     return ds
+
+
+def engine_units(spec: JobSpec, engines: Engines) -> list[tuple[Step, list[tuple[Any, Any]]]]:
+    """The job's engine stages, in order, each with the models it serves ((column prefix,
+    spec) pairs): one per model, but the models of a stage that differ only in their LoRA
+    adapter (and their base beside them) share one engine, run by the job itself."""
+    units: list[tuple[Step, list[tuple[Any, Any]]]] = []
+    for step in spec.steps:
+        groups: dict[str, list[tuple[Any, Any]]] = {}
+        keys = []
+        for _, name, model in step.models:
+            key = json.dumps(model.model_dump(exclude={"name", "lora"}), sort_keys=True)
+            if engines.pools.get(name) is not None:
+                key = f"pool {name}"  # the service's pool shares the engine itself
+            groups.setdefault(key, []).append((name, model))
+            keys.append(key)
+        for key, (_, name, model) in zip(keys, step.models, strict=True):
+            members = groups[key]
+            if not any(m.lora for _, m in members):
+                units.append((step, [(name, model)]))
+            elif members[0][0] == name:  # the group, where its first model is
+                units.append((step, members))
+    return units
+
+
+def _in_model_order(ds: Any, units: list[tuple[Step, list[tuple[Any, Any]]]], step: Step) -> Any:
+    """After a stage whose shared engines appended its models' columns out of the stage's
+    order: the columns in the order the spec lists them (``JobSpec.output_columns``)."""
+    served = [name for s, members in units if s is step for name, _ in members]
+    if served == [name for _, name, _ in step.models]:
+        return ds
+    wanted = step.output_columns()
+    return ds.map_batches(
+        _reorder,
+        batch_format="pyarrow",
+        batch_size=None,
+        zero_copy_batch=True,
+        fn_kwargs={"wanted": wanted},
+    )
+
+
+def _reorder(batch: pa.Table, *, wanted: list[str]) -> pa.Table:
+    rest = [c for c in batch.column_names if c not in set(wanted)]
+    return batch.select(rest + [c for c in wanted if c in batch.column_names])
 
 
 def _between_stages(

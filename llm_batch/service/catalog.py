@@ -9,7 +9,15 @@ The file maps a name to a ``model:`` block of the job format::
 A submitted job may then say ``model: reviews-tiny``, or list the name among
 ``models:`` (it becomes that entry's column prefix). ``warm: true`` in a block (not
 part of the job format) asks the service to start that model's engine pool with the
-service and keep it up, not only while jobs use it.
+service and keep it up, not only while jobs use it. ``adapters:`` (not part of the job
+format either) lists LoRA adapters of the model, each offered by its own name::
+
+    reviews-tiny:
+      path: models/reviews-tiny
+      adapters: {reviews-fr: adapters/fr, reviews-de: adapters/de}
+
+``model: reviews-fr`` is then the base model's block with ``lora: adapters/fr``; jobs
+(and OpenAI batches) of a model's adapters share one engine pool.
 """
 
 from __future__ import annotations
@@ -59,19 +67,37 @@ class ModelCatalog:
                 raise JobSpecError(f"{source}: {name}.warm: expected true or false")
             if keep_warm:
                 warm.append(name)
-            local = p.parent / str(block.get("path", ""))
-            if block.get("path") and not Path(block["path"]).is_absolute() and local.exists():
-                block["path"] = str(local.resolve())
+            adapters = block.pop("adapters", None) or {}
+            if not isinstance(adapters, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in adapters.items()
+            ):
+                raise JobSpecError(
+                    f"{source}: {name}.adapters: expected a mapping of names to folders"
+                )
+            block["path"] = _near(p, block.get("path"))
             try:
                 ModelSpec.model_validate(block)
             except ValidationError as e:
                 raise JobSpecError(format_validation_error(e, source=f"{source}: {name}")) from None
             models[name] = block
+            for adapter, folder in adapters.items():
+                if adapter in data or adapter in models:
+                    raise JobSpecError(
+                        f"{source}: {name}.adapters.{adapter}: the name is taken by another model"
+                    )
+                models[adapter] = {**block, "lora": _near(p, folder)}
         return cls(models, warm=warm)
 
     @property
     def names(self) -> list[str]:
+        """Every name offered: the models and their adapters."""
         return sorted(self._models)
+
+    def folders(self) -> list[str]:
+        """The model and adapter folders (or hub ids) the catalog names: the operator's,
+        loadable wherever they are."""
+        blocks = self._models.values()
+        return [str(b[k]) for b in blocks for k in ("path", "lora") if b.get(k)]
 
     def block(self, name: str, *, field: str) -> dict[str, Any]:
         if name not in self._models:
@@ -92,3 +118,11 @@ class ModelCatalog:
             return {"name": entry, **found} if field.endswith("]") else found
 
         return map_models(data, block)
+
+
+def _near(models_file: Path, path: Any) -> Any:
+    """A path of the models file: relative to the file when it names something there."""
+    if not isinstance(path, str) or not path or Path(path).is_absolute():
+        return path
+    local = models_file.parent / path
+    return str(local.resolve()) if local.exists() else path

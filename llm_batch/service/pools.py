@@ -223,9 +223,13 @@ class EnginePools:
         return out
 
     def _model_label(self, model: dict[str, Any]) -> str | None:
-        """The catalog's name of a pool's model, else its path."""
+        """The catalog's name of a pool's model, else its path (a pool of LoRA adapters:
+        its base model's, marked)."""
         if not model:
             return None
+        if model.get("lora"):
+            base = self._model_label({**model, "lora": None})
+            return f"{base} (LoRA adapters)"
         key = pool_key(model)
         for name in self.catalog.names:
             with contextlib.suppress(Exception):

@@ -237,7 +237,19 @@ class StorageRoots:
             out["input"] = fix(out["input"], "input")
         if out.get("output") is not None:
             out["output"] = fix(out["output"], "output")
-        return map_models(out, lambda block, field: fix(block, field, model=True))
+
+        def fix_model(block: Any, field: str) -> Any:
+            block = fix(block, field, model=True)
+            lora = block.get("lora") if isinstance(block, dict) else None
+            if isinstance(lora, str) and not (
+                is_hub_id(lora) and not os.path.exists(os.path.join(base, lora))
+            ):
+                # An adapter is loaded as the model is: from under a root, or the catalog's.
+                checked = self.check(lora, field=f"{field}.lora", base=base, model=True)
+                block = {**block, "lora": checked}
+            return block
+
+        return map_models(out, fix_model)
 
 
 _NODES_CANNOT = {"read": "read it", "write": "write there", "load": "load it"}

@@ -128,8 +128,7 @@ def check_job(body: Any, admission: Admission) -> JobSpec:
     written = _written_models(body)
     data = catalog.resolve(body)
     if roots is not None:  # on the paths as sent, so that refusals quote them
-        offered = [catalog.block(name, field="model").get("path", "") for name in catalog.names]
-        roots = roots.with_models(offered)
+        roots = roots.with_models(catalog.folders())
         data = roots.confine_job(data, base=str(base))
     data = absolute_paths(data, base)
     spec = JobSpec.from_dict(data, source="job")
@@ -258,16 +257,17 @@ def _check_shared(spec: JobSpec, shared: SharedStorage, catalog: ModelCatalog) -
     if spec.output is not None:  # else the service's data directory, shared by its settings
         shared.check(spec.output.path, field="output.path", use="write")
     # Confinement to the storage roots resolved the catalog's paths too: compare resolved.
-    offered = {
-        os.path.realpath(str(catalog.block(name, field="model").get("path", "")))
-        for name in catalog.names
-    }
+    offered = {os.path.realpath(path) for path in catalog.folders()}
     for field, model in spec.named_models():
-        if is_hub_id(model.path) and not Path(model.path).exists():
-            continue  # engines download it
-        if _is_local(model.path) and os.path.realpath(model.path) in offered:
-            continue
-        shared.check(model.path, field=f"{field}.path", use="load")
+        loaded = [(f"{field}.path", model.path)] + (
+            [(f"{field}.lora", model.lora)] if model.lora else []
+        )
+        for at, path in loaded:
+            if is_hub_id(path) and not Path(path).exists():
+                continue  # engines download it
+            if _is_local(path) and os.path.realpath(path) in offered:
+                continue
+            shared.check(path, field=at, use="load")
 
 
 def check_webhook(url: str, settings: Settings) -> None:

@@ -16,18 +16,25 @@ import pytest
 def service(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
     """ONE real service for the session's end-to-end service tests: ``llm-batch serve`` as a
     subprocess on a free loopback port, its own data folder, its own local Ray head on free
-    ports, and the tiny model offered as ``tiny`` (its models file), and as ``tiny-embed``
-    (task embed: its engine starts only for a job that uses it). At the end the service
+    ports, and the tiny model offered as ``tiny`` (its models file), with two LoRA adapters
+    ``tiny-fr`` and ``tiny-de``, and as ``tiny-embed`` (task embed); an engine starts only
+    for a job that uses it. At the end the service
     and the head are stopped, with every process that worked for the head (workers, vLLM
     engine cores), orphaned or not."""
     import psutil
 
+    from llm_batch.models.tiny import write_tiny_adapter
     from llm_batch.service.process import ServiceProcess
 
     folder = tmp_path_factory.mktemp("service")
+    adapters = {
+        name: write_tiny_adapter(tiny_model, folder / "adapters" / name, seed=seed)
+        for name, seed in (("fr", 1), ("de", 2))
+    }
     models = folder / "models.yaml"
     models.write_text(
         f"tiny:\n  path: {tiny_model}\n"
+        f"  adapters: {{tiny-fr: {adapters['fr']}, tiny-de: {adapters['de']}}}\n"
         "  engine: {max_model_len: 2048, enforce_eager: true, dtype: bfloat16}\n"
         f"tiny-embed:\n  path: {tiny_model}\n  task: embed\n"
         "  engine: {max_model_len: 2048, enforce_eager: true, dtype: bfloat16}\n"

@@ -63,3 +63,35 @@ def test_names_resolve_inside_stages(tmp_path):
     assert job["stages"][1]["models"] == [{"name": "b", "path": "org/b"}, {"path": "p"}]
     with pytest.raises(JobSpecError, match=r"^stages\[1\]\.models\[0\]: 'c' is not a model"):
         catalog.resolve({"stages": [{"model": "a"}, {"models": ["c"]}]})
+
+
+def test_a_models_adapters_are_offered_by_their_own_names(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "fr").mkdir()
+    catalog = ModelCatalog.from_file(
+        write(tmp_path, "tiny: {path: base, adapters: {tiny-fr: fr, tiny-hub: org/adapter}}\n")
+    )
+    assert catalog.names == ["tiny", "tiny-fr", "tiny-hub"]
+    base = str(tmp_path / "base")
+    assert catalog.resolve({"model": "tiny-fr"})["model"] == {
+        "path": base,
+        "lora": str(tmp_path / "fr"),
+    }
+    assert catalog.block("tiny-hub", field="model")["lora"] == "org/adapter"
+    assert "lora" not in catalog.block("tiny", field="model")
+    assert sorted(catalog.folders()) == sorted(
+        [base, base, str(tmp_path / "fr"), base, "org/adapter"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("a: {path: m, adapters: [x]}\n", "a.adapters: expected a mapping of names to folders"),
+        ("a: {path: m, adapters: {b: x}}\nb: {path: m}\n", "a.adapters.b: the name is taken"),
+    ],
+)
+def test_bad_adapters_are_refused(tmp_path, text, needle):
+    with pytest.raises(JobSpecError, match="models file") as e:
+        ModelCatalog.from_file(write(tmp_path, text))
+    assert needle in str(e.value)

@@ -209,3 +209,25 @@ def test_a_staged_job_runs_its_stages_on_one_shared_pool(service, tmp_path):
         assert row["judge__generated_text"] in ("good", "bad")
         assert row["dropped_by"] == (None if row["judge__generated_text"] == "good" else "judge")
     tiny_pool(service)  # one pool of the tiny model, not one per stage
+
+
+def test_jobs_of_two_adapters_share_one_lora_pool(service, tmp_path):
+    """The catalog's adapters of the tiny model: a job of each goes through one pool of the
+    base model with LoRA on, and each adapter's texts are its own."""
+    source = write_input(tmp_path / "adapters.parquet", SMALL)
+    texts = {}
+    for name in ("tiny-fr", "tiny-de"):
+        body = {**job(source, name), "model": name}
+        done = wait(service, submit(service, body), ended("succeeded"), timeout=300)
+        texts[name] = [
+            r["generated_text"] for r in sorted(rows_of(service, done["id"]), key=lambda r: r["id"])
+        ]
+    lora = [p for p in engines(service) if p["model"] == "tiny (LoRA adapters)"]
+    assert len(lora) == 1, engines(service)
+    plain = submit(service, job(source, "plain-beside-adapters"))
+    done = wait(service, plain, ended("succeeded"), timeout=300)
+    base = [
+        r["generated_text"] for r in sorted(rows_of(service, done["id"]), key=lambda r: r["id"])
+    ]
+    assert texts["tiny-fr"] != texts["tiny-de"] != base
+    assert tiny_pool(service)["id"] != lora[0]["id"]  # the base model's own pool

@@ -164,3 +164,13 @@ def test_a_stages_model_paths_are_confined_too(roots, root, tmp_path):
     }
     with pytest.raises(JobSpecError, match=r"^stages\[1\]\.models\[0\]\.path: .* outside"):
         roots.confine_job(data, base=str(root))
+
+
+def test_an_adapter_is_confined_as_its_model_is(roots, root, tmp_path):
+    outside = tmp_path / "elsewhere" / "adapter"
+    outside.mkdir(parents=True)
+    data = {"input": {"path": "in/a.parquet"}, "model": {"path": "org/m", "lora": str(outside)}}
+    with pytest.raises(JobSpecError, match=r"^model\.lora: .* outside the storage roots"):
+        roots.confine_job(data, base=str(root))
+    got = roots.with_models([str(outside)]).confine_job(data, base=str(root))
+    assert got["model"]["lora"] == str(outside)  # the catalog's adapter: allowed
