@@ -8,7 +8,8 @@ Three batches start engines, so they carry every claim between them:
   ``completed``, one output line per request, matched by ``custom_id``;
 - a ``/v1/completions`` batch with two samples and logprobs per request, one of whose
   prompts is longer than ``max_model_len``: that request goes to the error file, the rest
-  complete;
+  complete; two more requests carry penalties (OpenAI's and vLLM's extra fields) and a
+  ``logit_bias``, each answered as raw ``LLM.generate`` answers the same ``SamplingParams``;
 - a large chat batch cancelled mid-run ends ``cancelled``, the lines written by then kept.
 
 The first two are submitted together, so the second's engine starts while the first's
@@ -42,6 +43,23 @@ GUIDE_EXAMPLE = """\
 {"custom_id": "request-1", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "tiny", "messages": [{"role": "system", "content": "You are a helpful assistant."},{"role": "user", "content": "Hello world!"}],"max_tokens": 1000}}
 {"custom_id": "request-2", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "tiny", "messages": [{"role": "system", "content": "You are an unhelpful assistant."},{"role": "user", "content": "Hello world!"}],"max_tokens": 1000}}
 """  # noqa: E501
+
+
+PENALIZED_PROMPT = "Review: it works well and it works. Sentiment:"
+# Greedy requests through the door's sampling fields: OpenAI's penalties and logit_bias,
+# and vLLM's extra fields.
+PENALIZED = {
+    "penalized": {
+        "max_tokens": 6,
+        "temperature": 0,
+        "presence_penalty": 1.5,
+        "frequency_penalty": 1.0,
+        "repetition_penalty": 1.3,
+        "top_k": 5,
+        "min_tokens": 3,
+    },
+    "biased": {"max_tokens": 6, "temperature": 0, "logit_bias": {"65": 100}},
+}
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +114,15 @@ def finished(client) -> dict[str, Any]:
         }
         for cid, p in prompts.items()
     ]
+    lines += [
+        {
+            "custom_id": cid,
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": "tiny", "prompt": PENALIZED_PROMPT, **body},
+        }
+        for cid, body in PENALIZED.items()
+    ]
     completions = create(client, jsonl(lines), "/v1/completions")
     guide_seen = wait(client, guide.id, lambda b: b.status in ENDED, timeout=400)
     completions_seen = wait(client, completions.id, lambda b: b.status in ENDED, timeout=400)
@@ -144,7 +171,7 @@ def test_the_guide_example_runs_to_completed(client, finished):
 def test_a_request_failing_at_inference_goes_to_the_error_file(client, finished):
     batch = finished["completions"][-1]
     assert batch.status == "completed", batch.errors
-    assert batch.request_counts.model_dump() == {"total": 5, "completed": 4, "failed": 1}
+    assert batch.request_counts.model_dump() == {"total": 7, "completed": 6, "failed": 1}
     (error,) = lines_of(client, batch.error_file_id)
     assert error["custom_id"] == "too-long"
     assert error["error"]["code"] == "context_length_exceeded"
@@ -152,8 +179,10 @@ def test_a_request_failing_at_inference_goes_to_the_error_file(client, finished)
     assert error["response"]["status_code"] == 400
 
     lines = lines_of(client, batch.output_file_id)
-    assert sorted(line["custom_id"] for line in lines) == ["c0", "c1", "c2", "c3"]
-    for line in lines:
+    assert sorted(line["custom_id"] for line in lines) == sorted(
+        ["c0", "c1", "c2", "c3", *PENALIZED]
+    )
+    for line in (x for x in lines if x["custom_id"] not in PENALIZED):
         completion = Completion.model_validate(line["response"]["body"])
         assert completion.object == "text_completion"
         assert [c.index for c in completion.choices] == [0, 1]  # n=2: two samples
@@ -268,3 +297,37 @@ def written(service, job_id: str) -> bool:  # noqa: ANN001
 
 def service_jobs(service) -> list[dict[str, Any]]:
     return httpx.get(f"{service.url}/v1/jobs", params={"limit": 100}, timeout=30).json()["data"]
+
+
+def test_penalties_and_logit_bias_are_answered_as_raw_vllm_answers_them(
+    client, finished, tiny_model
+):
+    from vllm import LLM, SamplingParams
+
+    batch = finished["completions"][-1]
+    got = {
+        line["custom_id"]: Completion.model_validate(line["response"]["body"]).choices[0].text
+        for line in lines_of(client, batch.output_file_id)
+        if line["custom_id"] in PENALIZED
+    }
+    llm = LLM(
+        model=str(tiny_model),
+        max_model_len=2048,
+        dtype="bfloat16",
+        enforce_eager=True,
+        kv_cache_memory_bytes=256 << 20,
+        seed=0,
+    )
+    try:
+        expected = {}
+        for cid, body in PENALIZED.items():
+            fields = {k: v for k, v in body.items() if k != "logit_bias"}
+            if "logit_bias" in body:
+                fields["logit_bias"] = {int(k): v for k, v in body["logit_bias"].items()}
+            params = SamplingParams(**fields)
+            expected[cid] = llm.generate([PENALIZED_PROMPT], params, use_tqdm=False)[0]
+            expected[cid] = expected[cid].outputs[0].text
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    assert got == expected
+    assert got["biased"] != got["penalized"]
