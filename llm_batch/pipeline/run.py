@@ -732,7 +732,7 @@ def engine_pools(
     cluster_gpus = _cluster_gpus()
     staged = spec.stages is not None
     steps = spec.steps
-    units = engine_units(spec, engines)
+    units = engine_units(steps, engines)  # the same Step objects: compared by identity
     rows_of = dict(zip(spec.model_names, _batch_rows(spec), strict=True))
     block_rows = None
     for i, (step, members) in enumerate(units):
@@ -837,12 +837,12 @@ def engine_pools(
     return ds
 
 
-def engine_units(spec: JobSpec, engines: Engines) -> list[tuple[Step, list[tuple[Any, Any]]]]:
+def engine_units(steps: list[Step], engines: Engines) -> list[tuple[Step, list[tuple[Any, Any]]]]:
     """The job's engine stages, in order, each with the models it serves ((column prefix,
     spec) pairs): one per model, but the models of a stage that differ only in their LoRA
     adapter (and their base beside them) share one engine, run by the job itself."""
     units: list[tuple[Step, list[tuple[Any, Any]]]] = []
-    for step in spec.steps:
+    for step in steps:
         groups: dict[str, list[tuple[Any, Any]]] = {}
         keys = []
         for _, name, model in step.models:

@@ -186,3 +186,67 @@ def test_after_the_last_stage_dropped_by_is_written_and_internals_go():
     assert out.column_names[-1] == "dropped_by"
     assert "audience" not in out.column_names and columns.DROPPED not in out.column_names
     assert out.column("dropped_by").to_pylist() == [None, "judge", "draft", None, "judge"]
+
+
+class _Recorder:
+    """Stands in for a Ray Dataset: notes the operators a pipeline chains."""
+
+    def __init__(self) -> None:
+        self.ops: list[str] = []
+
+    def map_batches(self, fn, **kwargs) -> _Recorder:  # noqa: ANN001
+        name = getattr(fn, "__name__", type(fn).__name__)
+        members = (kwargs.get("fn_constructor_kwargs") or {}).get("members")
+        self.ops.append(f"{name}{[m['name'] for m in members]}" if members else name)
+        return self
+
+    def repartition(self, **kwargs) -> _Recorder:
+        self.ops.append("repartition")
+        return self
+
+
+def test_stages_chain_engines_and_the_steps_between_them(data, monkeypatch):
+    from llm_batch.pipeline import run
+
+    monkeypatch.setattr(run, "_cluster_gpus", lambda ttl=30.0: 0.0)
+    spec = JobSpec.from_dict(staged(data, output={"path": str(data / "out")}))
+    ds = run.engine_pools(_Recorder(), spec, plan_job(spec), tracker=None)
+    assert ds.ops == [
+        "EngineStage['draft']",
+        "next_stage",
+        "EngineStage['judge']",
+        "next_stage",
+        "EngineStage['rewrite']",
+        "next_stage",  # the last: dropped_by written, internal columns dropped
+    ]
+
+
+def test_adapters_of_a_stage_share_one_engine_stage_in_the_stages_column_order(data, monkeypatch):
+    from llm_batch.pipeline import run
+
+    monkeypatch.setattr(run, "_cluster_gpus", lambda ttl=30.0: 0.0)
+    (data / "fr").mkdir()
+    (data / "fr" / "adapter_config.json").write_text('{"r": 8}')
+    job = staged(data, output={"path": str(data / "out")})
+    job["stages"][1] = {
+        **job["stages"][1],
+        "model": None,
+        "models": [
+            {"name": "a", "path": "m", "lora": str(data / "fr")},
+            {"name": "other", "path": "m2"},
+            {"name": "base", "path": "m"},
+        ],
+        "keep_if": None,
+    }
+    spec = JobSpec.from_dict(job)
+    ds = run.engine_pools(_Recorder(), spec, plan_job(spec), tracker=None)
+    assert ds.ops == [
+        "EngineStage['draft']",
+        "next_stage",
+        "EngineStage['judge__a', 'judge__base']",  # one engine: the adapter and its base
+        "EngineStage['judge__other']",
+        "_reorder",  # judge__a, judge__other, judge__base: as the stage lists them
+        "next_stage",
+        "EngineStage['rewrite']",
+        "next_stage",
+    ]
