@@ -180,7 +180,7 @@ class PoisonedGenerator(Generator):
 
     kill_log: str | None = None
 
-    async def _generate_one(self, prompt, params, *args):  # noqa: ANN001, ANN002, ANN201
+    async def _generate_one(self, prompt, params, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN201
         text = prompt.get("prompt") or ""
         if POISON in text:
             manager = self.engine.engine_core.resources.engine_manager
@@ -193,7 +193,7 @@ class PoisonedGenerator(Generator):
             if self.kill_log:
                 with open(self.kill_log, "a", encoding="utf-8") as log:
                     log.write(f"{time.time():.2f} actor {os.getpid()} {text!r} killed {killed}\n")
-        return await super()._generate_one(prompt, params, *args)
+        return await super()._generate_one(prompt, params, *args, **kwargs)
 
 
 def _spans(rows: set[int]) -> str:
