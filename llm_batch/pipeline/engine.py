@@ -38,6 +38,7 @@ from llm_batch.pipeline.generation import (
     with_skipped,
 )
 from llm_batch.pipeline.progress import BatchLedger
+from llm_batch.pipeline.prompts import stopped_rows
 from llm_batch.pipeline.rows import BatchFinisher, BatchReport, batch_key
 
 __all__ = ["BatchGate", "EngineStage", "report_batch"]
@@ -76,11 +77,7 @@ def report_batch(
 def given_up_results(batch: pa.Table, reason: str) -> list[RowResult]:
     """Error rows for a batch given up; rows that never reached the engine keep their own,
     and rows stopped at an earlier stage stay skipped."""
-    stopped = (
-        batch.column(columns.DROPPED).is_valid().to_pylist()
-        if columns.DROPPED in batch.column_names
-        else [False] * batch.num_rows
-    )
+    stopped = stopped_rows(batch) or [False] * batch.num_rows
     return [
         RowResult(skipped=True) if s else RowResult.failed(e or reason)
         for e, s in zip(batch.column(columns.RENDER_ERROR).to_pylist(), stopped, strict=True)

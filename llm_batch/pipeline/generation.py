@@ -33,6 +33,7 @@ from llm_batch.pipeline.engine_args import (
     engine_failure,
     is_classifier,
 )
+from llm_batch.pipeline.prompts import stopped_rows
 
 __all__ = ["BatchInputs", "EngineLoad", "Generator", "RowResult", "whereabouts"]
 
@@ -107,11 +108,7 @@ class BatchInputs:
             samples=column(columns.SAMPLE_INDEX, 0),
             overrides=column(overrides_column, None),
             pairs=column(columns.PAIR, None) if columns.PAIR in names else None,
-            stopped=(
-                batch.column(columns.DROPPED).is_valid().to_pylist()
-                if columns.DROPPED in names
-                else None
-            ),
+            stopped=stopped_rows(batch),
             chat_template_kwargs=chat_template_kwargs,
             lora=lora,
         )

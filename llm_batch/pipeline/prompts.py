@@ -19,7 +19,14 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from llm_batch import columns
 from llm_batch.errors import JobSpecError
 
-__all__ = ["KeepIf", "PromptRenderer", "conversation", "expression_variables", "template_variables"]
+__all__ = [
+    "KeepIf",
+    "PromptRenderer",
+    "conversation",
+    "expression_variables",
+    "stopped_rows",
+    "template_variables",
+]
 
 _MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 _ROLES = ("system", "user", "assistant")
@@ -42,6 +49,14 @@ def template_variables(source: str, *, field: str = "prompt.template") -> set[st
             f"{field}: template syntax error on line {e.lineno}: {e.message}"
         ) from None
     return set(meta.find_undeclared_variables(ast)) - set(env.globals)
+
+
+def stopped_rows(batch: pa.Table) -> list[bool] | None:
+    """Per row, whether it stopped at an earlier stage of a staged job (its ``dropped_by``
+    is set); None for a batch of a job without stages."""
+    if columns.DROPPED not in batch.column_names:
+        return None
+    return batch.column(columns.DROPPED).is_valid().to_pylist()
 
 
 def expression_variables(source: str, *, field: str) -> set[str]:
@@ -159,11 +174,7 @@ class PromptRenderer:
             else None
         )
         # Rows stopped at an earlier stage get no prompt: the engines skip them.
-        stopped = (
-            batch.column(columns.DROPPED).is_valid().to_pylist()
-            if columns.DROPPED in batch.column_names
-            else None
-        )
+        stopped = stopped_rows(batch)
         rendered: list[Any] = []
         errors: list[str | None] = []
         for i in range(batch.num_rows):

@@ -195,12 +195,17 @@ def _check_output_folder(spec: JobSpec) -> None:
     folder.check(mode=spec.output.mode, will_write=[*OWN_FILES, MANIFEST_NAME])
 
 
+def _local_folder(path: str) -> str | None:
+    """The folder a model or adapter path names, None for a hub id (the engine downloads it)."""
+    if not (path.startswith(("/", ".", "~")) or os.path.exists(path)):
+        return None
+    return os.path.expanduser(path)
+
+
 def _check_adapter(field: str, path: str) -> None:
     """A local LoRA adapter folder must hold an adapter_config.json (PEFT's)."""
-    if not (path.startswith(("/", ".", "~")) or os.path.exists(path)):
-        return  # a hub id: the engine downloads it
-    folder = os.path.expanduser(path)
-    if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+    folder = _local_folder(path)
+    if folder is not None and not os.path.isfile(os.path.join(folder, "adapter_config.json")):
         raise JobSpecError(
             f"{field}.lora: {path!r} holds no adapter_config.json (a PEFT LoRA adapter "
             "folder is needed)"
@@ -209,9 +214,9 @@ def _check_adapter(field: str, path: str) -> None:
 
 def _check_model_path(field: str, path: str) -> None:
     """A local model folder must hold a config.json; anything else is taken as a hub id."""
-    if not (path.startswith(("/", ".", "~")) or os.path.exists(path)):
+    folder = _local_folder(path)
+    if folder is None:
         return
-    folder = os.path.expanduser(path)
     if not os.path.isdir(folder):
         raise JobSpecError(f"{field}.path: model folder {path!r} does not exist")
     if not os.path.isfile(os.path.join(folder, "config.json")):
