@@ -144,3 +144,30 @@ def test_engines_routes_without_shared_engines(tmp_path: Path):
         assert r.status_code == 200 and r.json() == {"object": "list", "data": [], "released": []}
         assert client.delete("/v1/engines/x", headers=user).status_code == 403
         assert client.delete("/v1/engines/x", headers=admin).status_code == 404
+
+
+def test_the_engine_host_skips_ray_datas_cluster_queries_and_nothing_else():
+    """The engine host's patch hits the pinned Ray Data's names (were they renamed, this
+    fails rather than the host silently asking the cluster again), and leaves the rest of
+    ``ray`` as it is. In a process of its own: the patch is for the whole process."""
+    import subprocess
+    import sys
+
+    script = """
+import ray, pytest
+import ray.data.dataset as d
+import ray.data._internal.util as u
+import ray.data._internal.logical.rules.set_read_parallelism as r
+from llm_batch.service.host import skip_ray_data_cluster_queries
+skip_ray_data_cluster_queries()
+assert d.ray.available_resources() == {"CPU": 1.0} == u.ray.available_resources()
+assert r.ray_available_resources() == {"CPU": 1.0}
+assert d.ray.get is ray.get and d.ray.put is ray.put and u.ray.remote is ray.remote
+with pytest.raises(RuntimeError, match="spill statistics"):
+    d.get_memory_info_reply(None)
+assert ray.available_resources is not d.ray.available_resources
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
