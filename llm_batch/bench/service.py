@@ -3,8 +3,7 @@
 One run on one machine, in this order:
 
 1. raw vLLM (``LLM.generate``) on the large-job workload's first ``--rows`` rows, as
-   ``llm-batch bench`` runs it (its own process), for the steady-rate ratio; again
-   after the service has stopped (7.), the ratio taken against the two runs' mean;
+   ``llm-batch bench`` runs it (its own process), for the steady-rate ratio;
 2. ``llm-batch serve`` (a subprocess with its own local Ray head) offering the bench
    model as a warm catalog model; the time its pool takes to be ready;
 3. a 10-row job on the warm pool, three times: ``POST /v1/jobs`` to ``succeeded`` as
@@ -14,7 +13,8 @@ One run on one machine, in this order:
    submitted every ``--small-every`` seconds while it runs: the large job's steady
    output tokens/s in each, and the small jobs' times;
 6. a ``--rows`` job on the warm pool, three times: the median steady output tokens/s,
-   against raw vLLM's.
+   against raw vLLM's;
+7. raw vLLM again, the service stopped: the ratio is taken against the mean of 1. and 7.
 
 Steady rates come from the jobs' own progress series (about one point a second), with
 ``timeline.steady_state`` as for ``llm-batch bench``.
@@ -161,7 +161,10 @@ def run_service_bench(config: Any, *, big_rows: int, small_every: float) -> dict
         run = _run_system("raw", {**raw_cfg, **paths}, folder, config)
         if run.error:
             raise RuntimeError(f"raw vLLM failed: {run.error}")
-        return float(_measure(run, _W())["steady_tokens_per_s"])  # type: ignore[arg-type]
+        steady = _measure(run, _W())["steady_tokens_per_s"]  # type: ignore[arg-type]
+        if steady is None:
+            raise RuntimeError(f"raw vLLM ({label}): too few completions for a steady rate")
+        return float(steady)
 
     raws = [raw_steady("raw")]
 
