@@ -199,6 +199,8 @@ def _yield_to_engine(niceness: int = 19) -> None:
 
 # Deterministic outputs kept for rows asking the same again (in flight, or this recent).
 _SAME_OUTPUTS_KEPT = 50_000
+# Prompt tokens of the CPU engine's first step (Generator._warm_up).
+WARM_UP_TOKENS = 32
 
 # Niceness of a shared pool's engine processes (see _engine_below_control_plane).
 SHARED_ENGINE_NICENESS = 5
@@ -371,6 +373,9 @@ class Generator:
         self._pooling = self._pooling_setup(model) if self.task != "generate" else None
         self._reasoning = self._reasoning_parser(model.get("reasoning_parser"))
         self._loras: dict[str, Any] = {}  # adapter path -> its LoRARequest
+        # On the CPU engine, one step before the first rows (see _warm_up).
+        self._warm = not on_cpu
+        self._warming: asyncio.Future[None] | None = None
         logger.info("engine for %s ready in %.1fs", model["path"], time.monotonic() - started)
 
     def _reasoning_parser(self, name: str | None) -> Any:
@@ -433,6 +438,11 @@ class Generator:
         """One request per row, all at once; a row's failure is its ``error``.
         ``on_dead(exception)`` is called when the engine itself died under a request.
         A pooling model's rows are pooled instead (``params`` unused)."""
+        if not self._warm:
+            if self._warming is None:  # the first call, on the engine's event loop
+                self._warming = asyncio.ensure_future(self._warm_up())
+            await asyncio.shield(self._warming)
+            self._warm = True
         if self._pooling is not None:
             return await self._pool(inputs, job=job, priority=priority, on_dead=on_dead)
         token_ids = self._token_ids(
@@ -526,6 +536,38 @@ class Generator:
             None if overrides is None else json.dumps(overrides, sort_keys=True, default=str),
             inputs.samples[i],
         )
+
+    async def _warm_up(self) -> None:
+        """One step of ``WARM_UP_TOKENS`` prompt tokens before the engine's first rows.
+
+        vLLM's CPU attention kernel for AMX processors (bf16) kills the engine's worker
+        with SIGILL when the first step after start is a prefill of a few tokens (a
+        prompt of 1-4 tokens of the project's tiny model); once a longer prefill has run,
+        every step after it, short ones included, runs fine (decision 0018). Only a
+        step's failure to start is logged: an engine that dies here fails the rows'
+        requests as it would have anyway."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        limit = int(getattr(getattr(self.engine, "model_config", None), "max_model_len", 0))
+        length = max(1, min(WARM_UP_TOKENS, limit - 1)) if limit else WARM_UP_TOKENS
+        text = "The engine takes one step before its first rows. " * 8
+        ids = self._tokenizer.encode(text, add_special_tokens=False) or [0]
+        prompt = TokensPrompt(prompt_token_ids=(ids * length)[:length])
+        request_id = f"llm-batch-warm-up-{uuid.uuid4().hex}"
+        started = time.monotonic()
+        stream: Any
+        try:
+            if self._pooling is None:
+                stream = self.engine.generate(prompt, SamplingParams(max_tokens=1), request_id)
+            else:
+                stream = self.engine.encode(prompt, self._pooling, request_id)
+            async for _ in stream:
+                pass
+        except Exception:  # noqa: BLE001 - the rows' own requests report a dead engine
+            logger.warning("the engine's warm-up step failed", exc_info=True)
+            return
+        logger.info("engine warm-up step in %.2fs", time.monotonic() - started)
 
     def _lora_request(self, lora: dict[str, str] | None) -> Any:
         """vLLM's LoRARequest for an adapter, one id per adapter path for the engine's life."""
