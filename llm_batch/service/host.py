@@ -34,6 +34,7 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import sys
 import threading
 import time
@@ -103,6 +104,7 @@ class Host:
             max_workers=max_jobs, thread_name_prefix="llm-batch-job"
         )
         self._lock = threading.Lock()
+        self._releases: queue.SimpleQueue[str] = queue.SimpleQueue()  # asked for by the service
         self._last_refresh = 0.0
         self._desired_mtime = 0.0
         self._stopping = threading.Event()
@@ -116,15 +118,17 @@ class Host:
         serve.start(proxy_location="Disabled")  # handles only: no HTTP proxy on the nodes
         logger.info("engine host up; pools found: %s", ", ".join(self._deployed()) or "none")
         self._warm_up()
+        looker = threading.Thread(target=self._look_at_pools, name="llm-batch-pools", daemon=True)
+        looker.start()
         while not self._stopping.is_set():
             try:
-                self.step()
+                self.read_inbox()
             except Exception:  # noqa: BLE001 - one bad pass must not end the host
-                logger.exception("host pass failed")
+                logger.exception("reading the inbox failed")
                 self._stopping.wait(1.0)
             self._stopping.wait(self.poll)
 
-    def step(self) -> None:
+    def read_inbox(self) -> None:
         for path, message in self.mailbox.receive():
             try:
                 self._handle(message)
@@ -132,13 +136,31 @@ class Host:
                 logger.exception("message %s failed", message.get("kind"))
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        now = time.monotonic()
-        # At once when the service wants something new (a job waits for its pool).
-        changed = _mtime(self.folder / DESIRED) != self._desired_mtime
-        if changed or now - self._last_refresh >= RECONCILE_EVERY:
-            self._last_refresh = now
-            self._desired_mtime = _mtime(self.folder / DESIRED)
-            self.reconcile(read_json(self.folder / DESIRED) or {})
+
+    def _look_at_pools(self) -> None:
+        """The pools, in a thread of their own: a look asks Serve's controller and each
+        pool's replicas, seconds on a loaded machine, which a small job's ``run`` message
+        must not wait behind."""
+        while not self._stopping.is_set():
+            try:
+                now = time.monotonic()
+                released = False
+                while not self._releases.empty():
+                    self._release(self._releases.get(), why="released on request")
+                    released = True
+                # At once when the service wants something new (a job waits for its pool).
+                changed = released or _mtime(self.folder / DESIRED) != self._desired_mtime
+                if changed or now - self._last_refresh >= RECONCILE_EVERY:
+                    self._last_refresh = now
+                    self._desired_mtime = _mtime(self.folder / DESIRED)
+                    self.reconcile(read_json(self.folder / DESIRED) or {})
+                    took = time.monotonic() - now
+                    if took > 0.5:
+                        logger.info("a look at the pools took %.1fs", took)
+            except Exception:  # noqa: BLE001 - one bad look must not end the host
+                logger.exception("looking at the pools failed")
+                self._stopping.wait(1.0)
+            self._stopping.wait(self.poll)
 
     def _handle(self, message: dict[str, Any]) -> None:
         kind = message["kind"]
@@ -149,7 +171,7 @@ class Host:
             if cancel is not None:
                 cancel.set()
         elif kind == "release":
-            self._release(message["pool"], why="released on request")
+            self._releases.put(message["pool"])  # by the thread that looks at the pools
         else:
             logger.warning("unknown message %r", kind)
 
@@ -362,6 +384,7 @@ class Host:
 
     def _run_job(self, message: dict[str, Any]) -> None:
         job_id = message["job_id"]
+
         with self._lock:
             if job_id in self.jobs:
                 return  # already running here (a message sent twice)
