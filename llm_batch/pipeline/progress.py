@@ -131,6 +131,7 @@ class ProgressTracker:
         }
         self._series: list[tuple[float, int, int]] = []  # (seconds, rows_done, output_tokens)
         self._interval = 1.0
+        self._opened = 0.0  # when the series' last point was added (it is updated until then)
         self._resumed_rows = 0
         self._engines: dict[str, dict[str, Any]] = {}
         self._ledger = BatchLedger()
@@ -244,10 +245,14 @@ class ProgressTracker:
         now = time.time() - self._started
         last = self._models[min(self._models, key=lambda m: self._models[m]["rows_done"])]
         point = (now, int(last["rows_done"]), int(self._total("output_tokens")))
-        if self._series and now - self._series[-1][0] < self._interval:
+        # The last point takes every report of its interval, counted from when it was
+        # added: counted from its last update, reports coming faster than the interval
+        # would all fold into one point, and the series lose the run's shape.
+        if self._series and now - self._opened < self._interval:
             self._series[-1] = point
             return
         self._series.append(point)
+        self._opened = now
         if len(self._series) > _SERIES_POINTS:  # halve the resolution, keep the span
             self._series = self._series[::2] + ([point] if self._series[-1] != point else [])
             self._interval *= 2

@@ -207,3 +207,28 @@ def test_gate_lets_shared_holders_on_when_an_exclusive_waiter_is_cancelled():
         return entered
 
     assert asyncio.run(scenario())
+
+
+def test_the_series_keeps_a_point_per_second_when_batches_come_faster(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr("llm_batch.pipeline.progress.time.time", lambda: clock[0])
+    tracker = ProgressTracker(100)
+    for i in range(20):  # a batch every 0.4 s for 8 s
+        clock[0] += 0.4
+        tracker.report(
+            model=None,
+            rows=5,
+            failed=0,
+            input_tokens=5,
+            output_tokens=10,
+            seconds=0.1,
+            batch_key=f"{i:024x}",
+        )
+    series = tracker.snapshot()["series"]
+    times = [p["t"] for p in series]
+    # One point per second of the run, each the count at its time: not one point that
+    # every report moved along.
+    assert len(series) >= 7
+    assert all(b - a >= 0.4 for a, b in zip(times, times[1:], strict=False))
+    assert series[-1] == {"t": 8.0, "rows_done": 100, "output_tokens": 200}
+    assert all(p["output_tokens"] == round(p["t"] / 0.4) * 10 for p in series)
