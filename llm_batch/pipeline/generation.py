@@ -566,8 +566,11 @@ class Generator:
                 pass
         except Exception:  # noqa: BLE001 - the rows' own requests report a dead engine
             logger.warning("the engine's warm-up step failed", exc_info=True)
-            return
-        logger.info("engine warm-up step in %.2fs", time.monotonic() - started)
+        else:
+            logger.info("engine warm-up step in %.2fs", time.monotonic() - started)
+        # Its time to first token is no job's: vLLM records a step's stats before the
+        # request's waiter resumes, and no row's request is in the engine yet.
+        self.load.take()
 
     def _lora_request(self, lora: dict[str, str] | None) -> Any:
         """vLLM's LoRARequest for an adapter, one id per adapter path for the engine's life."""

@@ -50,3 +50,5 @@ def test_a_job_of_one_word_prompts_runs_on_a_fresh_engine(tmp_path, tiny_model, 
     assert max(out.column("num_input_tokens").to_pylist()) <= 4
     # One engine, never restarted after a crash.
     assert result.progress["engine_starts"] == 1
+    # The warm-up step's request is no row's: one time to first token per row.
+    assert sum(e["ttft_count"] for e in result.progress["engines"]) == ROWS
