@@ -438,11 +438,7 @@ class Generator:
         """One request per row, all at once; a row's failure is its ``error``.
         ``on_dead(exception)`` is called when the engine itself died under a request.
         A pooling model's rows are pooled instead (``params`` unused)."""
-        if not self._warm:
-            if self._warming is None:  # the first call, on the engine's event loop
-                self._warming = asyncio.ensure_future(self._warm_up())
-            await asyncio.shield(self._warming)
-            self._warm = True
+        await self._ready()
         if self._pooling is not None:
             return await self._pool(inputs, job=job, priority=priority, on_dead=on_dead)
         token_ids = self._token_ids(
@@ -537,39 +533,49 @@ class Generator:
             inputs.samples[i],
         )
 
+    async def _ready(self) -> None:
+        """Once per engine, on its event loop, before any row: the CPU engine's warm-up
+        step. Concurrent first callers wait for the one step; a caller cancelled while
+        it runs leaves it running for the others."""
+        if self._warm:
+            return
+        if self._warming is None or self._warming.cancelled():
+            self._warming = asyncio.ensure_future(self._warm_up())
+        await asyncio.shield(self._warming)
+        self._warm = True
+
     async def _warm_up(self) -> None:
         """One step of ``WARM_UP_TOKENS`` prompt tokens before the engine's first rows.
 
         vLLM's CPU attention kernel for AMX processors (bf16) kills the engine's worker
         with SIGILL when the first step after start is a prefill of a few tokens (a
         prompt of 1-4 tokens of the project's tiny model); once a longer prefill has run,
-        every step after it, short ones included, runs fine (decision 0018). Only a
-        step's failure to start is logged: an engine that dies here fails the rows'
-        requests as it would have anyway."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        limit = int(getattr(getattr(self.engine, "model_config", None), "max_model_len", 0))
-        length = max(1, min(WARM_UP_TOKENS, limit - 1)) if limit else WARM_UP_TOKENS
-        text = "The engine takes one step before its first rows. " * 8
-        ids = self._tokenizer.encode(text, add_special_tokens=False) or [0]
-        prompt = TokensPrompt(prompt_token_ids=(ids * length)[:length])
-        request_id = f"llm-batch-warm-up-{uuid.uuid4().hex}"
+        every step after it, short ones included, runs fine (decision 0018). A failure of
+        the step is only logged: an engine that dies here fails the rows' requests as it
+        would have anyway, and a step that cannot be made must not stop the rows."""
         started = time.monotonic()
-        stream: Any
         try:
+            from vllm import SamplingParams
+
+            limit = int(getattr(self.engine.model_config, "max_model_len", 0) or 0)
+            length = max(1, min(WARM_UP_TOKENS, limit - 1)) if limit else WARM_UP_TOKENS
+            text = "The engine takes one step before its first rows. " * 8
+            ids = self._tokenizer.encode(text, add_special_tokens=False) or [0]
+            prompt = self._engine_prompt((ids * length)[:length], None, None)
+            request_id = f"llm-batch-warm-up-{uuid.uuid4().hex}"
+            stream: Any
             if self._pooling is None:
                 stream = self.engine.generate(prompt, SamplingParams(max_tokens=1), request_id)
             else:
                 stream = self.engine.encode(prompt, self._pooling, request_id)
             async for _ in stream:
                 pass
-        except Exception:  # noqa: BLE001 - the rows' own requests report a dead engine
+        except Exception:  # noqa: BLE001 - see above
             logger.warning("the engine's warm-up step failed", exc_info=True)
         else:
             logger.info("engine warm-up step in %.2fs", time.monotonic() - started)
-        # Its time to first token is no job's: vLLM records a step's stats before the
-        # request's waiter resumes, and no row's request is in the engine yet.
+        # Its time to first token is no job's. For a lone request vLLM records the step's
+        # stats before the request's waiter resumes, and no row's request is in yet.
         self.load.take()
 
     def _lora_request(self, lora: dict[str, str] | None) -> Any:
