@@ -229,6 +229,10 @@ class EngineStage:
             else:  # rows stopped at an earlier stage are not sent
                 generated = await self._generate(member, inputs.take(live)) if live else []
                 results = with_skipped(len(inputs), live, generated)
+            if key is not None:
+                # Before the next batch may enter alone: if that one kills the engine, this
+                # actor ends before this batch's task does, and its report may die with it.
+                await self._progress.batch_generated.remote(key)
         return results, key, False
 
     async def _generate(self, member: _Member, inputs: BatchInputs) -> list[RowResult]:

@@ -1,9 +1,9 @@
 """Live progress of one job: engine actors report per batch, the driver reads snapshots.
 
 A small Ray actor (no CPU reserved) is the meeting point; reports are
-fire-and-forget so they never slow the engines. The one call an engine waits
-on is ``begin_batch``, once per batch: the tracker also keeps what engine
-retries must agree on across actor restarts (``BatchLedger``).
+fire-and-forget so they never slow the engines. The calls a job-local engine stage
+waits on are ``begin_batch`` and ``batch_generated``, once per batch each: the tracker
+also keeps what engine retries must agree on across actor restarts (``BatchLedger``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ class BatchLedger:
     - a batch with a death behind it runs alone, so a further death is its own;
     - after ``max_retries`` deaths alone (at least one), it is given up: its rows are
       written as error rows, and a re-run of its task gives it up again at once;
+    - a batch the engine has generated is never given up, even when its task runs
+      again because the actor died before the task ended (the next batch killed the
+      engine): it is marked generated before the next batch may enter alone, since
+      its report would be lost with the actor;
     - a batch that reported is counted once, even when a re-run of its task
       generates it again (the output is written once either way: Ray Data
       keeps one attempt's output);
@@ -59,6 +63,7 @@ class BatchLedger:
         self._entered: dict[str, list[int]] = {}  # key -> [entries shared, entries alone]
         self._given_up: set[str] = set()
         self._done: set[bytes] = set()
+        self._generated: set[bytes] = set()
         self._starts: dict[str | None, int] = {}  # engine starts since a batch completed
         self.starts = 0  # every engine started for the job, all models
 
@@ -82,7 +87,8 @@ class BatchLedger:
         shared, alone = self._entered.get(key, (0, 0))
         # At least one run alone, so that the batches beside a poison row are not given up
         # with it even when max_retries is 0.
-        if key in self._given_up or alone >= max(max_retries, 1):
+        generated = bytes.fromhex(key) in self._generated
+        if key in self._given_up or (alone >= max(max_retries, 1) and not generated):
             self._given_up.add(key)
             return {
                 "give_up": f"the engine died {shared + alone} times while generating this "
@@ -94,6 +100,11 @@ class BatchLedger:
     def enter(self, key: str, *, alone: bool) -> None:
         counts = self._entered.setdefault(key, [0, 0])
         counts[1 if alone else 0] += 1
+
+    def generated(self, key: str) -> None:
+        """The batch left the engine with its results: a death from now on is not its."""
+        self._entered.pop(key, None)
+        self._generated.add(bytes.fromhex(key))
 
     def finish(
         self, key: str, *, model: str | None, given_up: bool, engine_used: bool = True
@@ -156,6 +167,9 @@ class ProgressTracker:
     # The engine stages' side of the BatchLedger (see there).
     def engine_started(self, model: str | None, *, count: bool = True) -> None:
         self._ledger.engine_started(model, count=count)
+
+    def batch_generated(self, key: str) -> None:
+        self._ledger.generated(key)
 
     def begin_batch(self, key: str, **kwargs: Any) -> BatchDecision:
         if self._cancelled:

@@ -26,6 +26,7 @@ import pytest
 
 from llm_batch.job.spec import JobSpec
 from llm_batch.pipeline.generation import Generator
+from llm_batch.pipeline.progress import ProgressTracker
 
 pytestmark = [pytest.mark.e2e, pytest.mark.fault]
 
@@ -196,6 +197,53 @@ class PoisonedGenerator(Generator):
         return await super()._generate_one(prompt, params, *args, **kwargs)
 
 
+class TrailedTracker(ProgressTracker):
+    """The job's real tracker, which also writes each ledger call to ``trail``: which batch
+    began (and what it was told), entered an engine, or reported, in the order the tracker
+    took them. The stage below names each batch's key by its first row."""
+
+    trail: str | None = None
+
+    def _note(self, line: str) -> None:
+        if self.trail:
+            with open(self.trail, "a", encoding="utf-8") as log:
+                log.write(f"{time.time():.2f} tracker {line}\n")
+
+    def begin_batch(self, key: str, **kwargs):  # noqa: ANN003, ANN201
+        decision = super().begin_batch(key, **kwargs)
+        self._note(f"begin {key[:8]} -> {decision}")
+        return decision
+
+    def enter_batch(self, key: str, *, alone: bool) -> None:
+        self._note(f"enter {key[:8]} alone={alone}")
+        super().enter_batch(key, alone=alone)
+
+    def batch_generated(self, key: str) -> None:
+        self._note(f"generated {key[:8]}")
+        super().batch_generated(key)
+
+    def engine_started(self, model, *, count: bool = True) -> None:  # noqa: ANN001
+        self._note("engine started")
+        super().engine_started(model, count=count)
+
+    def report(self, **kwargs) -> None:  # noqa: ANN003
+        self._note(f"report {(kwargs.get('batch_key') or '')[:8]} given_up={kwargs['given_up']}")
+        super().report(**kwargs)
+
+
+def _trailed_stage(trail: str) -> type:
+    from llm_batch.pipeline.engine import EngineStage
+    from llm_batch.pipeline.rows import batch_key
+
+    async def _run(self, member, batch):  # noqa: ANN001, ANN202
+        first, key = batch.column("id")[0].as_py(), batch_key(batch, member.name)[:8]
+        with open(trail, "a", encoding="utf-8") as log:
+            log.write(f"{time.time():.2f} actor {os.getpid()} {first} is {key}\n")
+        return await EngineStage._run(self, member, batch)
+
+    return type("PoisonedStage", (EngineStage,), {"_run": _run})
+
+
 def _spans(rows: set[int]) -> str:
     """``{32, 33, ..., 63, 70}`` as ``32-63, 70``."""
     spans: list[list[int]] = []
@@ -211,7 +259,6 @@ def test_batch_that_keeps_killing_its_engine_becomes_error_rows(tmp_path, tiny_m
     import ray.cloudpickle
 
     import llm_batch.pipeline.run as pipeline_run
-    from llm_batch.pipeline.engine import EngineStage
 
     # Batches of 32, in one Ray task: poisoned rows in the second and the third batch.
     rows, poisoned = 128, {40, 70}
@@ -230,15 +277,20 @@ def test_batch_that_keeps_killing_its_engine_becomes_error_rows(tmp_path, tiny_m
     job["prompt"]["group_by_prefix"] = False
     spec = JobSpec.from_dict(job)
 
-    kills = tmp_path / "kills.log"
+    # One trail of the poison kills, the batches each actor took, and the ledger's calls.
+    kills = tmp_path / "trail.log"
     generator = type("KillingGenerator", (PoisonedGenerator,), {"kill_log": str(kills)})
     generator.__module__ = __name__
-    stage = type("PoisonedStage", (EngineStage,), {"generator_class": generator})
+    stage = type("PoisonedStage", (_trailed_stage(str(kills)),), {"generator_class": generator})
     stage.__module__ = __name__
+    tracker = type("Tracker", (TrailedTracker,), {"trail": str(kills)})
+    tracker.__module__ = __name__
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     before = engine_core_pids()
     try:
-        result = pipeline_run.run_job(spec, engines=pipeline_run.Engines(stage=stage))
+        result = pipeline_run.run_job(
+            spec, engines=pipeline_run.Engines(stage=stage), tracker_class=tracker
+        )
     finally:
         ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
@@ -248,7 +300,7 @@ def test_batch_that_keeps_killing_its_engine_becomes_error_rows(tmp_path, tiny_m
     errors = out.column("error").to_pylist()
     given_up = {i for i, e in enumerate(errors) if e is not None}
     # The poisoned rows' batches, and only they, were given up after one retry alone each.
-    assert given_up == set(range(32, 96)), f"rows given up: {_spans(given_up)}; poison kills:\n" + (
+    assert given_up == set(range(32, 96)), f"rows given up: {_spans(given_up)}; trail:\n" + (
         kills.read_text() if kills.exists() else "none"
     )
     assert all("with the batch alone in it" in errors[i] for i in given_up), errors[40]

@@ -49,6 +49,23 @@ def test_giving_up_is_sticky_and_counted_once():
     assert not ledger.finish(KEY, model=None, given_up=True)
 
 
+def test_a_batch_generated_before_is_never_given_up_when_its_task_runs_again():
+    ledger = BatchLedger()
+    ledger.enter(KEY, alone=False)  # in an engine a poison batch killed
+    assert begin(ledger, retries=1) == {"alone": True}
+    ledger.enter(KEY, alone=True)
+    ledger.generated(KEY)  # its results are out; its report dies with the actor
+    # The next batch killed the engine before this batch's task ended, twice: the re-runs
+    # of its task keep running it.
+    for _ in range(2):
+        decision = begin(ledger, retries=1)
+        assert "give_up" not in decision
+        ledger.enter(KEY, alone=True)
+    assert "give_up" not in begin(ledger, retries=1)
+    assert ledger.finish(KEY, model=None, given_up=False)  # counted once
+    assert not ledger.finish(KEY, model=None, given_up=False)
+
+
 def test_a_batch_reported_twice_counts_once_in_progress():
     tracker = ProgressTracker(10)
     report = dict(model=None, rows=10, failed=0, input_tokens=5, output_tokens=7, seconds=0.1)
