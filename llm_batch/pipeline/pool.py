@@ -178,8 +178,9 @@ class EnginePool:
         """One batch of one job: ``{"results": [RowResult], "engine": load, "aborted": bool}``.
         ``hint``: for Serve's router only (``PrefixHint``).
         ``job``: ``key`` (unique per run), ``name``, ``priority``, ``tracker`` (its progress
-        tracker, whose end or cancel aborts its requests). ``alone``: the batch was in an
-        engine that died; it runs with nothing beside it."""
+        tracker, whose end or cancel aborts its requests), ``batch`` (the batch's ledger
+        key, if the job keeps a ledger). ``alone``: the batch was in an engine that died;
+        it runs with nothing beside it."""
         if self._dead is not None or self.generator.errored:
             raise PoolReplicaLost(f"the engine of this replica is dead ({self._dead})")
         if self._watcher is None:
@@ -188,6 +189,10 @@ class EnginePool:
         self.jobs.setdefault(key, {"name": job.get("name"), "tracker": job.get("tracker")})
         self.last_request_at = time.time()
         async with self.gate.hold(exclusive=alone):
+            # Entered now, not when sent: a batch still waiting here behind one that runs
+            # alone is not charged with the engine death that one may cause.
+            if job.get("batch") is not None and job.get("tracker") is not None:
+                job["tracker"].enter_batch.remote(job["batch"], alone=alone)
             results = await self.generator.generate(
                 inputs,
                 self._sampling(sampling),
@@ -471,14 +476,14 @@ def send_to_pool(
             given_up, shape = True, {}
             break
         alone = bool(decision.get("alone"))
-        if key is not None and progress is not None:
-            progress.enter_batch.remote(key, alone=alone)
         if not len(inputs):  # the cache answered every row
             results, engine, given_up, shape = [], {}, False, {}
             break
+        # The replica tells the ledger when the batch enters its engine (``generate``).
+        call = {**job, "batch": key} if key is not None and progress is not None else job
         try:
             reply = _await_reply(
-                _handle(pool).generate.remote(PrefixHint.of(inputs), inputs, sampling, job, alone),
+                _handle(pool).generate.remote(PrefixHint.of(inputs), inputs, sampling, call, alone),
                 progress,
             )
         except (PoolReplicaLost, ActorDiedError, ActorUnavailableError, RayActorError) as e:
