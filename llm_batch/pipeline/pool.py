@@ -79,7 +79,22 @@ class JobCancelled(LLMBatchError):
 
 
 class PoolReplicaLost(Exception):
-    """The replica's engine died under the call (Serve replaces the replica)."""
+    """The replica's engine died under the call (Serve replaces the replica). ``replica``:
+    which one (its actor id), so that the batches that were in it count one lost engine."""
+
+    def __init__(self, message: str, replica: str | None = None):
+        super().__init__(message)
+        self.replica = replica
+
+    def __reduce__(self) -> tuple[Any, ...]:  # across Ray, with its replica
+        return (type(self), (str(self), self.replica))
+
+
+def _lost_replica(error: BaseException) -> str | None:
+    """The replica a failed pool call lost: the replica's own word, or the dead actor."""
+    cause = getattr(error, "cause", None) or error  # Ray wraps the replica's exception
+    replica = getattr(cause, "replica", None) or getattr(error, "actor_id", None)
+    return str(replica) if replica else None
 
 
 # What a pool is made of: everything that changes the engine. Not what a job does with it
@@ -132,9 +147,11 @@ class EnginePool:
     """The Serve deployment of a pool: one ``Generator`` (vLLM engine) per replica, shared by
     the jobs that call ``generate``."""
 
+    generator_class: type[Generator] = Generator  # replaceable, as EngineStage's
+
     def __init__(self, model: dict[str, Any]):
         self.model = model
-        self.generator = Generator(model, shared=True)
+        self.generator = self.generator_class(model, shared=True)
         self.where = whereabouts()
         self.gate = BatchGate()
         self.params: dict[str, SamplingParamsCache] = {}
@@ -182,7 +199,9 @@ class EnginePool:
         key, if the job keeps a ledger). ``alone``: the batch was in an engine that died;
         it runs with nothing beside it."""
         if self._dead is not None or self.generator.errored:
-            raise PoolReplicaLost(f"the engine of this replica is dead ({self._dead})")
+            raise PoolReplicaLost(
+                f"the engine of this replica is dead ({self._dead})", self.where.get("actor_id")
+            )
         if self._watcher is None:
             self._watcher = asyncio.ensure_future(self._watch_jobs())
         key = job["key"]
@@ -190,7 +209,12 @@ class EnginePool:
         self.last_request_at = time.time()
         async with self.gate.hold(exclusive=alone):
             # Entered now, not when sent: a batch still waiting here behind one that runs
-            # alone is not charged with the engine death that one may cause.
+            # alone is not charged with the engine death that one may cause, nor let in
+            # after it (the one before it leaves the gate once its requests failed).
+            if self._dead is not None or self.generator.errored:
+                raise PoolReplicaLost(
+                    f"the engine of this replica died ({self._dead})", self.where.get("actor_id")
+                )
             if job.get("batch") is not None and job.get("tracker") is not None:
                 job["tracker"].enter_batch.remote(job["batch"], alone=alone)
             results = await self.generator.generate(
@@ -202,7 +226,9 @@ class EnginePool:
             )
         self.last_request_at = time.time()
         if self._dead is not None or self.generator.errored:
-            raise PoolReplicaLost(f"the engine of this replica died ({self._dead})")
+            raise PoolReplicaLost(
+                f"the engine of this replica died ({self._dead})", self.where.get("actor_id")
+            )
         self.served[key] = self.served.get(key, 0) + sum(r.output_tokens or 0 for r in results)
         aborted = any(r.finish_reason == "abort" for r in results)
         return {
@@ -276,7 +302,9 @@ def router_config(model: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
-def pool_app(model: dict[str, Any], options: dict[str, Any]) -> Any:
+def pool_app(
+    model: dict[str, Any], options: dict[str, Any], *, pool_class: type = EnginePool
+) -> Any:
     """The Serve application of a pool: ``options`` from ``placement.pool_options``."""
     from ray import serve
 
@@ -287,7 +315,7 @@ def pool_app(model: dict[str, Any], options: dict[str, Any]) -> Any:
         options["request_router_config"] = router
     engine = {**model["engine"], "extra_args": {**overrides, **model["engine"]["extra_args"]}}
     deployment: Any = serve.deployment(
-        EnginePool,
+        pool_class,
         name=DEPLOYMENT,
         # Calls are batches of jobs, each job keeping a few in flight.
         max_ongoing_requests=1000,
@@ -406,6 +434,7 @@ def pool_stage_config(
 
 
 _CANCEL_POLL_S = 1.0
+_LOST_REPLICA_PAUSE_S = 1.0
 
 
 def _await_reply(response: Any, progress: Any) -> dict[str, Any]:
@@ -491,8 +520,11 @@ def send_to_pool(
             # the ledger decides how the batch goes on (alone, or given up).
             logger.warning("engine pool %s lost a replica: %s", pool, type(e).__name__)
             if progress is not None:
-                progress.engine_started.remote(model_name)
+                progress.engine_started.remote(model_name, replacing=_lost_replica(e))
             _SEEN_RUNNING.pop(pool, None)
+            # Serve's health check notices the dead replica within seconds; until then the
+            # pool still looks running and the call would fail again at once.
+            time.sleep(_LOST_REPLICA_PAUSE_S)
             with contextlib.suppress(EngineUnavailable):
                 wait_for_pool(pool, timeout=30)
             continue

@@ -66,10 +66,19 @@ class BatchLedger:
         self._generated: set[bytes] = set()
         self._starts: dict[str | None, int] = {}  # engine starts since a batch completed
         self.starts = 0  # every engine started for the job, all models
+        self._replaced: set[str] = set()  # lost engines whose replacement was counted
 
-    def engine_started(self, model: str | None, *, count: bool = True) -> None:
+    def engine_started(
+        self, model: str | None, *, count: bool = True, replacing: str | None = None
+    ) -> None:
         """An engine started for ``model``; ``count``: a new engine (not one more model
-        of an engine several share, each of which is told)."""
+        of an engine several share, each of which is told). ``replacing``: the lost engine
+        (a pool's replica) this one replaces, which every batch that was in it tells: one
+        start, however many batches saw it go."""
+        if replacing is not None:
+            if replacing in self._replaced:
+                return
+            self._replaced.add(replacing)
         self._starts[model] = self._starts.get(model, 0) + 1
         self.starts += int(count)
 
@@ -165,8 +174,8 @@ class ProgressTracker:
         }
 
     # The engine stages' side of the BatchLedger (see there).
-    def engine_started(self, model: str | None, *, count: bool = True) -> None:
-        self._ledger.engine_started(model, count=count)
+    def engine_started(self, model: str | None, **kwargs: Any) -> None:
+        self._ledger.engine_started(model, **kwargs)
 
     def batch_generated(self, key: str) -> None:
         self._ledger.generated(key)

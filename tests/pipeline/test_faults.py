@@ -222,9 +222,9 @@ class TrailedTracker(ProgressTracker):
         self._note(f"generated {key[:8]}")
         super().batch_generated(key)
 
-    def engine_started(self, model, *, count: bool = True) -> None:  # noqa: ANN001
-        self._note("engine started")
-        super().engine_started(model, count=count)
+    def engine_started(self, model, **kwargs) -> None:  # noqa: ANN001, ANN003
+        self._note(f"engine started {kwargs}")
+        super().engine_started(model, **kwargs)
 
     def report(self, **kwargs) -> None:  # noqa: ANN003
         self._note(f"report {(kwargs.get('batch_key') or '')[:8]} given_up={kwargs['given_up']}")
@@ -255,28 +255,55 @@ def _spans(rows: set[int]) -> str:
     return ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in spans) or "none"
 
 
+POISON_ROWS, POISONED = 128, {40, 70}
+
+
+def poisoned_spec(root: Path, model: Path) -> JobSpec:
+    """Batches of 32, in one Ray task: poisoned rows in the second and the third batch."""
+    table = pa.table(
+        {
+            "id": [f"r{i:05d}" for i in range(POISON_ROWS)],
+            "text": [
+                f"row {i}" + (f" {POISON}" if i in POISONED else "") for i in range(POISON_ROWS)
+            ],
+        }
+    )
+    job = job_dict(root, model)
+    pq.write_table(table, root / "poisoned.parquet")
+    job["input"]["path"] = str(root / "poisoned.parquet")
+    job["model"]["max_batch_retries"] = 1  # each retry restarts an engine (~25 s)
+    # Batches cut in input order, so that the test knows which rows share a batch with a
+    # poisoned one (grouped by prompt, "row 100" would sit beside "row 10").
+    job["prompt"]["group_by_prefix"] = False
+    return JobSpec.from_dict(job)
+
+
+def assert_poisoned_batches_given_up(out: Path, result, trail: Path) -> None:  # noqa: ANN001
+    rows = POISON_ROWS
+    table = pads.dataset(str(out), format="parquet").to_table().sort_by("id")
+    ids = table.column("id").to_pylist()
+    assert ids == [f"r{i:05d}" for i in range(rows)], "a row lost or duplicated"
+    errors = table.column("error").to_pylist()
+    given_up = {i for i, e in enumerate(errors) if e is not None}
+    # The poisoned rows' batches, and only they, were given up after one retry alone each.
+    assert given_up == set(range(32, 96)), f"rows given up: {_spans(given_up)}; trail:\n" + (
+        trail.read_text() if trail.exists() else "none"
+    )
+    assert all("with the batch alone in it" in errors[i] for i in given_up), errors[40]
+    texts = table.column("generated_text").to_pylist()
+    assert all(texts[i] is None for i in given_up)
+    assert all(texts[i] for i in range(rows) if i not in given_up)
+    # Batches that ran again because a neighbour killed their engine are counted once.
+    assert result.progress["rows_failed"] == 64
+    assert result.progress["rows_done"] == rows
+
+
 def test_batch_that_keeps_killing_its_engine_becomes_error_rows(tmp_path, tiny_model, ray_local):
     import ray.cloudpickle
 
     import llm_batch.pipeline.run as pipeline_run
 
-    # Batches of 32, in one Ray task: poisoned rows in the second and the third batch.
-    rows, poisoned = 128, {40, 70}
-    table = pa.table(
-        {
-            "id": [f"r{i:05d}" for i in range(rows)],
-            "text": [f"row {i}" + (f" {POISON}" if i in poisoned else "") for i in range(rows)],
-        }
-    )
-    job = job_dict(tmp_path, tiny_model)
-    pq.write_table(table, tmp_path / "poisoned.parquet")
-    job["input"]["path"] = str(tmp_path / "poisoned.parquet")
-    job["model"]["max_batch_retries"] = 1  # each retry restarts an engine (~25 s)
-    # Batches cut in input order, so that the test knows which rows share a batch with a
-    # poisoned one (grouped by prompt, "row 100" would sit beside "row 10").
-    job["prompt"]["group_by_prefix"] = False
-    spec = JobSpec.from_dict(job)
-
+    spec = poisoned_spec(tmp_path, tiny_model)
     # One trail of the poison kills, the batches each actor took, and the ledger's calls.
     kills = tmp_path / "trail.log"
     generator = type("KillingGenerator", (PoisonedGenerator,), {"kill_log": str(kills)})
@@ -294,23 +321,56 @@ def test_batch_that_keeps_killing_its_engine_becomes_error_rows(tmp_path, tiny_m
     finally:
         ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
-    out = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().sort_by("id")
-    ids = out.column("id").to_pylist()
-    assert ids == [f"r{i:05d}" for i in range(rows)], "a row lost or duplicated"
-    errors = out.column("error").to_pylist()
-    given_up = {i for i, e in enumerate(errors) if e is not None}
-    # The poisoned rows' batches, and only they, were given up after one retry alone each.
-    assert given_up == set(range(32, 96)), f"rows given up: {_spans(given_up)}; trail:\n" + (
-        kills.read_text() if kills.exists() else "none"
-    )
-    assert all("with the batch alone in it" in errors[i] for i in given_up), errors[40]
-    texts = out.column("generated_text").to_pylist()
-    assert all(texts[i] is None for i in given_up)
-    assert all(texts[i] for i in range(rows) if i not in given_up)
-    # Batches that ran again because a neighbour killed their engine are counted once.
-    assert result.progress["rows_failed"] == 64
-    assert result.progress["rows_done"] == rows
+    assert_poisoned_batches_given_up(tmp_path / "out", result, kills)
     deadline = time.time() + 30
     while time.time() < deadline and (engine_core_pids() - before):
         time.sleep(1)
     assert not (engine_core_pids() - before), "orphaned VLLM::EngineCore processes"
+
+
+def test_batch_that_keeps_killing_a_shared_pool_becomes_error_rows(tmp_path, tiny_model, ray_local):
+    """The same job through a service's kind of pool (a Serve application): the replica
+    whose engine a poison row killed is replaced, the batches that were in it are retried
+    under the same ledger, and the pool serves on."""
+    import ray.cloudpickle
+    from ray import serve
+
+    import llm_batch.pipeline.run as pipeline_run
+    from llm_batch.pipeline.placement import pool_options
+    from llm_batch.pipeline.pool import EnginePool, pool_app, pool_name, wait_for_pool
+
+    spec = poisoned_spec(tmp_path, tiny_model)
+    assert spec.model is not None
+    model = spec.model.model_dump()
+    name = pool_name(model)
+    kills = tmp_path / "trail.log"
+    generator = type("KillingGenerator", (PoisonedGenerator,), {"kill_log": str(kills)})
+    generator.__module__ = __name__
+    pool_class = type("PoisonedPool", (EnginePool,), {"generator_class": generator})
+    pool_class.__module__ = __name__
+    tracker = type("Tracker", (TrailedTracker,), {"trail": str(kills)})
+    tracker.__module__ = __name__
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        app = pool_app(model, pool_options(model, cluster_gpus=0), pool_class=pool_class)
+        serve.start(proxy_location="Disabled")  # handles only, as the engine host's
+        serve.run(app, name=name, route_prefix=None)
+        result = pipeline_run.run_job(
+            spec, engines=pipeline_run.Engines(pools={None: name}), tracker_class=tracker
+        )
+        assert_poisoned_batches_given_up(tmp_path / "out", result, kills)
+        # The pool serves on: the replica the last poison row killed is replaced by one
+        # whose engine is alive (Serve notices the death within its health-check period).
+        handle, deadline = serve.get_app_handle(name), time.time() + 180
+        while True:
+            wait_for_pool(name, timeout=180)
+            try:
+                handle.check_health.remote().result(timeout_s=60)
+                break
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(2)
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+        serve.shutdown()  # the session's Ray as it was: no Serve controller left behind

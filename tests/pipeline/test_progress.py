@@ -66,6 +66,18 @@ def test_a_batch_generated_before_is_never_given_up_when_its_task_runs_again():
     assert not ledger.finish(KEY, model=None, given_up=False)
 
 
+def test_a_lost_replica_counts_one_engine_start_however_many_batches_saw_it_go():
+    ledger = BatchLedger()
+    for _ in range(4):  # four batches were in the replica
+        ledger.engine_started(None, replacing="replica-a")
+    ledger.engine_started(None, replacing="replica-b")
+    ledger.engine_started(None)  # a job-local engine: each start is its own
+    assert ledger.starts == 3
+    assert begin(ledger, limit=3) == {"alone": False}
+    ledger.engine_started(None, replacing="replica-c")
+    assert "broken" in begin(ledger, limit=3)
+
+
 def test_a_batch_reported_twice_counts_once_in_progress():
     tracker = ProgressTracker(10)
     report = dict(model=None, rows=10, failed=0, input_tokens=5, output_tokens=7, seconds=0.1)
