@@ -170,6 +170,13 @@ class EnginePool:
     def _on_dead(self, cause: BaseException) -> None:
         self._dead = cause
 
+    def _check_alive(self) -> None:
+        """``PoolReplicaLost``, naming this replica, once its engine has died."""
+        if self._dead is not None or self.generator.errored:
+            raise PoolReplicaLost(
+                f"the engine of this replica died ({self._dead})", self.where.get("actor_id")
+            )
+
     def _sampling(self, sampling: dict[str, Any]) -> SamplingParamsCache:
         key = json.dumps(sampling, sort_keys=True, default=str)
         cache = self.params.get(key)
@@ -198,10 +205,7 @@ class EnginePool:
         tracker, whose end or cancel aborts its requests), ``batch`` (the batch's ledger
         key, if the job keeps a ledger). ``alone``: the batch was in an engine that died;
         it runs with nothing beside it."""
-        if self._dead is not None or self.generator.errored:
-            raise PoolReplicaLost(
-                f"the engine of this replica is dead ({self._dead})", self.where.get("actor_id")
-            )
+        self._check_alive()
         if self._watcher is None:
             self._watcher = asyncio.ensure_future(self._watch_jobs())
         key = job["key"]
@@ -211,10 +215,7 @@ class EnginePool:
             # Entered now, not when sent: a batch still waiting here behind one that runs
             # alone is not charged with the engine death that one may cause, nor let in
             # after it (the one before it leaves the gate once its requests failed).
-            if self._dead is not None or self.generator.errored:
-                raise PoolReplicaLost(
-                    f"the engine of this replica died ({self._dead})", self.where.get("actor_id")
-                )
+            self._check_alive()
             if job.get("batch") is not None and job.get("tracker") is not None:
                 job["tracker"].enter_batch.remote(job["batch"], alone=alone)
             results = await self.generator.generate(
@@ -225,10 +226,7 @@ class EnginePool:
                 on_dead=self._on_dead,
             )
         self.last_request_at = time.time()
-        if self._dead is not None or self.generator.errored:
-            raise PoolReplicaLost(
-                f"the engine of this replica died ({self._dead})", self.where.get("actor_id")
-            )
+        self._check_alive()
         self.served[key] = self.served.get(key, 0) + sum(r.output_tokens or 0 for r in results)
         aborted = any(r.finish_reason == "abort" for r in results)
         return {
