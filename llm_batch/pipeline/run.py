@@ -402,8 +402,8 @@ def input_dataset(
     )
     if task_cpus is not None:
         # A small job (the service's engine host): its few rows are one block already, and
-        # without the cut Ray Data fuses render, the pool call and the write into one task
-        # after the read's (_pool_stage_resources): two scheduling rounds instead of four.
+        # without the cut Ray Data fuses the read, render, the pool call and the write into
+        # one task (_pool_stage_resources, _write): one scheduling round instead of four.
         return ds
     return ds.repartition(target_num_rows_per_block=rows_per_block, strict=False)
 
@@ -974,9 +974,9 @@ def _stage_renderer(prompt_json: str, field: str) -> PromptRenderer:
 def _pool_stage_resources(in_flight: int, task_cpus: float | None) -> dict[str, Any]:
     """A pool stage's tasks: ``in_flight`` at once (the job's admission limit in front of
     the pool), holding no CPU of the job's budget while they wait on the pool. A small
-    job's (``task_cpus`` set) asks what its render and write ask instead, so that Ray Data
-    fuses render, the pool call and the write into one task (the read stays a task of its
-    own): under load, every task more is a scheduling round a ten-row job waits for."""
+    job's (``task_cpus`` set) asks what its read, render and write ask instead, so that Ray
+    Data fuses them all and the pool call into one task (see ``_write``): under load,
+    every task more is a scheduling round a ten-row job waits for."""
     if task_cpus is not None:
         # The same remote arguments as the read's and the write's, or Ray Data fuses
         # nothing (a task is retried on a lost worker as Ray's default does: 3 times).
@@ -1019,11 +1019,15 @@ def _following(
 
 def _write(ds: Any, spec: JobSpec, run: OutputRun, *, task_cpus: float | None = None) -> None:
     assert spec.output is not None
+    # A small job (the engine host's, task_cpus set) writes what its one read gives, as
+    # one file: a minimum of rows per file makes Ray Data bundle the write's input, and
+    # then fuse nothing with the read (a read may change the row count), so that the
+    # job's read was a task of its own and the rest waited about a second for the read's
+    # end to be noticed (several seconds beside a large job).
+    rows_per_file = None if task_cpus is not None else spec.output.rows_per_file
     try:
         ds.write_datasink(
-            AtomicParquetDatasink(
-                run.uri, run_id=run.run_id, min_rows_per_file=spec.output.rows_per_file
-            ),
+            AtomicParquetDatasink(run.uri, run_id=run.run_id, min_rows_per_file=rows_per_file),
             ray_remote_args=_cpus(task_cpus),
         )
     except Exception as e:

@@ -166,7 +166,7 @@ class AtomicParquetDatasink(ParquetDatasink):
         uri: str,
         *,
         run_id: str,
-        min_rows_per_file: int = 10_000,
+        min_rows_per_file: int | None = 10_000,
         compression: str = "zstd",
     ):
         fs, path = open_filesystem(uri)

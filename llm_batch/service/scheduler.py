@@ -102,6 +102,8 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._follower: threading.Thread | None = None
         self._hosted_started = threading.Event()
+        self._submitted = threading.Event()  # a job came: the quick thread starts small ones
+        self._starting = threading.Lock()  # one thread starts queued jobs at a time
         self._cluster_ready = cluster is None
         self._last_write: dict[str, float] = {}
         self._stop_sent: set[str] = set()
@@ -130,6 +132,9 @@ class Scheduler:
     def wake(self) -> None:
         """Run a pass now (a job was submitted or cancelled)."""
         self._wake.set()
+        if self.pools is not None:
+            self._submitted.set()
+            self._hosted_started.set()
 
     def _loop(self) -> None:
         last_full = -1e9
@@ -154,14 +159,18 @@ class Scheduler:
             self._wake.clear()
 
     def _follow_hosted_loop(self) -> None:
-        """Jobs of the engine host end in a second or two: their status files (a local read
-        each) are looked at every HOSTED_POLL seconds, in a thread of their own. A full pass
-        asks Ray's dashboard about every other job, which takes seconds on a loaded machine:
-        a small job that ended must not wait for it to be seen."""
+        """Jobs of the engine host end in a second or two: they are started, and their status
+        files (a local read each) looked at every HOSTED_POLL seconds, in a thread of their
+        own. A full pass asks Ray's dashboard about every other job, which takes seconds on
+        a loaded machine: a small job must not wait for it to start, nor to be seen ended."""
         while not self._stopping.is_set():
             self._hosted_started.wait(HOSTED_POLL if self._hosted_running else 1.0)
             self._hosted_started.clear()
             try:
+                if self._submitted.is_set():
+                    self._submitted.clear()
+                    if not self._start_queued(hosted_only=True):
+                        self._submitted.set()  # the full pass is starting jobs: look again
                 self.follow_hosted()
             except Exception:  # noqa: BLE001 - the full pass follows them too
                 logger.exception("following the engine host's jobs failed; retrying")
@@ -320,7 +329,19 @@ class Scheduler:
         self._last_write[job.id] = now
         self.store.set_progress(job.id, progress)
 
-    def _start_queued(self) -> None:
+    def _start_queued(self, *, hosted_only: bool = False) -> bool:
+        """Start the queued jobs there is room for, in run order. ``hosted_only`` (the quick
+        thread): only the small ones among them, which the engine host runs, the others
+        left to the full pass; False when the full pass is starting jobs just now."""
+        if not self._starting.acquire(blocking=not hosted_only):
+            return False
+        try:
+            self._start_queued_locked(hosted_only=hosted_only)
+        finally:
+            self._starting.release()
+        return True
+
+    def _start_queued_locked(self, *, hosted_only: bool) -> None:
         free = self.settings.max_running_jobs - len(self.store.active())
         if free <= 0:
             return
@@ -328,9 +349,13 @@ class Scheduler:
             try:
                 hosted = self.pools is not None and self._small(job)
             except LLMBatchError as e:
+                if hosted_only:
+                    continue
                 # A stored spec this version refuses fails its job, not the queue behind it.
                 logger.error("job %s: its stored spec is refused: %s", job.id, e)
                 self.store.finish(job.id, JobStatus.FAILED, error=str(e), from_statuses=("queued",))
+                continue
+            if hosted_only and not hosted:
                 continue
             submission = self.pools.host_id if hosted and self.pools is not None else run_id(job)
             if not self.store.claim(job.id, submission_id=submission):

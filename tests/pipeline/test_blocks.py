@@ -69,3 +69,44 @@ def test_blocks_are_one_batch_each_cut_inside_the_read_task(
         assert b.column(columns.SAMPLE_INDEX).to_pylist() == [0, 1] * (b.num_rows // 2)
     # One fused operator: no task or copy of the cut's own.
     assert "ReadInput->MapBatches(_render_batch)->StreamingRepartition" in ds.stats()
+
+
+def test_a_small_jobs_read_render_pool_call_and_write_are_one_task(
+    tmp_path: Path, tiny_model: Path, ray_local: None
+):
+    """The engine host's small jobs (``task_cpus`` set): every operator fused into one
+    task, so a ten-row job waits for one scheduling round, not one per operator, and
+    writes one file. The pool call is stood in for by a pass-through with its resources."""
+    from llm_batch.pipeline.run import (
+        _pool_stage_resources,
+        _write,
+        claim_output,
+        input_dataset,
+        plan_job,
+    )
+
+    source = tmp_path / "small.parquet"
+    pq.write_table(pa.table({"text": [f"row {i}" for i in range(10)]}), source)
+    spec = JobSpec.from_dict(
+        {
+            "name": "small",
+            "input": {"path": str(source), "format": "parquet"},
+            "prompt": {"template": "{{ text }}"},
+            "model": {"path": str(tiny_model)},
+            "output": {"path": str(tmp_path / "out"), "rows_per_file": 4},
+        }
+    )
+    ds = input_dataset(spec, plan_job(spec), rows_per_block=BATCH, task_cpus=0.0)
+    ds = ds.map_batches(
+        lambda batch: batch,
+        batch_format="pyarrow",
+        batch_size=None,
+        zero_copy_batch=True,
+        **_pool_stage_resources(4, 0.0),
+    )
+    _write(ds, spec, claim_output(spec), task_cpus=0.0)
+
+    stats = ds._write_ds.stats()
+    assert "ReadInput->MapBatches(_render_batch)->MapBatches(<lambda>)->Write" in stats
+    parts = sorted((tmp_path / "out").glob("part-*.parquet"))
+    assert len(parts) == 1 and pq.read_table(parts[0]).num_rows == 10

@@ -109,6 +109,7 @@ def queue(
     priority: int = 0,
     spec: dict | None = None,
     output: str | None = None,
+    rows: int = 10,
 ) -> str:
     job_id = new_job_id()
     store.create(
@@ -124,7 +125,7 @@ def queue(
         },  # fmt: skip
         output_path=output or str(settings.outputs_dir() / job_id),
         priority=priority,
-        progress=initial_progress(10),
+        progress=initial_progress(rows),
     )
     return job_id
 
@@ -375,3 +376,79 @@ def test_a_stored_spec_that_no_longer_validates_fails_the_job(scheduler, store, 
     assert job.status == "failed"
     assert job.error.startswith(f"job {job_id} is invalid: input: required field is missing")
     assert ray.jobs == {}
+
+
+# -- small jobs, started by the quick thread -------------------------------------------
+
+
+@pytest.fixture
+def pooled(store, settings, ray) -> Scheduler:
+    """A scheduler with engine pools: small jobs (10 rows here) run in the engine host."""
+    from llm_batch.service.catalog import ModelCatalog
+    from llm_batch.service.pools import EnginePools
+
+    settings = settings.model_copy(update={"max_running_jobs": 2})
+    pools = EnginePools(settings=settings, catalog=ModelCatalog(), jobs=ray)
+    return Scheduler(store=store, settings=settings, jobs=ray, pools=pools)
+
+
+def queue_big(store: JobStore, settings: Settings, name: str, priority: int = 0) -> str:
+    return queue(store, settings, name, priority=priority, rows=100_000)
+
+
+def host_messages(scheduler: Scheduler) -> list[str]:
+    assert scheduler.pools is not None
+    return [m["job_id"] for _, m in scheduler.pools.mailbox.receive() if m["kind"] == "run"]
+
+
+def test_the_quick_thread_starts_the_small_jobs_a_pass_would_and_leaves_the_rest(
+    pooled, store, settings, ray
+):
+    big = queue_big(store, settings, "big")
+    small = queue(store, settings, "small")
+    later = queue(store, settings, "later")  # beyond max_running_jobs (2)
+    assert pooled._start_queued(hosted_only=True)
+    assert store.get(small).status == "running" and host_messages(pooled) == [small]
+    assert store.get(big).status == "queued" and ray.jobs == {}  # a driver: the full pass's
+    assert store.get(later).status == "queued"
+    pooled.run_once()
+    assert store.get(big).status == "running" and big in ray.jobs  # beside the host
+    assert store.get(later).status == "queued"
+
+
+def test_the_quick_thread_does_not_take_the_room_of_a_job_ahead_of_it(pooled, store, settings, ray):
+    first = queue_big(store, settings, "first", priority=5)
+    second = queue_big(store, settings, "second", priority=5)
+    small = queue(store, settings, "small")  # third in run order; room for two
+    pooled._start_queued(hosted_only=True)
+    assert store.get(small).status == "queued" and host_messages(pooled) == []
+    pooled.run_once()
+    assert {store.get(first).status, store.get(second).status} == {"running"}
+    assert store.get(small).status == "queued"
+
+
+def test_the_quick_thread_gives_way_while_a_pass_starts_jobs(pooled, store, settings):
+    small = queue(store, settings, "small")
+    with pooled._starting:  # a full pass submitting a driver
+        assert not pooled._start_queued(hosted_only=True)
+    assert store.get(small).status == "queued"
+
+
+def test_a_submitted_small_job_starts_without_a_full_pass(pooled, store, settings, ray):
+    import threading
+    import time
+
+    small = queue(store, settings, "small")
+    follower = threading.Thread(target=pooled._follow_hosted_loop, daemon=True)
+    follower.start()
+    try:
+        pooled.wake()  # as POST /v1/jobs does; no run_once
+        deadline = time.monotonic() + 30
+        while store.get(small).status == "queued" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert store.get(small).status == "running"
+        assert host_messages(pooled) == [small] and ray.jobs == {}
+    finally:
+        pooled._stopping.set()
+        pooled._hosted_started.set()
+        follower.join(10)
