@@ -71,6 +71,7 @@ __all__ = [
     "ensure_ray",
     "new_tracker",
     "input_dataset",
+    "one_batch",
     "plan_job",
     "run_job",
 ]
@@ -682,6 +683,14 @@ def _batch_rows(spec: JobSpec) -> list[int]:
         -(-engine_batch_size(model.model_dump(), cluster_gpus=gpus) // n) * n
         for _, model in spec.named_models()
     ]
+
+
+def one_batch(spec: JobSpec, plan: JobPlan) -> bool:
+    """Whether a job's rows fit in one engine batch of each of its models (a JSONL or CSV
+    input, whose rows are counted only as it is read, counts as one when it is that
+    small: the service's engine host admits those by size, ``small_job_bytes``)."""
+    rows = plan.input_info.rows_total
+    return rows is None or rows * spec.samples_per_row <= min(_batch_rows(spec))
 
 
 def cache_configs(spec: JobSpec, job_run: str) -> dict[str | None, CacheConfig | None]:

@@ -396,7 +396,7 @@ class Host:
         from llm_batch.job.spec import JobSpec
         from llm_batch.pipeline.driver import StatusFile
         from llm_batch.pipeline.pool import JobCancelled
-        from llm_batch.pipeline.run import Engines, plan_job, run_job
+        from llm_batch.pipeline.run import Engines, one_batch, plan_job, run_job
 
         status = StatusFile(message["status"])
         last: dict[str, Any] | None = None
@@ -413,11 +413,16 @@ class Host:
         try:
             status.write("running", None, force=True)
             spec = JobSpec.from_file(message["spec"])
+            plan = plan_job(spec)
+            # A job of one batch is one task asking a sliver of CPU (run.Engines.task_cpus);
+            # a larger one (LLM_BATCH_SMALL_JOB_ROWS set higher) the pipeline a driver of its
+            # own runs, its batches cut and kept in flight, on this driver's warm workers.
+            task_cpus = SMALL_JOB_TASK_CPUS if one_batch(spec, plan) else None
             result = run_job(
                 spec,
-                plan=plan_job(spec),
+                plan=plan,
                 on_progress=on_progress,
-                engines=Engines(pools=pools, job=job_id, task_cpus=SMALL_JOB_TASK_CPUS),
+                engines=Engines(pools=pools, job=job_id, task_cpus=task_cpus),
                 tracker=tracker,
                 cancel=cancel,
                 retry_errors=bool(message.get("retry_errors")),

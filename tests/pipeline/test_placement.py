@@ -87,3 +87,37 @@ def test_batch_size_defaults_to_what_the_device_runs_at_once():
     # A batch size the job names is kept, on either device.
     assert engine_batch_size(model(batch_size=64), cluster_gpus=8) == 64
     assert engine_batch_size(model(batch_size=4096), cluster_gpus=0) == 4096
+
+
+def test_one_batch_is_a_job_whose_rows_fit_in_every_models_batch(tmp_path, monkeypatch):
+    """The engine host runs such a job as one task; a larger one as a driver would."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llm_batch.pipeline import run
+
+    monkeypatch.setattr(run, "_cluster_gpus", lambda: 0.0)  # the CPU engine's batches
+    pq.write_table(pa.table({"t": ["x"] * 40}), tmp_path / "in.parquet")
+    (tmp_path / "in.jsonl").write_text('{"t": "x"}\n' * 40)
+
+    def job(path: str, **extra) -> JobSpec:
+        return JobSpec.from_dict(
+            {
+                "input": {"path": str(tmp_path / path)},
+                "prompt": {"template": "{{ t }}"},
+                "model": {"path": "m", "batch_size": 64},
+                "output": {"path": str(tmp_path / "out")},
+                **extra,
+            }
+        )
+
+    def one(spec: JobSpec) -> bool:
+        return run.one_batch(spec, run.plan_job(spec))
+
+    assert one(job("in.parquet"))
+    assert not one(job("in.parquet", sampling={"n": 2}))  # 80 rows
+    two_models = {
+        "models": [{"name": "a", "path": "m"}, {"name": "b", "path": "m", "batch_size": 32}]
+    }
+    assert not one(job("in.parquet", **{"model": None, **two_models}))
+    assert one(job("in.jsonl", sampling={"n": 4}))  # rows unknown: admitted by size
