@@ -139,6 +139,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--big-rows", type=int, default=20_000, help="--service: the large job's rows")
     p.add_argument(
+        "--small-job-rows",
+        type=int,
+        default=None,
+        help="--service: the service's LLM_BATCH_SMALL_JOB_ROWS (jobs of at most this many "
+        "rows run in its long-lived driver; default: the service's, 500)",
+    )
+    p.add_argument(
         "--small-every",
         type=float,
         default=5.0,
@@ -234,7 +241,12 @@ def run_command(args: argparse.Namespace) -> int:
     if args.service:
         from llm_batch.bench.service import render, run_service_bench
 
-        report = run_service_bench(config, big_rows=args.big_rows, small_every=args.small_every)
+        report = run_service_bench(
+            config,
+            big_rows=args.big_rows,
+            small_every=args.small_every,
+            small_job_rows=args.small_job_rows,
+        )
         print(render(report))
         print(f"report: {Path(config.out) / 'report.json'}")
         return 0

@@ -28,3 +28,28 @@ def test_the_table_shows_each_steady_run_and_both_raw_runs():
         "0.895 (17,000, median of 17,000, 18,500, 0; ÷ 19,000, mean of raw before and after: "
         "18,000, 20,000)" in table
     )
+    assert "3,000-row job" not in table.split("steady tok/s ÷ raw")[1]  # no wall times kept
+
+
+def test_the_table_says_where_the_mid_size_job_ran():
+    report = {
+        "rows": 3000,
+        "big_rows": 20000,
+        "small_job_s": [0.4],
+        "small_job_median_s": 0.4,
+        "burst_all_done_s": 3.3,
+        "small_beside_big_s": [5.8],
+        "big_shared_steady_tokens_per_s": 1.0,
+        "big_alone_steady_tokens_per_s": 1.0,
+        "service_steady_runs_tokens_per_s": [1.0],
+        "service_steady_tokens_per_s": 1.0,
+        "service_steady_runs_s": [15.2, 14.9],
+        "raw_runs_tokens_per_s": [1.0],
+        "raw_steady_tokens_per_s": 1.0,
+        "ratios": {"big_shared_over_alone": 1.0, "service_over_raw": 1.0},
+    }
+    assert "| 3,000-row job, POST → succeeded (a driver of its own) | 15.20, 14.90 s |" in render(
+        report
+    )
+    report["small_job_rows"] = 5000
+    assert "(the engine host) | 15.20, 14.90 s" in render(report)
