@@ -357,6 +357,10 @@ class Scheduler:
                 continue
             if hosted_only and not hosted:
                 continue
+            if hosted:
+                # Before the claim: once running, the job's status file is read as this
+                # run's (by either thread), and a retried job's says how its last run ended.
+                remove_status(status_uri(self.settings, job.id))
             submission = self.pools.host_id if hosted and self.pools is not None else run_id(job)
             if not self.store.claim(job.id, submission_id=submission):
                 continue  # cancelled in between

@@ -452,3 +452,21 @@ def test_a_submitted_small_job_starts_without_a_full_pass(pooled, store, setting
         pooled._stopping.set()
         pooled._hosted_started.set()
         follower.join(10)
+
+
+def test_a_retried_small_job_is_not_ended_by_its_last_runs_status(pooled, store, settings, ray):
+    """The quick thread follows the host's jobs while the other starts one (here: during
+    the start's call to Ray): the last run's status file must be gone by then."""
+    small = queue(store, settings, "small")
+    write_status(settings, small, "succeeded", 10)  # what the run before the retry wrote
+    asked = ray.unfinished_metadata
+
+    def follow_meanwhile() -> dict:
+        pooled.follow_hosted()
+        return asked()
+
+    ray.unfinished_metadata = follow_meanwhile  # type: ignore[method-assign]
+    pooled._start_queued(hosted_only=True)
+    assert store.get(small).status == "running"
+    pooled.follow_hosted()
+    assert store.get(small).status == "running"
