@@ -556,8 +556,8 @@ class OutputSpec(_Strict):
         default=10_000,
         ge=1,
         description="Rows gathered before a Parquet file is written: smaller resumes with "
-        "less redone after a fault and shows rows sooner, larger makes fewer files. A small "
-        "job the service runs in its engine host writes one file.",
+        "less redone after a fault and shows rows sooner, larger makes fewer files. A job of "
+        "one batch that the service runs in its engine host writes one file per input file.",
     )
     retain_days: float | None = Field(
         default=None,

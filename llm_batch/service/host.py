@@ -482,33 +482,6 @@ def skip_ray_data_cluster_queries() -> None:
         read_rule.ray_available_resources = a_cpu_free  # type: ignore[attr-defined]
 
 
-def clean_checkpoints_only_when_pending() -> None:
-    """Ray Data (2.60) starts every checkpointed run with a task that deletes the files of
-    pending checkpoints (writes cut short by a fault), and waits for it. A small job is
-    almost always a fresh run with no checkpoint at all, and beside a large job on two
-    cores that task's scheduling round took 1-3 s of a ten-row job's time. The engine
-    host lists the checkpoint folder first (a local listing, or one of object storage)
-    and starts Ray's task only when a pending checkpoint is there."""
-    from pyarrow.fs import FileSelector, FileType
-    from ray.data.checkpoint.checkpoint_filter import CheckpointManager
-    from ray.data.checkpoint.checkpoint_writer import PENDING_CHECKPOINT_SUFFIX
-
-    original = CheckpointManager._clean_pending_checkpoints
-    if getattr(original, "_llm_batch", False):
-        return
-    pending = f"{PENDING_CHECKPOINT_SUFFIX}.parquet"
-
-    def clean_when_pending(self: Any, *args: Any, **kwargs: Any) -> None:
-        entries = self.filesystem.get_file_info(
-            FileSelector(self.checkpoint_path_unwrapped, recursive=False, allow_not_found=True)
-        )
-        if any(e.type == FileType.File and e.path.endswith(pending) for e in entries):
-            original(self, *args, **kwargs)
-
-    clean_when_pending._llm_batch = True  # type: ignore[attr-defined]
-    CheckpointManager._clean_pending_checkpoints = clean_when_pending  # type: ignore[method-assign]
-
-
 def _mtime(path: Path) -> float:
     try:
         return path.stat().st_mtime
@@ -538,7 +511,6 @@ def main(argv: list[str] | None = None) -> int:
 
     ensure_ray()
     skip_ray_data_cluster_queries()
-    clean_checkpoints_only_when_pending()
     Host(args.folder, max_jobs=args.max_jobs).run()
     return 0
 

@@ -96,7 +96,9 @@ def test_a_small_jobs_read_render_pool_call_and_write_are_one_task(
             "output": {"path": str(tmp_path / "out"), "rows_per_file": 4},
         }
     )
+    run = claim_output(spec)
     ds = input_dataset(spec, plan_job(spec), rows_per_block=BATCH, task_cpus=0.0)
+    ds.context.checkpoint_config = run.checkpoint_config()  # as run_job writes
     ds = ds.map_batches(
         lambda batch: batch,
         batch_format="pyarrow",
@@ -104,7 +106,7 @@ def test_a_small_jobs_read_render_pool_call_and_write_are_one_task(
         zero_copy_batch=True,
         **_pool_stage_resources(4, 0.0),
     )
-    _write(ds, spec, claim_output(spec), task_cpus=0.0)
+    _write(ds, spec, run, task_cpus=0.0)
 
     stats = ds._write_ds.stats()
     assert "ReadInput->MapBatches(_render_batch)->MapBatches(<lambda>)->Write" in stats

@@ -171,37 +171,3 @@ print("ok")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
-
-
-def test_the_engine_host_cleans_checkpoints_only_when_one_is_pending(tmp_path: Path):
-    """The patched name is the pinned Ray Data's; Ray's clean-up task runs only when a
-    pending checkpoint is there. In a process of its own: the patch is for the process."""
-    import subprocess
-    import sys
-
-    script = f"""
-import pyarrow.fs as pafs
-from ray.data.checkpoint.checkpoint_filter import CheckpointManager
-calls = []
-CheckpointManager._clean_pending_checkpoints = lambda self, *a, **k: calls.append(a)
-from llm_batch.service.host import clean_checkpoints_only_when_pending
-clean_checkpoints_only_when_pending()
-clean_checkpoints_only_when_pending()  # once only
-class M:
-    filesystem = pafs.LocalFileSystem()
-    checkpoint_path_unwrapped = {str(tmp_path / "ckpt")!r}
-clean = CheckpointManager._clean_pending_checkpoints
-clean(M(), "data")  # no checkpoint folder at all
-import os
-os.makedirs(M.checkpoint_path_unwrapped)
-open(os.path.join(M.checkpoint_path_unwrapped, "a.parquet"), "w").close()  # committed
-clean(M(), "data")
-assert calls == [], calls
-open(os.path.join(M.checkpoint_path_unwrapped, "b.pending.parquet"), "w").close()
-clean(M(), "data")
-assert calls == [("data",)], calls
-print("ok")
-"""
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "ok"
