@@ -404,8 +404,7 @@ class Scheduler:
         status = status_uri(self.settings, job.id)
         if self._hosted(job):
             assert self.pools is not None
-            write_spec(folder, spec)
-            remove_status(status)
+            write_spec(folder, spec)  # its last status file went before the claim
             self.pools.run(
                 job.id,
                 spec_path=folder / SPEC_NAME,
