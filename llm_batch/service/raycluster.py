@@ -168,6 +168,9 @@ class LocalRayHead:
         import psutil
 
         marker = str(self.temp_dir)
+        # The head's Ray Client proxy names neither the temp folder nor a raylet, and
+        # `ray start` (its parent) has exited: it is known by the port it serves.
+        client_server = ("ray.util.client.server", f"--port={self.client_server_port}")
         roots = []
         everyone = list(psutil.process_iter(["cmdline", "name"]))
         for proc in everyone:
@@ -176,6 +179,8 @@ class LocalRayHead:
             if not args or not ("ray" in args[0] or "python" in args[0]):
                 continue
             if any(a == marker or a.endswith("=" + marker) or marker + "/" in a for a in args):
+                roots.append(proc)
+            elif all(word in args for word in client_server):
                 roots.append(proc)
         found = {p.pid: p for p in roots}
         for root in roots:
