@@ -178,9 +178,8 @@ class LocalRayHead:
             # Ray's daemons are its binaries and Python scripts; not, say, a `tail` of its logs.
             if not args or not ("ray" in args[0] or "python" in args[0]):
                 continue
-            if any(a == marker or a.endswith("=" + marker) or marker + "/" in a for a in args):
-                roots.append(proc)
-            elif all(word in args for word in client_server):
+            ours = any(a == marker or a.endswith("=" + marker) or marker + "/" in a for a in args)
+            if ours or all(word in args for word in client_server):
                 roots.append(proc)
         found = {p.pid: p for p in roots}
         for root in roots:
