@@ -11,9 +11,13 @@ replaces dead ones and scales them between ``replicas.min`` and ``replicas.max``
 
 Fair share. Each request carries a vLLM priority (lower runs first):
 ``-job priority × 2**20 + the output tokens the job has had in this replica / 1024``
-(capped). A job's share follows its ``priority`` first, then how little it has had:
-a small job that just arrived outranks the queued requests of a long-running one, so
-its rows enter the engine as soon as running sequences finish, within a few steps.
+(capped). What a job has had counts from when its batch enters the engine: each batch
+is charged its rows × ``max_tokens`` on entry, and the charge is replaced by the tokens
+it generated once it is answered. A job's share follows its ``priority`` first, then how
+little it has had: a small job that just arrived outranks the queued requests of a
+long-running one, including the batches a job that just started has queued (charged on
+entry, they rank behind it), so its rows enter the engine as soon as running sequences
+finish, within a few steps. A job's own batches rank in the order they entered.
 vLLM does not preempt running sequences for it (only a KV-cache shortage does),
 so the big job loses a few slots for a few steps. In front of the pool, each job
 keeps at most ``max_batches_in_flight`` batches in it (its admission limit).
@@ -155,7 +159,9 @@ class EnginePool:
         self.where = whereabouts()
         self.gate = BatchGate()
         self.params: dict[str, SamplingParamsCache] = {}
-        self.served: dict[str, int] = {}  # job key -> output tokens it has had here
+        # job key -> output tokens it has had here: generated, plus the most its batches
+        # in the engine may generate (``_charge``)
+        self.served: dict[str, int] = {}
         self.jobs: dict[str, dict[str, Any]] = {}  # job key -> {"name", "tracker"}
         self.started_at = time.time()
         self.last_request_at = time.time()
@@ -218,16 +224,23 @@ class EnginePool:
             self._check_alive()
             if job.get("batch") is not None and job.get("tracker") is not None:
                 job["tracker"].enter_batch.remote(job["batch"], alone=alone)
-            results = await self.generator.generate(
-                inputs,
-                self._sampling(sampling),
-                job=key,
-                priority=self.priority(job),
-                on_dead=self._on_dead,
-            )
+            priority = self.priority(job)
+            charged = _charge(inputs, sampling)
+            self.served[key] = self.served.get(key, 0) + charged
+            generated = 0
+            try:
+                results = await self.generator.generate(
+                    inputs,
+                    self._sampling(sampling),
+                    job=key,
+                    priority=priority,
+                    on_dead=self._on_dead,
+                )
+                generated = sum(r.output_tokens or 0 for r in results)
+            finally:
+                self.served[key] = self.served.get(key, 0) - charged + generated
         self.last_request_at = time.time()
         self._check_alive()
-        self.served[key] = self.served.get(key, 0) + sum(r.output_tokens or 0 for r in results)
         aborted = any(r.finish_reason == "abort" for r in results)
         return {
             "results": results,
@@ -280,6 +293,13 @@ class EnginePool:
             return True  # a busy tracker is not a dead one
         except Exception:  # noqa: BLE001 - RayActorError: the job's driver is gone
             return False
+
+
+def _charge(inputs: BatchInputs, sampling: dict[str, Any]) -> int:
+    """The most output tokens a batch may generate: what it is charged while in the engine."""
+    live = inputs.live()
+    rows = len(inputs) if live is None else len(live)
+    return rows * int(sampling.get("max_tokens") or 0)
 
 
 def router_config(model: dict[str, Any]) -> dict[str, Any] | None:
