@@ -162,7 +162,7 @@ class EnginePool:
         # job key -> output tokens it has had here: generated, plus the most its batches
         # in the engine may generate (``_charge``)
         self.served: dict[str, int] = {}
-        self.jobs: dict[str, dict[str, Any]] = {}  # job key -> {"name", "tracker"}
+        self.jobs: dict[str, dict[str, Any]] = {}  # job key -> {"name", "tracker", "seen"}
         self.started_at = time.time()
         self.last_request_at = time.time()
         self._dead: BaseException | None = None
@@ -216,6 +216,7 @@ class EnginePool:
             self._watcher = asyncio.ensure_future(self._watch_jobs())
         key = job["key"]
         self.jobs.setdefault(key, {"name": job.get("name"), "tracker": job.get("tracker")})
+        self.jobs[key]["seen"] = time.time()
         self.last_request_at = time.time()
         async with self.gate.hold(exclusive=alone):
             # Entered now, not when sent: a batch still waiting here behind one that runs
@@ -238,7 +239,7 @@ class EnginePool:
                 )
                 generated = sum(r.output_tokens or 0 for r in results)
             finally:
-                self.served[key] = self.served.get(key, 0) - charged + generated
+                self.served[key] = max(self.served.get(key, 0) - charged + generated, 0)
         self.last_request_at = time.time()
         self._check_alive()
         aborted = any(r.finish_reason == "abort" for r in results)
@@ -268,16 +269,25 @@ class EnginePool:
             "node_id": self.where.get("node_id"),
         }
 
+    def _forget_jobs(self, after: float = 60.0) -> None:
+        """Forget the jobs with nothing in the engine that sent no batch for ``after``
+        seconds, and what they had: a replica serves job after job for days."""
+        in_engine = self.generator.jobs
+        now = time.time()
+        for key, job in list(self.jobs.items()):
+            if key not in in_engine and now - job.get("seen", now) > after:
+                self.jobs.pop(key, None)
+                self.served.pop(key, None)
+
     async def _watch_jobs(self) -> None:
         """Abort the requests of jobs whose tracker ended (the driver was stopped or
         killed) or says the job is cancelled; forget jobs with nothing left here."""
         while True:
             await asyncio.sleep(1.0)
+            self._forget_jobs()
             in_engine = self.generator.jobs
             for key in list(self.jobs):
                 if key not in in_engine:
-                    if time.time() - self.last_request_at > 60:
-                        self.jobs.pop(key, None)
                     continue
                 if not await self._job_alive(self.jobs[key].get("tracker")):
                     aborted = await self.generator.abort(key)

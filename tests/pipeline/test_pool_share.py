@@ -110,3 +110,21 @@ def test_a_failed_batch_leaves_no_charge() -> None:
         assert p.served == {"j": 0}
 
     asyncio.run(scenario())
+
+
+def test_jobs_done_here_are_forgotten_with_what_they_had() -> None:
+    async def scenario() -> None:
+        p, engine = pool()
+        for key in ("done", "running"):
+            engine.release[(key, 0)] = asyncio.Event()
+            engine.release[(key, 0)].set()
+            await p.generate(None, batch(4), SAMPLING, {"key": key, "priority": 0}, False)
+        engine.jobs = {"running": 4}  # requests of its next batch in the engine
+        p._forget_jobs()
+        assert set(p.served) == {"done", "running"}  # not idle for long yet
+        for job in p.jobs.values():
+            job["seen"] -= 61
+        p._forget_jobs()
+        assert set(p.served) == set(p.jobs) == {"running"}
+
+    asyncio.run(scenario())
