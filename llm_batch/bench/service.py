@@ -16,8 +16,8 @@ One run on one machine, in this order:
    against raw vLLM's;
 7. raw vLLM again, the service stopped: the ratio is taken against the mean of 1. and 7.
 
-Steady rates come from the jobs' own progress series (about one point a second), with
-``timeline.steady_state`` as for ``llm-batch bench``.
+Steady rates come from the jobs' own progress series (a point per batch answered, for a
+job of this size), with ``timeline.steady_state`` as for ``llm-batch bench``.
 """
 
 from __future__ import annotations

@@ -18,6 +18,12 @@ __all__ = ["BatchDecision", "BatchLedger", "ProgressTracker", "Snapshot"]
 Snapshot = dict[str, Any]
 
 _SERIES_POINTS = 120
+# The series starts with a point per report (no closer than this): a job of a few seconds
+# keeps its shape (the first and last batches apart from the steady ones), and a long one
+# coarsens as it grows (``_record``).
+_SERIES_FIRST_INTERVAL_S = 0.1
+# The live rate (and ETA): over the series' last ten seconds, two points at least.
+_RATE_WINDOW_S = 10.0
 
 
 BatchDecision = dict[str, Any]
@@ -150,7 +156,7 @@ class ProgressTracker:
             m: self._zero() for m in (models or [None])
         }
         self._series: list[tuple[float, int, int]] = []  # (seconds, rows_done, output_tokens)
-        self._interval = 1.0
+        self._interval = _SERIES_FIRST_INTERVAL_S
         self._opened = 0.0  # when the series' last point was added (it is updated until then)
         self._resumed_rows = 0
         self._engines: dict[str, dict[str, Any]] = {}
@@ -296,7 +302,10 @@ class ProgressTracker:
         done = int(min(m["rows_done"] for m in self._models.values()))
         failed = int(max(m["rows_failed"] for m in self._models.values()))
         out_tokens = int(self._total("output_tokens"))
-        recent = self._series[-10:]
+        since = self._series[-1][0] - _RATE_WINDOW_S if self._series else 0.0
+        recent = [p for p in self._series if p[0] >= since]
+        if len(recent) < 2:
+            recent = self._series[-2:]
         rate = tok_rate = 0.0
         if len(recent) >= 2 and recent[-1][0] > recent[0][0]:
             span = recent[-1][0] - recent[0][0]

@@ -238,26 +238,53 @@ def test_gate_lets_shared_holders_on_when_an_exclusive_waiter_is_cancelled():
     assert asyncio.run(scenario())
 
 
-def test_the_series_keeps_a_point_per_second_when_batches_come_faster(monkeypatch):
+def test_a_short_jobs_series_keeps_a_point_per_batch(monkeypatch):
+    """A job of a few seconds: each report its own point, at its time, so the steady rate
+    taken from the series (10 % to 90 % of the tokens) leaves out the first and the last
+    batch, as it does for raw vLLM's per-step timeline."""
     clock = [1000.0]
     monkeypatch.setattr("llm_batch.pipeline.progress.time.time", lambda: clock[0])
-    tracker = ProgressTracker(100)
-    for i in range(20):  # a batch every 0.4 s for 8 s
-        clock[0] += 0.4
+    tracker = ProgressTracker(120)
+    for i in range(12):  # a batch every 0.5 s for 6 s
+        clock[0] += 0.5
         tracker.report(
             model=None,
-            rows=5,
+            rows=10,
             failed=0,
-            input_tokens=5,
-            output_tokens=10,
-            seconds=0.1,
+            input_tokens=10,
+            output_tokens=640,
+            seconds=0.5,
+            batch_key=f"{i:024x}",
+        )
+    snapshot = tracker.snapshot()
+    assert [(p["t"], p["output_tokens"]) for p in snapshot["series"]] == [
+        (0.5 * (i + 1), 640 * (i + 1)) for i in range(12)
+    ]
+    assert snapshot["output_tokens_per_second"] == 1280.0
+
+
+def test_the_series_merges_reports_closer_than_its_interval_and_coarsens_as_it_grows(
+    monkeypatch,
+):
+    clock = [1000.0]
+    monkeypatch.setattr("llm_batch.pipeline.progress.time.time", lambda: clock[0])
+    tracker = ProgressTracker(1000)
+    for i in range(1000):  # a batch every 0.04 s for 40 s
+        clock[0] += 0.04
+        tracker.report(
+            model=None,
+            rows=1,
+            failed=0,
+            input_tokens=1,
+            output_tokens=2,
+            seconds=0.04,
             batch_key=f"{i:024x}",
         )
     series = tracker.snapshot()["series"]
     times = [p["t"] for p in series]
-    # One point per second of the run, each the count at its time: not one point that
-    # every report moved along.
-    assert len(series) >= 7
-    assert all(b - a >= 0.4 for a, b in zip(times, times[1:], strict=False))
-    assert series[-1] == {"t": 8.0, "rows_done": 100, "output_tokens": 200}
-    assert all(p["output_tokens"] == round(p["t"] / 0.4) * 10 for p in series)
+    # Points no closer than the first interval (0.1 s), each the count at its time: not
+    # one point that every report moved along; at most about 120 of them.
+    assert 40 <= len(series) <= 121
+    assert all(b - a >= 0.1 - 1e-6 for a, b in zip(times, times[1:], strict=False))
+    assert series[-1] == {"t": 40.0, "rows_done": 1000, "output_tokens": 2000}
+    assert all(p["output_tokens"] == round(p["t"] / 0.04) * 2 for p in series)

@@ -3,8 +3,8 @@
 Two probes, neither on the data path, handed to ``run_job`` as its engine stage and
 its tracker class. ``TimedEngineStage`` is the pipeline's engine stage, noting when
 its engine started and was ready. The timeline comes from the job's progress
-tracker, which every engine batch reports to; its own series is merged to about one
-point a second, too coarse for a short run, so the runner uses ``StampingTracker``:
+tracker, which every engine batch reports to; its own series merges reports closer than
+0.1 s, and coarsens as a run grows, so the runner uses ``StampingTracker``:
 the same tracker, which also appends ``(time.monotonic(), output tokens, rows)`` for
 each report to a file (the timeline counts tokens, or rows when embedding). Reports
 are fire-and-forget calls to a separate actor; the stamp is when a batch's report
@@ -94,7 +94,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     source = "tracker reports (stamped)"
     if not events:
         events = _series_events(final["series"], received, rows=rows)
-        source = "tracker series (about one point a second)"
+        source = "tracker series"
     notes = [f"timeline: {source}"]
     if final["rows_failed"]:
         notes.append(f"{final['rows_failed']} rows failed")

@@ -609,12 +609,13 @@ function progressCard(job) {
 
 // -- charts --------------------------------------------------------------------------
 
-/** Rates from the cumulative series, each over the last few points (smoother than one
- * step). The first point is the first report, after the engines started. */
-function rates(series, key, span = 3) {
+/** Rates from the cumulative series, each over about the last three seconds (smoother than
+ * one batch's report). The first point is the first report, after the engines started. */
+function rates(series, key, window = 3) {
   const out = [];
   for (let i = 1; i < series.length; i++) {
-    const j = Math.max(0, i - span);
+    let j = i - 1;
+    while (j > 0 && series[i].t - series[j].t < window) j--;
     const dt = series[i].t - series[j].t;
     if (dt > 0) out.push([series[i].t, Math.max(0, (series[i][key] - series[j][key]) / dt)]);
   }
@@ -648,7 +649,7 @@ function timeTicks(min, max, count = 6) {
 function lineChart(points, { cls = "", unit = "" } = {}) {
   const W = 560, H = 190, L = 52, R = 12, T = 10, B = 26;
   if (points.length < 2) {
-    return h("div", { class: "empty" }, "Not enough points for a curve yet (one point a second).");
+    return h("div", { class: "empty" }, "Not enough points for a curve yet (a point per batch answered).");
   }
   const xmax = Math.max(...points.map((p) => p[0]), 1);
   const xmin = Math.min(...points.map((p) => p[0]));
