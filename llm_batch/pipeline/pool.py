@@ -63,7 +63,6 @@ __all__ = [
     "EnginePool",
     "JobCancelled",
     "PoolReplicaLost",
-    "PoolStage",
     "pool_app",
     "pool_key",
     "pool_name",
@@ -484,26 +483,12 @@ def _await_reply(response: Any, progress: Any) -> dict[str, Any]:
                 ) from None
 
 
-class PoolStage:
-    """The pool stage of a job with a driver of its own: one actor, whose threads each take
-    one batch to the pool (``send_to_pool``), ``max_batches_in_flight`` at once.
-
-    Not a task per batch: each next batch's task waited about a second to be scheduled (a
-    worker leased, often one started, with Ray Serve to import) while the pool's engine
-    ran dry, and four workers per job were started instead of one. Calls into the actor
-    start at once. (The engine host's small jobs use tasks, fused with their read and
-    write: their workers are warm.)"""
-
-    def __call__(self, batch: pa.Table, **kwargs: Any) -> pa.Table:
-        return send_to_pool(batch, **kwargs)
-
-
 def send_to_pool(
     batch: pa.Table, *, pool: str, config: str, job: dict[str, Any], progress: Any
 ) -> pa.Table:
     """``map_batches`` function: one batch of one job through its model's pool, and the
-    model's columns appended (``rows.BatchFinisher``). Called from several threads at once
-    (``PoolStage``): what it caches per worker is shared read-only, or locked."""
+    model's columns appended (``rows.BatchFinisher``). A plain task, not an actor: nothing
+    to start per job, so a small job pays nothing but the call."""
     import ray
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 

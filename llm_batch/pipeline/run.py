@@ -46,7 +46,7 @@ from llm_batch.pipeline.manifest import (
     new_run_id,
 )
 from llm_batch.pipeline.placement import engine_batch_size, engine_map_kwargs, on_gpu
-from llm_batch.pipeline.pool import JobCancelled, PoolStage, pool_stage_config, send_to_pool
+from llm_batch.pipeline.pool import JobCancelled, pool_stage_config, send_to_pool
 from llm_batch.pipeline.progress import ProgressTracker, Snapshot
 from llm_batch.pipeline.prompts import KeepIf, PromptRenderer
 from llm_batch.pipeline.read import InputDatasource, InputInfo, check_columns, inspect_input
@@ -404,7 +404,7 @@ def input_dataset(
     if task_cpus is not None:
         # A small job (the service's engine host): its few rows are one block already, and
         # without the cut Ray Data fuses the read, render, the pool call and the write into
-        # one task (_pool_stage, _write): one scheduling round instead of four.
+        # one task (_pool_stage_resources, _write): one scheduling round instead of four.
         return ds
     return ds.repartition(target_num_rows_per_block=rows_per_block, strict=False)
 
@@ -769,9 +769,8 @@ def engine_pools(
         drop = plan.drop_before_write if i == len(units) - 1 and not staged else []
         pool = engines.pools.get(name)
         if pool is not None:
-            call, placed_call = _pool_stage(model.max_batches_in_flight, engines.task_cpus)
             ds = ds.map_batches(
-                call,
+                send_to_pool,
                 fn_kwargs={
                     "pool": pool,
                     "config": pool_stage_config(
@@ -798,7 +797,7 @@ def engine_pools(
                 # second, looking for rows to fill it, which a ten-row job would pay.
                 batch_size=None,
                 zero_copy_batch=True,
-                **placed_call,
+                **_pool_stage_resources(model.max_batches_in_flight, engines.task_cpus),
             )
             continue
         placed = engine_map_kwargs(model_dict, cluster_gpus=cluster_gpus)
@@ -981,27 +980,17 @@ def _stage_renderer(prompt_json: str, field: str) -> PromptRenderer:
     return PromptRenderer(json.loads(prompt_json), field=field)
 
 
-def _pool_stage(in_flight: int, task_cpus: float | None) -> tuple[Any, dict[str, Any]]:
-    """A pool stage's function and resources. A job with a driver of its own: one
-    ``PoolStage`` actor taking ``in_flight`` batches at once (the job's admission limit
-    in front of the pool), holding no CPU of the job's budget while it waits on the pool.
-    A small job's (``task_cpus`` set): ``send_to_pool`` as a task asking what its read,
-    render and write ask, so that Ray Data fuses them all and the pool call into one task
-    (see ``_write``): under load, every task more is a scheduling round a ten-row job
-    waits for."""
-    from ray.data import ActorPoolStrategy
-
+def _pool_stage_resources(in_flight: int, task_cpus: float | None) -> dict[str, Any]:
+    """A pool stage's tasks: ``in_flight`` at once (the job's admission limit in front of
+    the pool), holding no CPU of the job's budget while they wait on the pool. A small
+    job's (``task_cpus`` set) asks what its read, render and write ask instead, so that Ray
+    Data fuses them all and the pool call into one task (see ``_write``): under load,
+    every task more is a scheduling round a ten-row job waits for."""
     if task_cpus is not None:
         # The same remote arguments as the read's and the write's, or Ray Data fuses
         # nothing (a task is retried on a lost worker as Ray's default does: 3 times).
-        return send_to_pool, {"num_cpus": task_cpus}
-    # Ray Data restarts a lost actor and runs its batches again (its defaults for actor
-    # pools); the pool's ledger decides how each batch goes on.
-    # Its calls in threads of their own (Ray Data runs one at a time otherwise).
-    compute = ActorPoolStrategy(
-        size=1, max_concurrent_calls_per_actor=in_flight, enable_true_multi_threading=True
-    )
-    return PoolStage, {"compute": compute, "num_cpus": 0}
+        return {"num_cpus": task_cpus}
+    return {"concurrency": in_flight, "num_cpus": 0, "max_retries": 3}
 
 
 @contextlib.contextmanager

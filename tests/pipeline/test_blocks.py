@@ -78,7 +78,7 @@ def test_a_small_jobs_read_render_pool_call_and_write_are_one_task(
     task, so a ten-row job waits for one scheduling round, not one per operator, and
     writes one file. The pool call is stood in for by a pass-through with its resources."""
     from llm_batch.pipeline.run import (
-        _pool_stage,
+        _pool_stage_resources,
         _write,
         claim_output,
         input_dataset,
@@ -104,7 +104,7 @@ def test_a_small_jobs_read_render_pool_call_and_write_are_one_task(
         batch_format="pyarrow",
         batch_size=None,
         zero_copy_batch=True,
-        **_pool_stage(4, 0.0)[1],
+        **_pool_stage_resources(4, 0.0),
     )
     _write(ds, spec, run, task_cpus=0.0)
 
