@@ -238,25 +238,32 @@ def test_gate_lets_shared_holders_on_when_an_exclusive_waiter_is_cancelled():
     assert asyncio.run(scenario())
 
 
+def reported(monkeypatch, *, batches: int, every: float, rows: int, tokens: int) -> ProgressTracker:
+    """A tracker that got ``batches`` reports of ``rows`` rows and ``tokens`` output tokens,
+    one every ``every`` seconds of a stand-in clock."""
+    clock = [1000.0]
+    monkeypatch.setattr("llm_batch.pipeline.progress.time.time", lambda: clock[0])
+    tracker = ProgressTracker(batches * rows)
+    for i in range(batches):
+        clock[0] += every
+        tracker.report(
+            model=None,
+            rows=rows,
+            failed=0,
+            input_tokens=rows,
+            output_tokens=tokens,
+            seconds=every,
+            batch_key=f"{i:024x}",
+        )
+    return tracker
+
+
 def test_a_short_jobs_series_keeps_a_point_per_batch(monkeypatch):
     """A job of a few seconds: each report its own point, at its time, so the steady rate
     taken from the series (10 % to 90 % of the tokens) leaves out the first and the last
     batch, as it does for raw vLLM's per-step timeline."""
-    clock = [1000.0]
-    monkeypatch.setattr("llm_batch.pipeline.progress.time.time", lambda: clock[0])
-    tracker = ProgressTracker(120)
-    for i in range(12):  # a batch every 0.5 s for 6 s
-        clock[0] += 0.5
-        tracker.report(
-            model=None,
-            rows=10,
-            failed=0,
-            input_tokens=10,
-            output_tokens=640,
-            seconds=0.5,
-            batch_key=f"{i:024x}",
-        )
-    snapshot = tracker.snapshot()
+    # A batch every 0.5 s for 6 s.
+    snapshot = reported(monkeypatch, batches=12, every=0.5, rows=10, tokens=640).snapshot()
     assert [(p["t"], p["output_tokens"]) for p in snapshot["series"]] == [
         (0.5 * (i + 1), 640 * (i + 1)) for i in range(12)
     ]
@@ -266,20 +273,8 @@ def test_a_short_jobs_series_keeps_a_point_per_batch(monkeypatch):
 def test_the_series_merges_reports_closer_than_its_interval_and_coarsens_as_it_grows(
     monkeypatch,
 ):
-    clock = [1000.0]
-    monkeypatch.setattr("llm_batch.pipeline.progress.time.time", lambda: clock[0])
-    tracker = ProgressTracker(1000)
-    for i in range(1000):  # a batch every 0.04 s for 40 s
-        clock[0] += 0.04
-        tracker.report(
-            model=None,
-            rows=1,
-            failed=0,
-            input_tokens=1,
-            output_tokens=2,
-            seconds=0.04,
-            batch_key=f"{i:024x}",
-        )
+    # A batch every 0.04 s for 40 s.
+    tracker = reported(monkeypatch, batches=1000, every=0.04, rows=1, tokens=2)
     series = tracker.snapshot()["series"]
     times = [p["t"] for p in series]
     # Points no closer than the first interval (0.1 s), each the count at its time: not
