@@ -96,6 +96,7 @@ class Host:
         self.folder = folder
         self.mailbox = Mailbox(folder / INBOX)
         self.poll = poll
+        self.max_jobs = max_jobs
         self.jobs: dict[str, threading.Event] = {}  # running here: job id -> its cancel
         self.pools: dict[str, dict[str, Any]] = {}  # Serve app name -> what is known
         self.detached_at: dict[str, float] = {}
@@ -108,7 +109,9 @@ class Host:
         self._last_refresh = 0.0
         self._desired_mtime = 0.0
         self._stopping = threading.Event()
-        self._trackers: list[Any] = []  # warm progress trackers, one taken per job
+        # Warm progress trackers, one taken per job. No more than the jobs run at once: each
+        # is a worker process, and an idle one costs about 1 % of a core on its own.
+        self._trackers: list[Any] = []
 
     # -- the loop --------------------------------------------------------------------
 
@@ -335,7 +338,7 @@ class Host:
 
     # -- jobs ----------------------------------------------------------------------------
 
-    def _warm_up(self, trackers: int = 8) -> None:
+    def _warm_up(self) -> None:
         """Start what every small job needs before the first one comes: progress trackers
         (an actor each, a worker process to start) and workers that have run a read, a
         render and a write (their imports done)."""
@@ -349,7 +352,7 @@ class Host:
         from llm_batch.pipeline.run import new_tracker
 
         started = time.monotonic()
-        self._trackers = [new_tracker() for _ in range(trackers)]
+        self._trackers = [new_tracker() for _ in range(self.max_jobs)]
         ray.get([t.snapshot.remote() for t in self._trackers])
         folder = tempfile.mkdtemp(prefix="llm-batch-warm-")
         try:
@@ -376,7 +379,7 @@ class Host:
         import ray
 
         with self._lock:
-            if healthy and len(self._trackers) < 16:
+            if healthy and len(self._trackers) < self.max_jobs:
                 self._trackers.append(tracker)
                 return
         with contextlib.suppress(Exception):
