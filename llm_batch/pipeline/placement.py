@@ -30,6 +30,7 @@ __all__ = [
     "on_gpu",
     "pg_scheduling",
     "gpus_of",
+    "resources_of",
     "pool_options",
 ]
 
@@ -169,12 +170,23 @@ def pool_options(model: dict[str, Any], *, cluster_gpus: float) -> dict[str, Any
     return out
 
 
-def gpus_of(options: dict[str, Any]) -> float:
-    """GPUs a pool holds at its smallest (``pool_options``' output)."""
+def resources_of(options: dict[str, Any]) -> dict[str, float]:
+    """What a pool holds at its smallest (``pool_options``' output): its replicas' own
+    ``CPU``, ``GPU`` and custom resources, and their placement groups' bundles."""
     actor = options.get("ray_actor_options", {})
-    per_replica = actor.get("num_gpus", 0) + sum(
-        b.get("GPU", 0) for b in options.get("placement_group_bundles", [])
-    )
+    per_replica = {
+        "CPU": float(actor.get("num_cpus", 0)),
+        "GPU": float(actor.get("num_gpus", 0)),
+        **{k: float(v) for k, v in (actor.get("resources") or {}).items()},
+    }
+    for bundle in options.get("placement_group_bundles", []):
+        for key, value in bundle.items():
+            per_replica[key] = per_replica.get(key, 0.0) + float(value)
     scaling = options.get("autoscaling_config")
     replicas = scaling["min_replicas"] if scaling else options.get("num_replicas", 1)
-    return float(per_replica * replicas)
+    return {key: value * replicas for key, value in per_replica.items() if value}
+
+
+def gpus_of(options: dict[str, Any]) -> float:
+    """GPUs a pool holds at its smallest (``pool_options``' output)."""
+    return resources_of(options).get("GPU", 0.0)

@@ -19,6 +19,7 @@ survives a Ray restart:
 It owns the engine pools (Ray Serve applications, ``pipeline/pool.py``): it deploys
 the pools desired, releases those idle for ``idle_seconds`` with no job attached,
 releases idle pools of other models when a new pool needs GPUs they hold, and
+idle pools when work (a job's tasks, a pool's replicas) waits for what they hold, and
 finds its pools again after a restart (Serve keeps them; a pool nobody wants is
 released once idle). It also runs small jobs in threads of its own: a fresh
 driver process costs seconds (process start, imports, Ray Data planning, an actor
@@ -51,6 +52,11 @@ SMALL_JOB_TASK_CPUS = 0.0
 DESIRED = "desired.json"
 ORPHANED = 300.0
 RECONCILE_EVERY = 2.0  # seconds between two looks at the pools
+# Seconds work waits for resources idle pools hold before they give way: longer than Ray
+# takes to place what it can place, shorter than anyone would wait for nothing.
+GIVE_WAY_AFTER = 5.0
+# Resources that say where, not how much: never what a pool is released for.
+_PLACE_KEYS = ("node:", "memory", "object_store_memory")
 STATE = "state.json"
 INBOX = "inbox"
 
@@ -108,6 +114,7 @@ class Host:
         self._releases: queue.SimpleQueue[str] = queue.SimpleQueue()  # asked for by the service
         self._last_refresh = 0.0
         self._desired_mtime = 0.0
+        self._waiting_since: float | None = None  # since when work waits for resources
         self._stopping = threading.Event()
         # Warm progress trackers, one taken per job. No more than the jobs run at once: each
         # is a worker process, and an idle one costs about 1 % of a core on its own.
@@ -254,6 +261,7 @@ class Host:
                 self._release(name, why=f"unused for {now - last:.0f}s")
                 state["status"] = "RELEASING"
         self.pools = states
+        self._give_way(wanted)
         write_json(
             self.folder / STATE,
             {
@@ -294,22 +302,71 @@ class Host:
         free = ray.available_resources().get("GPU", 0)
         if free >= needed:
             return
-        idle = sorted(
-            (
-                (state.get("idle_since") or 0, name)
-                for name, state in self.pools.items()
-                if name != keep
-                and name in deployed
-                and not (wanted.get(name) or {}).get("jobs")
-                and not state.get("requests")
-            ),
-        )
+        idle = [
+            (since, name)
+            for since, name in self._idle_pools(wanted, warm_too=True)
+            if name != keep and name in deployed
+        ]
         for _, name in idle:
             logger.info("releasing idle pool %s: pool %s needs %.0f GPU(s)", name, keep, needed)
             self._release(name, why=f"its GPUs are needed by {keep}", blocking=True)
             free = ray.available_resources().get("GPU", 0)
             if free >= needed:
                 return
+
+    def _give_way(self, wanted: dict[str, Any]) -> None:
+        """Release idle pools while work waits for resources they hold. Each replica holds
+        a CPU, or GPUs: with a few unused pools up, a job's read task or a new pool's
+        replica would wait until their idle time ran out, for nothing. Work that has waited
+        ``GIVE_WAY_AFTER`` seconds counts; pools kept ``warm`` and pools with jobs attached
+        stay. ``_make_room`` does the same for a new pool's GPUs before it is deployed."""
+        try:
+            missing = waiting_for(*_cluster_demands())
+        except Exception:  # noqa: BLE001 - the look goes on; the pools go once idle
+            logger.warning("could not read what work waits for", exc_info=True)
+            return
+        now = time.monotonic()
+        if not missing:
+            self._waiting_since = None
+            return
+        if self._waiting_since is None:
+            self._waiting_since = now
+        if now - self._waiting_since < GIVE_WAY_AFTER:
+            return
+        wants = ", ".join(f"{value:g} {key}" for key, value in sorted(missing.items()))
+        for _, name in self._idle_pools(wanted, warm_too=False):
+            held = self._holds(name)
+            if not any(held.get(key, 0) > 0 for key in missing):
+                continue
+            logger.info("releasing idle pool %s: work waits for %s", name, wants)
+            self._release(name, why=f"work waited for {wants} it held", blocking=True)
+            missing = {k: v - held.get(k, 0) for k, v in missing.items() if v > held.get(k, 0)}
+            if not missing:
+                break
+        self._waiting_since = None  # what was released is Ray's to place before a next look
+
+    def _idle_pools(self, wanted: dict[str, Any], *, warm_too: bool) -> list[tuple[float, str]]:
+        """Pools with no job attached and no request in their engines, idle longest first."""
+        return sorted(
+            (state.get("idle_since") or 0, name)
+            for name, state in self.pools.items()
+            if not (wanted.get(name) or {}).get("jobs")
+            and not state.get("requests")
+            and state.get("status") != "RELEASING"
+            and (warm_too or not (wanted.get(name) or {}).get("warm"))
+        )
+
+    def _holds(self, name: str) -> dict[str, float]:
+        """What a pool's replicas hold at its smallest, from its model block."""
+        import ray
+
+        from llm_batch.pipeline.placement import pool_options, resources_of
+
+        model = self.pools.get(name, {}).get("model")
+        if not model:
+            return {}
+        gpus = ray.cluster_resources().get("GPU", 0)
+        return resources_of(pool_options(model, cluster_gpus=gpus))
 
     def _release(self, name: str, *, why: str, blocking: bool = False) -> None:
         from ray import serve
@@ -483,6 +540,41 @@ def skip_ray_data_cluster_queries() -> None:
         dataset_module.get_memory_info_reply = no_spill_query  # type: ignore[attr-defined]
     if hasattr(read_rule, "ray_available_resources"):
         read_rule.ray_available_resources = a_cpu_free  # type: ignore[attr-defined]
+
+
+def waiting_for(
+    demands: list[dict[str, float]], free: dict[str, float], total: dict[str, float]
+) -> dict[str, float]:
+    """What work waiting to be placed (a task's, an actor's or a placement group bundle's
+    resources, ``demands``) lacks: per resource, the most one of them needs beyond what
+    is ``free``. Work that would not fit the whole cluster (``total``) even empty is left
+    out: releasing pools cannot place it."""
+    missing: dict[str, float] = {}
+    for shape in demands:
+        wanted = {k: v for k, v in shape.items() if v > 0 and not k.startswith(_PLACE_KEYS)}
+        if not wanted or any(v > total.get(k, 0) for k, v in wanted.items()):
+            continue
+        for key, value in wanted.items():
+            short = value - free.get(key, 0)
+            if short > 1e-9:
+                missing[key] = max(missing.get(key, 0), short)
+    return missing
+
+
+def _cluster_demands() -> tuple[list[dict[str, float]], dict[str, float], dict[str, float]]:
+    """The shapes of the work waiting to be placed, and the cluster's free and total
+    resources, as Ray's autoscaler state has them (what ``ray status`` shows)."""
+    import ray
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    status = get_cluster_status(ray.get_runtime_context().gcs_address)
+    found = status.resource_demands
+    demands = [
+        dict(request.bundle)
+        for demand in (*found.ray_task_actor_demand, *found.placement_group_demand)
+        for request in demand.bundles_by_count
+    ]
+    return demands, status.available_resources(), status.total_resources()
 
 
 def _mtime(path: Path) -> float:

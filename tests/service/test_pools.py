@@ -16,7 +16,7 @@ from llm_batch.job.spec import JobSpec
 from llm_batch.pipeline.pool import POOL_PREFIX, pool_key, pool_name
 from llm_batch.service.catalog import ModelCatalog
 from llm_batch.service.errors import JobConflict
-from llm_batch.service.host import DESIRED, STATE, Mailbox, read_json, write_json
+from llm_batch.service.host import DESIRED, STATE, Host, Mailbox, read_json, waiting_for, write_json
 from llm_batch.service.pools import EnginePools, PoolNotFound
 from llm_batch.service.process import free_port
 from llm_batch.service.settings import Settings
@@ -171,3 +171,106 @@ print("ok")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+# -- idle pools give way to work that waits for what they hold --------------------------
+
+
+def test_what_waiting_work_lacks_is_counted_per_resource():
+    free = {"CPU": 0.0, "GPU": 1.0, "memory": 0.0}
+    total = {"CPU": 4.0, "GPU": 2.0, "memory": 1e9}
+    demands = [
+        {"CPU": 1.0},  # a read task: one CPU short
+        {"CPU": 0.5, "GPU": 2.0},  # a two-GPU replica: one GPU short, and half a CPU
+        {"GPU": 8.0},  # more GPUs than the cluster has: no release places it
+        {"node:10.0.0.1": 0.001, "memory": 5.0},  # where, not how much
+        {"CPU": 0.0},  # asks for nothing
+    ]
+    assert waiting_for(demands, free, total) == {"CPU": 1.0, "GPU": 1.0}
+    assert waiting_for([{"CPU": 1.0}], {"CPU": 1.0}, total) == {}
+    assert waiting_for([], free, total) == {}
+
+
+def test_a_pools_resources_are_its_smallest_size():
+    from llm_batch.job.spec import JobSpec as Spec
+    from llm_batch.pipeline.placement import gpus_of, pool_options, resources_of
+
+    def options(**model: Any) -> dict[str, Any]:
+        block = Spec.from_dict(
+            {
+                "input": {"path": "/in.parquet"},
+                "prompt": {"template": "{{ x }}"},
+                "model": {**MODEL, **model},
+                "output": {"path": "/out"},
+            }
+        ).model.model_dump()
+        return pool_options(block, cluster_gpus=8)
+
+    assert resources_of(options(device="cpu")) == {"CPU": 1.0}
+    assert resources_of(options(device="cpu", replicas={"min": 2, "max": 4})) == {"CPU": 2.0}
+    one_gpu = options(replicas=3)
+    assert resources_of(one_gpu) == {"CPU": 3.0, "GPU": 3.0}
+    assert gpus_of(one_gpu) == 3.0
+    tensor = options(engine={"max_model_len": 256, "tensor_parallel_size": 2})
+    assert resources_of(tensor) == {"CPU": 2.0, "GPU": 2.0}
+
+
+class GivingWay(Host):
+    """The engine host's choice of pools to release, on the cluster state it is given."""
+
+    def __init__(self, folder: Path, pools: dict[str, dict[str, Any]], holds: dict[str, Any]):
+        super().__init__(folder)
+        self.pools = pools
+        self.held = holds
+        self.gone: list[str] = []
+
+    def _holds(self, name: str) -> dict[str, float]:
+        return dict(self.held[name])
+
+    def _release(self, name: str, *, why: str, blocking: bool = False) -> None:
+        assert blocking, "the next look must see the resources freed"
+        self.gone.append(name)
+        self.pools[name]["status"] = "RELEASING"
+
+
+def test_idle_pools_give_way_to_work_that_waited_for_what_they_hold(tmp_path, monkeypatch):
+    import llm_batch.service.host as host_module
+
+    pools = {
+        "busy": {"status": "RUNNING", "requests": 3, "idle_since": None},
+        "attached": {"status": "RUNNING", "requests": 0, "idle_since": 5.0},
+        "warm": {"status": "RUNNING", "requests": 0, "idle_since": 1.0},
+        "gpu": {"status": "RUNNING", "requests": 0, "idle_since": 2.0},
+        "older": {"status": "RUNNING", "requests": 0, "idle_since": 3.0},
+        "newer": {"status": "RUNNING", "requests": 0, "idle_since": 4.0},
+    }
+    holds = {name: {"CPU": 1.0} for name in pools}
+    holds["gpu"] = {"GPU": 1.0, "CPU": 0.0}
+    wanted = {"attached": {"jobs": ["job_1"]}, "warm": {"warm": True}}
+    host = GivingWay(tmp_path, pools, holds)
+    waiting = {"demands": [{"CPU": 1.0}]}
+    monkeypatch.setattr(
+        host_module,
+        "_cluster_demands",
+        lambda: (waiting["demands"], {"CPU": 0.0, "GPU": 0.0}, {"CPU": 4.0, "GPU": 1.0}),
+    )
+    clock = {"now": 100.0}
+    monkeypatch.setattr(host_module.time, "monotonic", lambda: clock["now"])
+
+    host._give_way(wanted)  # work has just started waiting: Ray may still place it
+    assert host.gone == []
+    clock["now"] += host_module.GIVE_WAY_AFTER
+    host._give_way(wanted)
+    # The longest idle pool that holds a CPU; not the busy, attached or warm ones, nor
+    # the idle one that holds only a GPU; one pool is enough for one CPU.
+    assert host.gone == ["older"]
+
+    waiting["demands"] = []  # placed: the wait starts over
+    host._give_way(wanted)
+    waiting["demands"] = [{"CPU": 1.0}]
+    clock["now"] += 1
+    host._give_way(wanted)
+    assert host.gone == ["older"]
+    clock["now"] += host_module.GIVE_WAY_AFTER
+    host._give_way(wanted)
+    assert host.gone == ["older", "newer"]
