@@ -321,10 +321,11 @@ class Host:
         ``GIVE_WAY_AFTER`` seconds counts; pools kept ``warm`` and pools with jobs attached
         stay. ``_make_room`` does the same for a new pool's GPUs before it is deployed."""
         try:
-            missing = waiting_for(*_cluster_demands())
+            demands, free, total = _cluster_demands()
         except Exception:  # noqa: BLE001 - the look goes on; the pools go once idle
             logger.warning("could not read what work waits for", exc_info=True)
             return
+        missing = waiting_for(demands, free, total)
         now = time.monotonic()
         if not missing:
             self._waiting_since = None
@@ -335,7 +336,7 @@ class Host:
             return
         wants = ", ".join(f"{value:g} {key}" for key, value in sorted(missing.items()))
         for _, name in self._idle_pools(wanted, warm_too=False):
-            held = self._holds(name)
+            held = self._holds(name, cluster_gpus=total.get("GPU", 0))
             if not any(held.get(key, 0) > 0 for key in missing):
                 continue
             logger.info("releasing idle pool %s: work waits for %s", name, wants)
@@ -356,17 +357,14 @@ class Host:
             and (warm_too or not (wanted.get(name) or {}).get("warm"))
         )
 
-    def _holds(self, name: str) -> dict[str, float]:
+    def _holds(self, name: str, *, cluster_gpus: float) -> dict[str, float]:
         """What a pool's replicas hold at its smallest, from its model block."""
-        import ray
-
         from llm_batch.pipeline.placement import pool_options, resources_of
 
         model = self.pools.get(name, {}).get("model")
         if not model:
             return {}
-        gpus = ray.cluster_resources().get("GPU", 0)
-        return resources_of(pool_options(model, cluster_gpus=gpus))
+        return resources_of(pool_options(model, cluster_gpus=cluster_gpus))
 
     def _release(self, name: str, *, why: str, blocking: bool = False) -> None:
         from ray import serve

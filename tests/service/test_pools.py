@@ -224,7 +224,7 @@ class GivingWay(Host):
         self.held = holds
         self.gone: list[str] = []
 
-    def _holds(self, name: str) -> dict[str, float]:
+    def _holds(self, name: str, *, cluster_gpus: float) -> dict[str, float]:
         return dict(self.held[name])
 
     def _release(self, name: str, *, why: str, blocking: bool = False) -> None:
