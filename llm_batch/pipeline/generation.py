@@ -165,6 +165,40 @@ def _cpu_threads(wanted: int | None) -> None:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
 
 
+def _cpu_engine_config(engine_args: Any, usage_context: Any) -> tuple[Any, Any]:
+    """The CPU engine's config, and the environment its engine-core process starts in.
+
+    vLLM's CPU platform runs the model in a worker process of its own beside the engine
+    core (``mp``), and the two take turns on every step, each spinning on a core while
+    the other works. On a small machine that spin is a whole core that the service, Ray
+    and the job's own tasks then fight the engine for. With one device (no tensor or
+    pipeline split) and no executor asked for, the model runs in the engine-core process
+    itself (``uni``): vLLM allows that once ``VLLM_ENABLE_V1_MULTIPROCESSING`` is off,
+    which otherwise only matters to ``LLM`` (``AsyncLLM`` always starts its engine core
+    in a process of its own). The reason vLLM gives for refusing it, that OpenMP cannot
+    be set up in a process already running, does not hold here: the engine core is a
+    fresh process, and it gets the OpenMP threads and binding vLLM's ``mp`` executor
+    gives its worker (``OMPProcessManager``: the cores of ``cpu_threads``, or all but
+    one). Measured: docs/decisions/0019-cpu-engine-in-one-process.md.
+    """
+    parallel = engine_args.tensor_parallel_size * engine_args.pipeline_parallel_size
+    if parallel != 1 or engine_args.distributed_executor_backend is not None:
+        return engine_args.create_engine_config(usage_context), contextlib.nullcontext()
+    from vllm.utils.ompmultiprocessing import OMPProcessManager
+
+    engine_args.distributed_executor_backend = "uni"
+    before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        config = engine_args.create_engine_config(usage_context)
+    finally:
+        if before is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = before
+    return config, OMPProcessManager(config).configure_omp_envs(rank=0, local_rank=0)
+
+
 def _exit_with_parent() -> None:
     """Make the processes vLLM spawns from here exit when this actor dies, even by SIGKILL.
 
@@ -333,15 +367,23 @@ class Generator:
         _exit_with_parent()
         started = time.monotonic()
         self.load = EngineLoad()
+        # vLLM sizes its batches by who asks: an API server gets small ones for latency
+        # (on the CPU engine 128 sequences, 2048 tokens a step), offline `LLM` large ones
+        # for throughput (256, 4096). We are offline.
+        usage = UsageContext.LLM_CLASS
         try:
-            self.engine = AsyncLLM.from_engine_args(
-                AsyncEngineArgs(**args),
-                stat_loggers=[self.load.stat_logger()],
-                # vLLM sizes its batches by who asks: an API server gets small ones
-                # for latency (on the CPU engine 128 sequences, 2048 tokens a step),
-                # offline `LLM` large ones for throughput (256, 4096). We are offline.
-                usage_context=UsageContext.LLM_CLASS,
-            )
+            engine_args = AsyncEngineArgs(**args)
+            if on_cpu:
+                config, core_env = _cpu_engine_config(engine_args, usage)
+            else:
+                config, core_env = engine_args.create_engine_config(usage), contextlib.nullcontext()
+            with core_env:  # the engine-core process is spawned in here
+                self.engine = AsyncLLM.from_vllm_config(
+                    config,
+                    usage_context=usage,
+                    stat_loggers=[self.load.stat_logger()],
+                    disable_log_stats=engine_args.disable_log_stats,
+                )
         except Exception as e:
             raise EngineUnavailable(
                 f"the engine for {model['path']!r} failed to start: {engine_failure(e)}"
