@@ -199,7 +199,7 @@ class EngineSpec(_Strict):
         default=None,
         ge=1,
         description="CPU engine only: compute threads, on the first cores this process may "
-        "use (default: vLLM's own binding, every core but one, kept for its scheduler).",
+        "use (default: vLLM's own binding, every core but one, kept for the rest of the job).",
     )
     extra_args: dict[str, Any] = Field(
         default_factory=dict, description="Other vllm.EngineArgs fields, passed unchanged."

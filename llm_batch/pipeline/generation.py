@@ -151,14 +151,12 @@ def with_skipped(rows: int, live: list[int], results: list[RowResult]) -> list[R
 
 
 def _cpu_threads(wanted: int | None) -> None:
-    """Narrow the cores the CPU engine's worker computes on to the first ``wanted``.
+    """Narrow the cores the CPU engine computes on to the first ``wanted``.
 
-    vLLM binds its CPU worker's OpenMP threads itself (``VLLM_CPU_OMP_THREADS_BIND``,
-    by default one thread per core but one, which it keeps for its scheduler process)
-    and gives the worker a matching OMP_NUM_THREADS. Nothing else is touched: the
-    OMP_NUM_THREADS Ray gives this actor (one) is what the engine's scheduler process
-    uses for torch, and more threads there would spin after each op and take cycles from
-    the worker (vLLM warns of it at start).
+    vLLM binds the OpenMP threads that run the model itself (``VLLM_CPU_OMP_THREADS_BIND``,
+    by default one thread per core but one) and gives them a matching OMP_NUM_THREADS,
+    in the engine-core process here (``_cpu_engine_config``). The core left over is the
+    front end's, Ray's and the job's own tasks'.
     """
     if wanted:
         cores = sorted(os.sched_getaffinity(0))[:wanted]
@@ -216,10 +214,9 @@ def _yield_to_engine(niceness: int = 19) -> None:
     """Lower the CPU priority of every thread of this process (the engine's front end).
 
     Called once the engine's processes are running: they keep the priority they were
-    spawned with. The engine core and its worker take turns on every step (one
-    schedules while the other spins waiting) and a step of a small model lasts a few
-    milliseconds, so each time the front end (handing rows over, collecting outputs,
-    Ray's own threads) takes a core from one of them the whole step waits. At the
+    spawned with. A step of a small model lasts a few milliseconds, so each time the
+    front end (handing rows over, collecting outputs, Ray's own threads) takes the
+    engine's core the whole step waits. At the
     lowest priority it runs in the gaps their spinning yields; its queue of requests
     is deep enough that the engine does not wait for it. Raising a niceness needs no
     privilege. Measured on 2 cores: docs/decisions/0003-engine-front-end-priority.md.
