@@ -169,8 +169,8 @@ def _cpu_engine_config(engine_args: Any, usage_context: Any) -> tuple[Any, Any]:
     vLLM's CPU platform runs the model in a worker process of its own beside the engine
     core (``mp``), and the two take turns on every step, each spinning on a core while
     the other works. On a small machine that spin is a whole core that the service, Ray
-    and the job's own tasks then fight the engine for. With one device (no tensor or
-    pipeline split) and no executor asked for, the model runs in the engine-core process
+    and the job's own tasks then fight the engine for. With one device (no tensor,
+    pipeline or data split) and no executor asked for, the model runs in the engine-core process
     itself (``uni``): vLLM allows that once ``VLLM_ENABLE_V1_MULTIPROCESSING`` is off,
     which otherwise only matters to ``LLM`` (``AsyncLLM`` always starts its engine core
     in a process of its own). The reason vLLM gives for refusing it, that OpenMP cannot
@@ -179,8 +179,12 @@ def _cpu_engine_config(engine_args: Any, usage_context: Any) -> tuple[Any, Any]:
     gives its worker (``OMPProcessManager``: the cores of ``cpu_threads``, or all but
     one). Measured: docs/decisions/0019-cpu-engine-in-one-process.md.
     """
-    parallel = engine_args.tensor_parallel_size * engine_args.pipeline_parallel_size
-    if parallel != 1 or engine_args.distributed_executor_backend is not None:
+    devices = (
+        engine_args.tensor_parallel_size
+        * engine_args.pipeline_parallel_size
+        * engine_args.data_parallel_size
+    )
+    if devices != 1 or engine_args.distributed_executor_backend is not None:
         return engine_args.create_engine_config(usage_context), contextlib.nullcontext()
     from vllm.utils.ompmultiprocessing import OMPProcessManager
 
@@ -216,10 +220,10 @@ def _yield_to_engine(niceness: int = 19) -> None:
     Called once the engine's processes are running: they keep the priority they were
     spawned with. A step of a small model lasts a few milliseconds, so each time the
     front end (handing rows over, collecting outputs, Ray's own threads) takes the
-    engine's core the whole step waits. At the
-    lowest priority it runs in the gaps their spinning yields; its queue of requests
-    is deep enough that the engine does not wait for it. Raising a niceness needs no
-    privilege. Measured on 2 cores: docs/decisions/0003-engine-front-end-priority.md.
+    engine's core the whole step waits. At the lowest priority it runs in the gaps the
+    engine leaves; its queue of requests is deep enough that the engine does not wait
+    for it. Raising a niceness needs no privilege. Measured on 2 cores:
+    docs/decisions/0003-engine-front-end-priority.md.
     """
     with contextlib.suppress(OSError):
         for tid in os.listdir("/proc/self/task"):
@@ -380,6 +384,7 @@ class Generator:
                     usage_context=usage,
                     stat_loggers=[self.load.stat_logger()],
                     disable_log_stats=engine_args.disable_log_stats,
+                    enable_log_requests=engine_args.enable_log_requests,
                 )
         except Exception as e:
             raise EngineUnavailable(

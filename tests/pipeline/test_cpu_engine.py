@@ -67,3 +67,11 @@ def test_an_executor_the_job_asks_for_is_kept(cpu_only, tiny_model):
     before = {k: os.environ.get(k) for k in OMP_KEYS}
     with core_env:
         assert {k: os.environ.get(k) for k in OMP_KEYS} == before
+
+
+def test_a_split_engine_keeps_vllms_executor(cpu_only, tiny_model):
+    from vllm.usage.usage_lib import UsageContext
+
+    args = engine_args(tiny_model, pipeline_parallel_size=2)
+    config, _ = _cpu_engine_config(args, UsageContext.LLM_CLASS)
+    assert config.parallel_config.distributed_executor_backend == "mp"
