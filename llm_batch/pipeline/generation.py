@@ -155,7 +155,7 @@ def _cpu_threads(wanted: int | None) -> None:
 
     vLLM binds the OpenMP threads that run the model itself (``VLLM_CPU_OMP_THREADS_BIND``,
     by default one thread per core but one) and gives them a matching OMP_NUM_THREADS,
-    in the engine-core process here (``_cpu_engine_config``). The core left over is the
+    in the engine-core process here (``_engine_config``). The core left over is the
     front end's, Ray's and the job's own tasks'.
     """
     if wanted:
@@ -163,28 +163,29 @@ def _cpu_threads(wanted: int | None) -> None:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
 
 
-def _cpu_engine_config(engine_args: Any, usage_context: Any) -> tuple[Any, Any]:
-    """The CPU engine's config, and the environment its engine-core process starts in.
+def _engine_config(engine_args: Any, usage_context: Any, *, on_cpu: bool) -> tuple[Any, Any]:
+    """The engine's config, and the environment its engine-core process starts in.
 
-    vLLM's CPU platform runs the model in a worker process of its own beside the engine
-    core (``mp``), and the two take turns on every step, each spinning on a core while
-    the other works. On a small machine that spin is a whole core that the service, Ray
-    and the job's own tasks then fight the engine for. With one device (no tensor,
-    pipeline or data split) and no executor asked for, the model runs in the engine-core process
-    itself (``uni``): vLLM allows that once ``VLLM_ENABLE_V1_MULTIPROCESSING`` is off,
-    which otherwise only matters to ``LLM`` (``AsyncLLM`` always starts its engine core
-    in a process of its own). The reason vLLM gives for refusing it, that OpenMP cannot
-    be set up in a process already running, does not hold here: the engine core is a
-    fresh process, and it gets the OpenMP threads and binding vLLM's ``mp`` executor
-    gives its worker (``OMPProcessManager``: the cores of ``cpu_threads``, or all but
-    one). Measured: docs/decisions/0019-cpu-engine-in-one-process.md.
+    On a GPU, vLLM's own. vLLM's CPU platform runs the model in a worker process of its
+    own beside the engine core (``mp``), and the two take turns on every step, each
+    spinning on a core while the other works. On a small machine that spin is a whole
+    core that the service, Ray and the job's own tasks then fight the engine for. With
+    one device (no tensor, pipeline or data split) and no executor asked for, the model
+    runs in the engine-core process itself (``uni``): vLLM allows that once
+    ``VLLM_ENABLE_V1_MULTIPROCESSING`` is off, which otherwise only matters to ``LLM``
+    (``AsyncLLM`` always starts its engine core in a process of its own). The reason
+    vLLM gives for refusing it, that OpenMP cannot be set up in a process already
+    running, does not hold here: the engine core is a fresh process, and it gets the
+    OpenMP threads and binding vLLM's ``mp`` executor gives its worker
+    (``OMPProcessManager``: the cores of ``cpu_threads``, or all but one). Measured:
+    docs/decisions/0019-cpu-engine-in-one-process.md.
     """
     devices = (
         engine_args.tensor_parallel_size
         * engine_args.pipeline_parallel_size
         * engine_args.data_parallel_size
     )
-    if devices != 1 or engine_args.distributed_executor_backend is not None:
+    if not on_cpu or devices != 1 or engine_args.distributed_executor_backend is not None:
         return engine_args.create_engine_config(usage_context), contextlib.nullcontext()
     from vllm.utils.ompmultiprocessing import OMPProcessManager
 
@@ -374,10 +375,7 @@ class Generator:
         usage = UsageContext.LLM_CLASS
         try:
             engine_args = AsyncEngineArgs(**args)
-            if on_cpu:
-                config, core_env = _cpu_engine_config(engine_args, usage)
-            else:
-                config, core_env = engine_args.create_engine_config(usage), contextlib.nullcontext()
+            config, core_env = _engine_config(engine_args, usage, on_cpu=on_cpu)
             with core_env:  # the engine-core process is spawned in here
                 self.engine = AsyncLLM.from_vllm_config(
                     config,

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from llm_batch.pipeline.generation import _cpu_engine_config
+from llm_batch.pipeline.generation import _engine_config
 
 # What vLLM binds OpenMP with: GNU's (the libgomp it preloads), Intel's or any other.
 BIND_KEYS = ("GOMP_CPU_AFFINITY", "KMP_AFFINITY", "OMP_PLACES")
@@ -43,7 +43,7 @@ def test_one_device_runs_the_model_in_the_engine_core_with_the_workers_threads(
     from vllm.usage.usage_lib import UsageContext
 
     before = {k: os.environ.get(k) for k in OMP_KEYS}
-    config, core_env = _cpu_engine_config(engine_args(tiny_model), UsageContext.LLM_CLASS)
+    config, core_env = _engine_config(engine_args(tiny_model), UsageContext.LLM_CLASS, on_cpu=True)
     assert config.parallel_config.distributed_executor_backend == "uni"
     # The switch vLLM reads while the config is made is not left on for anything else.
     assert {k: os.environ.get(k) for k in OMP_KEYS} == before
@@ -62,7 +62,7 @@ def test_an_executor_the_job_asks_for_is_kept(cpu_only, tiny_model):
     from vllm.usage.usage_lib import UsageContext
 
     args = engine_args(tiny_model, distributed_executor_backend="mp")
-    config, core_env = _cpu_engine_config(args, UsageContext.LLM_CLASS)
+    config, core_env = _engine_config(args, UsageContext.LLM_CLASS, on_cpu=True)
     assert config.parallel_config.distributed_executor_backend == "mp"
     before = {k: os.environ.get(k) for k in OMP_KEYS}
     with core_env:
@@ -73,5 +73,5 @@ def test_a_split_engine_keeps_vllms_executor(cpu_only, tiny_model):
     from vllm.usage.usage_lib import UsageContext
 
     args = engine_args(tiny_model, pipeline_parallel_size=2)
-    config, _ = _cpu_engine_config(args, UsageContext.LLM_CLASS)
+    config, _ = _engine_config(args, UsageContext.LLM_CLASS, on_cpu=True)
     assert config.parallel_config.distributed_executor_backend == "mp"
